@@ -1,0 +1,173 @@
+"""The database: one lazily connecting asyncpg pool, the readiness probe, and migration status.
+
+Handlers see `Database` and plain values; asyncpg's exceptions stop here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import msgspec
+
+from errors import DATABASE_RETRY_AFTER, DatabaseConnectionError
+from settings import Settings
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# One round trip answers both questions: the server is reachable, and which migrations it has.
+APPLIED_MIGRATIONS_SQL = "SELECT migration_id FROM _yoyo_migration"
+CLOSE_TIMEOUT = 10.0  # seconds to close the pool gracefully before terminating connections
+
+# Errors that mean the connection died under us (typically: the server restarted), as
+# opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
+_LOST_CONNECTION = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+
+
+class PoolUsage(msgspec.Struct):
+    active_connections: int
+    pool_size: int
+
+
+class Probe(msgspec.Struct):
+    """What one readiness probe found. `applied_migrations` is None when it cannot tell."""
+
+    connected: bool
+    response_time_ms: int | None
+    pool: PoolUsage
+    applied_migrations: frozenset[str] | None = None
+    error: str | None = None
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The app accepts `postgresql+asyncpg://` (SQLAlchemy style); asyncpg itself does not."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql://{rest}" if scheme.lower() == "postgresql+asyncpg" else url
+
+
+def migrations_on_disk(directory: Path = MIGRATIONS_DIR) -> tuple[str, ...]:
+    """Migration ids as yoyo records them: file names without `.sql`, rollbacks excluded."""
+    names = (p.name for p in directory.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+    return tuple(sorted(name.removesuffix(".sql") for name in names))
+
+
+class Database:
+    """The pool and the settings that bound its use."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.pool_size = settings.database_pool_size
+        self.acquire_timeout = settings.database_pool_timeout
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Database:
+        """Create the pool without connecting: a database that is down does not stop start-up."""
+        assert settings.database_url is not None
+        pool = await asyncpg.create_pool(
+            asyncpg_dsn(settings.database_url),
+            min_size=0,
+            max_size=settings.database_pool_size,
+            statement_cache_size=settings.database_statement_cache_size,
+            server_settings={"application_name": settings.app_name[:63]},
+        )
+        return cls(pool, settings)
+
+    async def close(self) -> None:
+        """Close every connection; terminate those that do not close in time (a hung server)."""
+        try:
+            await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.pool.terminate()
+
+    def usage(self) -> PoolUsage:
+        return PoolUsage(self.pool.get_size() - self.pool.get_idle_size(), self.pool_size)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+        """A pooled connection for a handler, waiting at most `DATABASE_POOL_TIMEOUT`.
+
+        A database that cannot be reached becomes `DatabaseConnectionError` (503).
+        """
+        try:
+            conn = await self.pool.acquire(timeout=self.acquire_timeout)
+        except TimeoutError:
+            raise DatabaseConnectionError("No database connection available", retry_after=1) from None
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            message = "Database temporarily unavailable"
+            raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.terminate()  # mid-query on cancellation: a clean release could wait on the server
+            raise
+        finally:
+            await self.pool.release(conn)
+
+    async def probe(self, timeout: float) -> Probe:
+        """One bounded round trip: never longer than `timeout`, whatever the server does."""
+        started = time.perf_counter()
+        acquiring = True
+        try:
+            async with asyncio.timeout(timeout):
+                for attempt in (1, 2):
+                    acquiring = True
+                    async with self.connection() as conn:
+                        acquiring = False
+                        try:
+                            applied = await applied_migrations(conn)
+                            break
+                        except _LOST_CONNECTION:
+                            if attempt == 2:
+                                raise
+                    # A restart left the pool's idle connections dead: drop them all, try once more.
+                    await self.pool.expire_connections()
+        except TimeoutError:
+            waited = " waiting for a pooled connection" if acquiring and self._exhausted() else ""
+            return self._failed(f"Database health check timed out after {timeout:g} seconds{waited}")
+        except Exception as exc:  # the probe's boundary: every failure is an answer, not a 500
+            return self._failed(describe_failure(exc))
+        elapsed_ms = round((time.perf_counter() - started) * 1000)
+        return Probe(True, elapsed_ms, self.usage(), applied)
+
+    def _exhausted(self) -> bool:
+        return self.pool.get_size() - self.pool.get_idle_size() >= self.pool_size
+
+    def _failed(self, error: str) -> Probe:
+        return Probe(False, None, self.usage(), None, error)
+
+
+async def applied_migrations(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> frozenset[str] | None:
+    """Ids of applied migrations; empty when none ever were, None when we may not look."""
+    try:
+        rows = await conn.fetch(APPLIED_MIGRATIONS_SQL)
+    except asyncpg.UndefinedTableError:
+        return frozenset()
+    except asyncpg.InsufficientPrivilegeError:
+        return None
+    return frozenset(row[0] for row in rows)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short, safe reason: never the server's full message, which may name users or hosts."""
+    match exc:
+        case DatabaseConnectionError():
+            return describe_failure(exc.__cause__) if exc.__cause__ else exc.message
+        case asyncpg.InvalidAuthorizationSpecificationError():
+            return "Database refused the credentials"
+        case asyncpg.InvalidCatalogNameError():
+            return "Database does not exist"
+        case asyncpg.CannotConnectNowError():
+            return "Database is starting up or shutting down"
+        case asyncpg.TooManyConnectionsError():
+            return "Database has too many connections"
+        case ConnectionRefusedError():
+            return "Database is unreachable: connection refused"
+        case OSError():
+            return f"Database is unreachable: {exc.strerror or type(exc).__name__}"
+        case asyncpg.PostgresError():
+            return f"Database error (SQLSTATE {exc.sqlstate})"
+        case _:
+            return f"Database check failed ({type(exc).__name__})"

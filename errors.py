@@ -1,0 +1,222 @@
+"""The one error envelope, and the one mapping from exception to status and code."""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from typing import Any
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from logs import REQUEST_ID
+from responses import StructResponse, utc_timestamp
+
+logger = logging.getLogger("service.errors")
+
+CODES = {
+    400: "VALIDATION_ERROR",
+    401: "AUTHENTICATION_ERROR",
+    403: "AUTHORIZATION_ERROR",
+    404: "NOT_FOUND_ERROR",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    422: "VALIDATION_ERROR",
+    500: "INTERNAL_SERVER_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+    504: "TIMEOUT_ERROR",
+}
+MESSAGES = {
+    400: "Malformed request",
+    401: "Authentication required",
+    403: "Not allowed",
+    404: "Resource not found",
+    405: "Method not allowed",
+    413: "Request body too large",
+    422: "Request validation failed",
+    500: "Internal server error",
+    503: "Service temporarily unavailable",
+    504: "The operation timed out",
+}
+DATABASE_RETRY_AFTER = 5  # seconds: long enough for a pool to reconnect after a restart
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+class FieldError(msgspec.Struct):
+    field: str
+    message: str
+    value: Any = None
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """The error envelope: `detail` only with DEBUG, the optional fields only where they apply."""
+
+    error: str
+    message: str
+    timestamp: str
+    request_id: str
+    detail: dict[str, str] | None = None
+    validation_errors: list[FieldError] | None = None
+    retry_after: int | None = None
+
+
+class ServiceError(Exception):
+    """Raise from a handler to answer with the envelope; subclasses fix status and code."""
+
+    status_code = 500
+    code = "INTERNAL_SERVER_ERROR"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+        self.message = message or MESSAGES.get(self.status_code, "Error")
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+
+class AuthenticationError(ServiceError):
+    status_code, code = 401, "AUTHENTICATION_ERROR"
+
+
+class AuthorizationError(ServiceError):
+    status_code, code = 403, "AUTHORIZATION_ERROR"
+
+
+class NotFoundError(ServiceError):
+    status_code, code = 404, "NOT_FOUND_ERROR"
+
+
+class ServiceUnavailableError(ServiceError):
+    status_code, code = 503, "SERVICE_UNAVAILABLE"
+
+
+class DatabaseConnectionError(ServiceError):
+    status_code, code = 503, "DATABASE_CONNECTION_ERROR"
+
+
+class OperationTimeoutError(ServiceError):
+    status_code, code = 504, "TIMEOUT_ERROR"
+
+
+class RequestValidationError(ServiceError):
+    status_code, code = 422, "VALIDATION_ERROR"
+
+    def __init__(self, errors: list[FieldError], message: str | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    debug_detail: dict[str, str] | None = None,
+    validation_errors: list[FieldError] | None = None,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = ErrorBody(
+        error=code,
+        message=message,
+        timestamp=utc_timestamp(),
+        request_id=REQUEST_ID.get() or "",
+        detail=debug_detail,
+        validation_errors=validation_errors,
+        retry_after=retry_after,
+    )
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return StructResponse(body, status, headers)
+
+
+def _detail(request: Request, exc: BaseException) -> dict[str, str] | None:
+    if not request.app.state.settings.debug:
+        return None
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+async def handle_service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    errors = exc.errors if isinstance(exc, RequestValidationError) else None
+    return error_response(
+        exc.status_code,
+        exc.code,
+        exc.message,
+        debug_detail=_detail(request, exc),
+        validation_errors=errors,
+        retry_after=exc.retry_after,
+    )
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    # Starlette's default detail is the status phrase; ours are the contract's messages.
+    return error_response(
+        status,
+        CODES.get(status, "HTTP_ERROR"),
+        MESSAGES.get(status, exc.detail),
+        debug_detail=_detail(request, exc),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def handle_invalid_body(request: Request, exc: Exception) -> Response:
+    """msgspec raised while decoding a request: malformed (400) or invalid (422)."""
+    if isinstance(exc, msgspec.ValidationError):
+        text = str(exc)
+        match = _MSGSPEC_PATH.search(text)
+        field = match.group(1) if match else ""
+        message = text[: match.start()] if match else text
+        return error_response(422, "VALIDATION_ERROR", MESSAGES[422], validation_errors=[FieldError(field, message)])
+    return error_response(400, "VALIDATION_ERROR", "Malformed request body", debug_detail=_detail(request, exc))
+
+
+async def handle_timeout(request: Request, exc: Exception) -> Response:
+    return error_response(504, "TIMEOUT_ERROR", MESSAGES[504], debug_detail=_detail(request, exc))
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: handle_http_exception,
+    ServiceError: handle_service_error,
+    msgspec.DecodeError: handle_invalid_body,
+    TimeoutError: handle_timeout,
+}
+
+
+class ServerErrorMiddleware:
+    """Turns an unhandled exception into the 500 envelope *inside* the middleware stack.
+
+    Starlette answers unhandled exceptions outside every user middleware, which would lose
+    the request ID and CORS headers; this sits inside them so a 500 keeps both.
+    """
+
+    def __init__(self, app: ASGIApp, *, debug: bool) -> None:
+        self.app = app
+        self.debug = debug
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:  # the boundary: anything a handler did not expect becomes a 500
+            logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # too late for a response of our own; the server closes the connection
+            detail = None
+            if self.debug:
+                detail = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+            await error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)(scope, receive, send)

@@ -1,0 +1,97 @@
+"""Liveness and readiness: pure ASGI endpoints, because probes call them more than anything else.
+
+Their headers are built once and their bodies encoded straight from Structs, so a probe costs
+little more than the server's own work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+
+from db import Database, PoolUsage
+from responses import ENCODER, utc_timestamp
+from settings import Settings
+
+HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+MigrationStatus = Literal["up_to_date", "pending", "unknown"]
+NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
+_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
+
+
+class Liveness(msgspec.Struct, omit_defaults=True):
+    status: HealthStatus
+    timestamp: str
+    version: str
+    uptime_seconds: int
+    errors: list[str] | None = None
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
+    status: HealthStatus
+    timestamp: str
+    database_connected: bool
+    response_time_ms: int | None
+    connection_pool: PoolUsage
+    migration_status: MigrationStatus
+    errors: list[str] | None = None
+
+
+async def send_json(scope: Scope, send: Send, status: int, body: bytes) -> None:
+    """Send a complete JSON response; a HEAD request gets the same headers and no body."""
+    headers = [*_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+class LivenessEndpoint:
+    """`/health`: is this process able to serve? No I/O, so it cannot hang."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.version = settings.app_version
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started_at: float | None = scope.get("state", {}).get("started_at")
+        if started_at is None:
+            # The lifespan has not run: the pool and the rest of start-up are missing.
+            body = Liveness("unhealthy", utc_timestamp(), self.version, 0, ["Application start-up has not completed"])
+        else:
+            body = Liveness("healthy", utc_timestamp(), self.version, int(time.monotonic() - started_at))
+        await send_json(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body))
+
+
+class ReadinessEndpoint:
+    """`/health/db`: one bounded probe through the pool, and the migration status it implies."""
+
+    def __init__(self, settings: Settings, migrations: tuple[str, ...]) -> None:
+        self.timeout = settings.database_health_check_timeout
+        self.pool_size = settings.database_pool_size
+        self.migrations = migrations
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        database: Database | None = scope.get("state", {}).get("database")
+        if database is None:
+            body = self._unhealthy(PoolUsage(0, self.pool_size), NOT_CONFIGURED)
+        else:
+            probe = await database.probe(self.timeout)
+            if not probe.connected:
+                body = self._unhealthy(probe.pool, probe.error or "Database unavailable")
+            else:
+                body = self._reachable(probe.response_time_ms, probe.pool, probe.applied_migrations)
+        await send_json(scope, send, 503 if body.status == "unhealthy" else 200, ENCODER.encode(body))
+
+    def _unhealthy(self, pool: PoolUsage, error: str) -> Readiness:
+        return Readiness("unhealthy", utc_timestamp(), False, None, pool, "unknown", [error])
+
+    def _reachable(self, elapsed_ms: int | None, pool: PoolUsage, applied: frozenset[str] | None) -> Readiness:
+        if applied is None:
+            errors = ["Migration status unknown: the migration table cannot be read"]
+            return Readiness("healthy", utc_timestamp(), True, elapsed_ms, pool, "unknown", errors)
+        pending = [m for m in self.migrations if m not in applied]
+        if pending:
+            errors = [f"{len(pending)} pending migration(s): {', '.join(pending)}"]
+            return Readiness("degraded", utc_timestamp(), True, elapsed_ms, pool, "pending", errors)
+        return Readiness("healthy", utc_timestamp(), True, elapsed_ms, pool, "up_to_date")

@@ -1,0 +1,192 @@
+"""Logging and request IDs: text or JSON lines, a request ID on each, one access line per request."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import traceback
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from settings import Settings
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_HANDLER_NAME = "service"
+_ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
+access_logger = logging.getLogger("service.access")
+
+
+class _RequestIdFilter(logging.Filter):
+    """Stamps each record with the ID of the request being handled when it was logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
+class _Redactor:
+    """Replaces secrets in a finished line: a backstop for messages we do not control."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        # Very short values would redact ordinary words; such a secret is refused in production.
+        self.secrets = tuple(s for s in secrets if len(s) >= 6)
+
+    def __call__(self, line: str) -> str:
+        for secret in self.secrets:
+            if secret in line:
+                line = line.replace(secret, "***")
+        return line
+
+
+class TextFormatter(logging.Formatter):
+    """`LOG_FORMAT` lines, with the request ID appended when the format does not place it."""
+
+    def __init__(self, fmt: str, redact: _Redactor) -> None:
+        super().__init__(fmt)
+        self.redact = redact
+        self.places_request_id = "%(request_id)" in fmt
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        if request_id and not self.places_request_id:
+            line = f"{line} [request_id={request_id}]"
+        return self.redact(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access lines carry their fields as keys."""
+
+    def __init__(self, redact: _Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+        # Built once: msgspec reuses the encoder's buffer between lines.
+        self.encoder = msgspec.json.Encoder()
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        entry: dict[str, Any] = {
+            "timestamp": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": self.redact(record.getMessage()),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
+        for field in _ACCESS_FIELDS:
+            if (value := record.__dict__.get(field)) is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.redact("".join(traceback.format_exception(*record.exc_info)))
+        return self.encoder.encode(entry).decode()
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route every log line, uvicorn's included, through one handler in the chosen format.
+
+    Idempotent: it replaces only the handler it installed before.
+    """
+    redact = _Redactor(settings.secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_RequestIdFilter())
+    formatter = JsonFormatter(redact) if settings.log_json else TextFormatter(settings.log_format, redact)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for name in ("uvicorn", "uvicorn.error"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+    # Our access line carries the request ID and duration; uvicorn's would be a second line.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def _incoming_request_id(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            return value if _VALID_REQUEST_ID.fullmatch(value) else None
+    return None
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+class RequestContextMiddleware:
+    """Assigns the request ID, adds it (and `nosniff`) to the response, writes the access line.
+
+    Outermost of the service's middleware so that every response, CORS preflights included,
+    carries the ID and is logged exactly once.
+    """
+
+    def __init__(self, app: ASGIApp, *, quiet_health: bool) -> None:
+        self.app = app
+        # In production, probes succeed thousands of times a day; only their failures are news.
+        self.quiet_health = quiet_health
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        raw_id = _incoming_request_id(scope) or str(uuid.uuid4()).encode()
+        request_id = raw_id.decode()
+        token = REQUEST_ID.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                headers.append((REQUEST_ID_HEADER, raw_id))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path: str = scope["path"]
+            if not (self.quiet_health and status < 400 and path.startswith("/health")):
+                self._log_access(scope, status, started, request_id)
+            REQUEST_ID.reset(token)
+
+    def _log_access(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        client = scope.get("client")
+        client_text = f"{client[0]}:{client[1]}" if client else "-"
+        method, path = scope["method"], _printable(scope["path"])
+        access_logger.info(
+            "%s %s %d %.2fms client=%s",
+            method,
+            path,
+            status,
+            duration_ms,
+            client_text,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": duration_ms,
+                "client": client_text,
+                "request_id": request_id,
+            },
+        )

@@ -1,0 +1,1 @@
+DROP FUNCTION IF EXISTS uuid_generate_v7();

@@ -1,0 +1,263 @@
+"""Settings: read once from the environment (with `.env` as fallback) into a frozen Struct.
+
+Every variable is parsed on its own so that one start-up error can list every offending
+variable at once; cross-variable rules live in `_check_environment_rules`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+from dotenv import dotenv_values
+
+Environment = Literal["development", "staging", "production"]
+T = TypeVar("T")
+
+DEFAULT_LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_SECRET_KEY_LENGTH = 32
+# Placeholders that appear in documentation and templates; a key containing one is not secret.
+SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
+                           "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """The service's whole configuration; built by `load_settings`, passed explicitly."""
+
+    app_name: str = "AgentifUI Pro API"
+    app_version: str = "0.1.0"
+    debug: bool = False
+    environment: Environment = "development"
+    database_url: str | None = None
+    database_pool_size: int = 10
+    database_pool_timeout: float = 30.0
+    database_statement_cache_size: int = 100
+    secret_key: str = msgspec.field(default_factory=lambda: secrets.token_urlsafe(48))
+    secret_key_generated: bool = False
+    log_level: str = "INFO"
+    log_format: str = DEFAULT_LOG_FORMAT
+    log_json: bool = False
+    cors_origins: tuple[str, ...] = ("http://localhost:3000",)
+    cors_allow_credentials: bool = True
+    health_check_timeout: float = 5.0
+    database_health_check_timeout: float = 10.0
+    enable_docs: bool = True
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in a response or a log line."""
+        found = [self.secret_key]
+        if self.database_url and (password := urlsplit(self.database_url).password):
+            found.append(password)
+        return tuple(found)
+
+
+class SettingsError(Exception):
+    """Raised with every problem found, one line each, so they can be fixed in one go."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  {problem}" for problem in self.problems)
+        return f"Invalid settings ({len(self.problems)} problem(s)):\n{lines}"
+
+
+def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
+    """The process environment over the `.env` file: real variables always win."""
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    values.update(os.environ)
+    return values
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by `***`, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***"
+    if password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[0].partition(":")[0] + ":***@" + parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc).geturl()
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and validate every variable; raise `SettingsError` listing all problems."""
+    problems: list[str] = []
+
+    def get(name: str, parse: Callable[[str], T], default: T, show: Callable[[str], str] = repr) -> T:
+        raw = environ.get(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            problems.append(f"{name}={show(raw)}: {exc}")
+            return default
+
+    environment = get("ENVIRONMENT", _environment, "development")
+    production = environment == "production"
+    values = Settings(
+        app_name=get("APP_NAME", _non_empty, "AgentifUI Pro API"),
+        app_version=get("APP_VERSION", _non_empty, "0.1.0"),
+        debug=get("DEBUG", _boolean, False),
+        environment=environment,
+        database_url=get("DATABASE_URL", _database_url, None, lambda raw: repr(mask_url(raw))),
+        database_pool_size=get("DATABASE_POOL_SIZE", _bounded(int, 1, 100), 10),
+        database_pool_timeout=get("DATABASE_POOL_TIMEOUT", _positive, 30.0),
+        database_statement_cache_size=get("DATABASE_STATEMENT_CACHE_SIZE", _bounded(int, 0, None), 100),
+        secret_key=get("SECRET_KEY", str, "", lambda raw: "'***'"),
+        log_level=get("LOG_LEVEL", _log_level, "INFO"),
+        log_format=get("LOG_FORMAT", _log_format, DEFAULT_LOG_FORMAT),
+        log_json=get("LOG_JSON", _boolean, production),
+        cors_origins=get("CORS_ORIGINS", _origins, ("http://localhost:3000",)),
+        cors_allow_credentials=get("CORS_ALLOW_CREDENTIALS", _boolean, True),
+        health_check_timeout=get("HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 30), 5.0),
+        database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60), 10.0),
+        enable_docs=get("ENABLE_DOCS", _boolean, not production),
+    )  # fmt: skip
+    problems += _check_environment_rules(values)
+    if problems:
+        raise SettingsError(problems)
+    if not values.secret_key:
+        return msgspec.structs.replace(values, secret_key=secrets.token_urlsafe(48), secret_key_generated=True)
+    return values
+
+
+def load_settings_or_exit(environ: Mapping[str, str]) -> Settings:
+    """`load_settings` for start-up: a configuration mistake is a message, not a traceback."""
+    try:
+        return load_settings(environ)
+    except SettingsError as exc:
+        _exit_with(str(exc))
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _check_environment_rules(s: Settings) -> list[str]:
+    """Rules that involve more than one variable; unsafe production setups are refused here."""
+    problems = []
+    if "*" in s.cors_origins and s.cors_allow_credentials:
+        problems.append("CORS_ORIGINS='*': a wildcard origin is refused while CORS_ALLOW_CREDENTIALS is true")
+    if s.environment == "development":
+        return problems
+    where = "in staging and production"
+    if s.environment == "production" and s.debug:
+        problems.append("DEBUG='true': must be false in production")
+    if s.database_url is None:
+        problems.append(f"DATABASE_URL (unset): required {where}")
+    if not s.secret_key:
+        problems.append(f"SECRET_KEY (unset): required {where}")
+    elif len(s.secret_key) < MIN_SECRET_KEY_LENGTH:
+        problems.append(
+            f"SECRET_KEY='***' ({len(s.secret_key)} characters): must be at least "
+            f"{MIN_SECRET_KEY_LENGTH} characters {where}"
+        )
+    elif any(p in s.secret_key.lower() for p in SECRET_KEY_PLACEHOLDERS):
+        problems.append(f"SECRET_KEY='***': looks like a documentation placeholder; generate a real key {where}")
+    return problems
+
+
+def _non_empty(raw: str) -> str:
+    if not raw:
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _boolean(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.lower()]
+    except KeyError:
+        raise ValueError("must be a boolean: true/false, 1/0 or yes/no") from None
+
+
+def _environment(raw: str) -> Environment:
+    value = raw.lower()
+    if value == "development" or value == "staging" or value == "production":
+        return value
+    raise ValueError("must be one of development, staging, production")
+
+
+def _database_url(raw: str) -> str:
+    scheme = raw.partition("://")[0].lower()
+    if "://" not in raw or scheme not in DATABASE_SCHEMES:
+        raise ValueError("must start with postgresql://, postgres:// or postgresql+asyncpg://")
+    try:
+        urlsplit(raw).port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return raw
+
+
+def _bounded(kind: Callable[[str], T], low: float, high: float | None) -> Callable[[str], T]:
+    name = "an integer" if kind is int else "a number"
+    rule = f"must be {name} from {low:g} to {high:g}" if high is not None else f"must be {name} >= {low:g}"
+
+    def parse(raw: str) -> T:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(rule) from None
+        number = float(value)  # type: ignore[arg-type]
+        if number != number or number < low or (high is not None and number > high):
+            raise ValueError(rule)
+        return value
+
+    return parse
+
+
+def _positive(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds > 0") from None
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a number of seconds > 0")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    if raw.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return raw.upper()
+
+
+def _log_format(raw: str) -> str:
+    if "%(message)" not in raw:
+        raise ValueError("must contain %(message)s")
+    return raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    if raw.startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError("must be a JSON list of strings or a comma-separated list") from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError("must be a JSON list of strings or a comma-separated list")
+    else:
+        items = raw.split(",")
+    origins = tuple(item.strip() for item in items if item.strip())
+    bad = [o for o in origins if o != "*" and not _ORIGIN.match(o)]
+    if bad:
+        raise ValueError(f"each origin must be '*' or scheme://host[:port] with no path (bad: {', '.join(bad)})")
+    return origins
