@@ -1,0 +1,99 @@
+"""Two ways to run the service in tests: in-process over ASGI, or as a real uvicorn process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+
+from app import create_app
+from settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_settings(**env: str) -> Settings:
+    """Settings as the service would read them from these environment variables."""
+    return load_settings(env)
+
+
+@asynccontextmanager
+async def serve(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for `app` with its lifespan run, as a server would run it."""
+    async with (
+        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as client,
+    ):
+        yield client
+
+
+@asynccontextmanager
+async def serve_settings(**env: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(create_app(make_settings(**env))) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class UvicornProcess:
+    """`python -m uvicorn app:app` in a clean environment: exactly what an operator runs."""
+
+    def __init__(self, env: Mapping[str, str], *args: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        clean = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+        command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port), *args]
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env={**clean, **env}, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"uvicorn exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError(f"uvicorn did not answer within {timeout} s:\n{self.output()}")
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, as Kubernetes sends it; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+_SERVICE_VARIABLES = {
+    "APP_NAME", "APP_VERSION", "DEBUG", "ENVIRONMENT", "DATABASE_URL", "DATABASE_POOL_SIZE",
+    "DATABASE_POOL_TIMEOUT", "DATABASE_STATEMENT_CACHE_SIZE", "SECRET_KEY", "LOG_LEVEL", "LOG_FORMAT",
+    "LOG_JSON", "CORS_ORIGINS", "CORS_ALLOW_CREDENTIALS", "HEALTH_CHECK_TIMEOUT",
+    "DATABASE_HEALTH_CHECK_TIMEOUT", "ENABLE_DOCS",
+}  # fmt: skip
