@@ -118,6 +118,7 @@ class Database:
                         acquiring = False
                         try:
                             applied = await applied_migrations(conn)
+                            usage = self.usage()  # taken while ours is checked out: it counts itself
                             break
                         except _LOST_CONNECTION:
                             if attempt == 2:
@@ -130,7 +131,7 @@ class Database:
         except Exception as exc:  # the probe's boundary: every failure is an answer, not a 500
             return self._failed(describe_failure(exc))
         elapsed_ms = round((time.perf_counter() - started) * 1000)
-        return Probe(True, elapsed_ms, self.usage(), applied)
+        return Probe(True, elapsed_ms, usage, applied)
 
     def _exhausted(self) -> bool:
         return self.pool.get_size() - self.pool.get_idle_size() >= self.pool_size

@@ -55,12 +55,16 @@ class TextFormatter(logging.Formatter):
         self.redact = redact
         self.places_request_id = "%(request_id)" in fmt
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        # Here rather than in format(): the ID belongs on the message line, before any traceback.
+        line = super().formatMessage(record)
         request_id = getattr(record, "request_id", None)
         if request_id and not self.places_request_id:
             line = f"{line} [request_id={request_id}]"
-        return self.redact(line)
+        return line
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):

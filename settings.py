@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 from dotenv import dotenv_values
@@ -58,9 +58,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a response or a log line."""
-        found = [self.secret_key]
+        found = {self.secret_key}
         if self.database_url and (password := urlsplit(self.database_url).password):
-            found.append(password)
+            found |= {password, unquote(password)}
         return tuple(found)
 
 

@@ -1,0 +1,183 @@
+"""The error envelope for every error, with routes added only here to raise each kind."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+import pytest
+from service import make_settings, serve
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app import create_app
+from errors import DatabaseConnectionError, FieldError, RequestValidationError
+
+pytestmark = pytest.mark.anyio
+ENVELOPE_KEYS = {"error", "message", "timestamp", "request_id"}
+ORIGIN = "http://localhost:3000"
+
+
+class Order(msgspec.Struct):
+    quantity: int
+
+
+async def explode(request: Request) -> Response:
+    raise RuntimeError("secret internals: table users has 42 rows")
+
+
+async def strict_body(request: Request) -> Response:
+    msgspec.json.decode(await request.body(), type=Order)
+    return Response(status_code=204)
+
+
+async def invalid_fields(request: Request) -> Response:
+    raise RequestValidationError([FieldError("email", "must contain @", "nope")])
+
+
+async def database_down(request: Request) -> Response:
+    raise DatabaseConnectionError(retry_after=7)
+
+
+async def too_slow(request: Request) -> Response:
+    raise TimeoutError
+
+
+@asynccontextmanager
+async def client_for(**env: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(**env))
+    for path, endpoint in [
+        ("/explode", explode),
+        ("/strict", strict_body),
+        ("/invalid", invalid_fields),
+        ("/db-down", database_down),
+        ("/slow", too_slow),
+    ]:
+        app.router.routes.append(Route(path, endpoint, methods=["GET", "POST"]))
+    async with serve(app) as client:
+        yield client
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, object]:
+    body: dict[str, object] = response.json()
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert ENVELOPE_KEYS <= set(body)
+    assert body["error"] == code
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", str(body["timestamp"]))
+    return body
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+async def test_unknown_path_is_404_envelope_for_every_method(method: str) -> None:
+    """Any method on an unknown path gets the NOT_FOUND_ERROR envelope (HEAD: headers only)."""
+    async with client_for() as client:
+        response = await client.request(method, "/no/such/thing")
+    assert response.status_code == 404
+    if method != "HEAD":
+        body = assert_envelope(response, 404, "NOT_FOUND_ERROR")
+        assert body["message"] == "Resource not found" and "detail" not in body
+
+
+async def test_wrong_method_is_405_envelope_with_allow_header() -> None:
+    """A known path with the wrong method lists the allowed ones."""
+    async with client_for() as client:
+        response = await client.delete("/health")
+    assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
+async def test_unhandled_exception_is_500_envelope_without_internals() -> None:
+    """A 500 says nothing of the exception unless DEBUG is on."""
+    async with client_for() as client:
+        response = await client.get("/explode")
+    body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+    assert body["message"] == "Internal server error" and "detail" not in body
+    assert "secret internals" not in response.text
+
+
+async def test_unhandled_exception_with_debug_adds_type_message_and_traceback() -> None:
+    """With DEBUG=true, `detail` carries the exception type, message and traceback."""
+    async with client_for(DEBUG="true") as client:
+        response = await client.get("/explode")
+    detail = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")["detail"]
+    assert isinstance(detail, dict)
+    assert detail["type"] == "RuntimeError"
+    assert detail["message"] == "secret internals: table users has 42 rows"
+    assert "Traceback" in detail["traceback"] and "explode" in detail["traceback"]
+
+
+async def test_500_keeps_request_id_and_cors_headers() -> None:
+    """An unhandled exception must not lose the headers every other response has."""
+    async with client_for() as client:
+        response = await client.get("/explode", headers={"Origin": ORIGIN, "X-Request-ID": "trace-500"})
+    assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+    assert response.headers["x-request-id"] == "trace-500"
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_malformed_json_body_is_400_validation_error() -> None:
+    """A body that is not JSON at all is a malformed request."""
+    async with client_for() as client:
+        response = await client.post("/strict", content=b"{not json")
+    assert assert_envelope(response, 400, "VALIDATION_ERROR")["message"] == "Malformed request body"
+
+
+async def test_invalid_json_body_is_422_with_validation_errors() -> None:
+    """A well-formed body of the wrong shape lists the offending field."""
+    async with client_for() as client:
+        response = await client.post("/strict", content=b'{"quantity": "three"}')
+    body = assert_envelope(response, 422, "VALIDATION_ERROR")
+    assert body["validation_errors"] == [{"field": "quantity", "message": "Expected `int`, got `str`", "value": None}]
+
+
+async def test_request_validation_error_carries_field_message_and_value() -> None:
+    """A handler's own validation failure is the same 422 shape."""
+    async with client_for() as client:
+        response = await client.get("/invalid")
+    body = assert_envelope(response, 422, "VALIDATION_ERROR")
+    assert body["validation_errors"] == [{"field": "email", "message": "must contain @", "value": "nope"}]
+
+
+async def test_database_unavailable_is_503_with_matching_retry_after() -> None:
+    """A temporarily unavailable dependency says when to retry, in the body and the header."""
+    async with client_for() as client:
+        response = await client.get("/db-down")
+    body = assert_envelope(response, 503, "DATABASE_CONNECTION_ERROR")
+    assert body["retry_after"] == 7 and response.headers["retry-after"] == "7"
+
+
+async def test_timeout_is_504_timeout_error() -> None:
+    """A handler's timeout is a 504 TIMEOUT_ERROR, not a 500."""
+    async with client_for() as client:
+        response = await client.get("/slow")
+    assert_envelope(response, 504, "TIMEOUT_ERROR")
+
+
+async def test_refused_cors_preflight_is_an_envelope() -> None:
+    """A preflight from an origin that is not allowed is refused with the envelope."""
+    async with client_for() as client:
+        response = await client.options(
+            "/health", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+        )
+    body = assert_envelope(response, 400, "VALIDATION_ERROR")
+    assert body["message"] == "Disallowed CORS origin"
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_allowed_cors_preflight_and_request() -> None:
+    """An allowed origin gets its preflight and can read the request ID header."""
+    async with client_for() as client:
+        preflight = await client.options("/health", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
+        response = await client.get("/health", headers={"Origin": ORIGIN})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in preflight.headers
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()

@@ -1,0 +1,154 @@
+"""Database faults produced for real: the cluster stopped, restarted, frozen, or saturated."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from cluster import Cluster
+from service import make_settings, serve
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app import create_app
+from db import Database
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+TIMEOUT = 2  # DATABASE_HEALTH_CHECK_TIMEOUT for these tests, seconds
+SLACK = 1.5  # scheduling allowance on a loaded 2-core machine, seconds
+
+
+async def hold_connection(request: Request) -> Response:
+    """Test-only: keep a pooled connection busy in the server for `seconds`."""
+    database: Database = request.state.database
+    async with database.connection() as conn:
+        await conn.execute(f"SELECT pg_sleep({float(request.query_params['seconds'])})")
+    return Response(status_code=204)
+
+
+@asynccontextmanager
+async def service(database_url: str, **env: str) -> AsyncIterator[httpx.AsyncClient]:
+    defaults = {"DATABASE_URL": database_url, "DATABASE_HEALTH_CHECK_TIMEOUT": str(TIMEOUT), "APP_NAME": "faults-test"}
+    settings = make_settings(**{**defaults, **env})
+    app = create_app(settings)
+    app.router.routes.append(Route("/hold", hold_connection))
+    async with serve(app) as client:
+        yield client
+
+
+async def timed_get(client: httpx.AsyncClient, path: str) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await client.get(path, timeout=60)
+    return response, time.monotonic() - started
+
+
+async def wait_until_ready(client: httpx.AsyncClient, within: float) -> int:
+    """Poll `/health/db` until 200; returns how many probes failed first."""
+    deadline, failures = time.monotonic() + within, 0
+    while time.monotonic() < deadline:
+        response = await client.get("/health/db", timeout=60)
+        if response.status_code == 200:
+            return failures
+        assert response.status_code == 503
+        failures += 1
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"/health/db not ready within {within} s")
+
+
+async def test_stopped_database_gives_503_fast_while_liveness_stays_200(cluster: Cluster, database_url: str) -> None:
+    """A stopped server is refused at once: 503 with a safe reason, and `/health` is unaffected."""
+    async with service(database_url) as client:
+        assert (await client.get("/health/db")).status_code == 200
+        cluster.stop()
+        response, elapsed = await timed_get(client, "/health/db")
+        assert response.status_code == 503 and elapsed < TIMEOUT + SLACK
+        body = response.json()
+        assert body["errors"] == ["Database is unreachable: connection refused"]
+        assert body["database_connected"] is False and body["response_time_ms"] is None
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_restarted_database_recovers_without_restarting_the_service(cluster: Cluster, database_url: str) -> None:
+    """After a restart the pool's dead connections are replaced; no probe fails once it is back."""
+    async with service(database_url, DATABASE_POOL_SIZE="3") as client:
+        await asyncio.gather(*(client.get("/health/db") for _ in range(6)))  # fill the pool
+        cluster.restart()
+        assert await wait_until_ready(client, within=10) == 0
+        statuses = [(await client.get("/health/db")).status_code for _ in range(5)]
+        assert statuses == [200] * 5
+
+
+async def test_hung_database_answers_503_within_the_timeout(cluster: Cluster, database_url: str) -> None:
+    """SIGSTOP on the server: the probe gives up at its bound, and liveness answers meanwhile."""
+    async with service(database_url) as client:
+        assert (await client.get("/health/db")).status_code == 200
+        cluster.hang()
+        probe = asyncio.ensure_future(timed_get(client, "/health/db"))
+        await asyncio.sleep(0.3)
+        liveness, liveness_elapsed = await timed_get(client, "/health")
+        response, elapsed = await probe
+        assert liveness.status_code == 200 and liveness_elapsed < 0.5
+        assert response.status_code == 503
+        assert TIMEOUT - 0.1 <= elapsed < TIMEOUT + SLACK
+        assert response.json()["errors"] == [f"Database health check timed out after {TIMEOUT} seconds"]
+        cluster.resume()
+        await wait_until_ready(client, within=10)
+
+
+async def test_hung_database_never_hangs_new_connections_either(cluster: Cluster, database_url: str) -> None:
+    """With an empty pool, connecting to a frozen server is bounded by the same timeout."""
+    async with service(database_url) as client:
+        cluster.hang()
+        responses = await asyncio.gather(*(timed_get(client, "/health/db") for _ in range(3)))
+        assert all(r.status_code == 503 and t < TIMEOUT + SLACK for r, t in responses)
+        cluster.resume()
+        await wait_until_ready(client, within=10)
+
+
+async def test_service_starts_while_database_is_down_and_recovers_later(cluster: Cluster, database_url: str) -> None:
+    """The pool connects lazily: start-up succeeds, then readiness follows the database."""
+    cluster.stop()
+    async with service(database_url) as client:
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health/db")).status_code == 503
+        cluster.start()
+        await wait_until_ready(client, within=10)
+
+
+async def test_exhausted_pool_answers_within_the_timeout_and_says_why(database_url: str) -> None:
+    """Every pooled connection busy: the probe does not queue forever and names the reason."""
+    async with service(database_url, DATABASE_POOL_SIZE="2") as client:
+        holders = [asyncio.ensure_future(client.get("/hold", params={"seconds": TIMEOUT + 3})) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        response, elapsed = await timed_get(client, "/health/db")
+        assert response.status_code == 503 and elapsed < TIMEOUT + SLACK
+        body = response.json()
+        assert body["errors"] == [
+            f"Database health check timed out after {TIMEOUT} seconds waiting for a pooled connection"
+        ]
+        assert body["connection_pool"] == {"active_connections": 2, "pool_size": 2}
+        assert [r.status_code for r in await asyncio.gather(*holders)] == [204, 204]
+        assert (await client.get("/health/db")).status_code == 200
+
+
+async def test_probe_storm_never_opens_more_than_the_pool_size(cluster: Cluster, database_url: str) -> None:
+    """500 concurrent probes share DATABASE_POOL_SIZE connections, and every one answers."""
+    async with service(database_url, DATABASE_POOL_SIZE="5", DATABASE_HEALTH_CHECK_TIMEOUT="30") as client:
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, await asyncio.to_thread(cluster.backend_count, "faults-test"))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.ensure_future(watch())
+        responses = await asyncio.gather(*(client.get("/health/db", timeout=60) for _ in range(500)))
+        watcher.cancel()
+        assert [r.status_code for r in responses] == [200] * 500
+        assert 1 <= peak <= 5

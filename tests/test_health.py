@@ -1,0 +1,133 @@
+"""The health contract, field by field, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+import pytest
+from service import serve_settings
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+pytestmark = pytest.mark.anyio
+
+
+async def test_liveness_reports_healthy_with_contract_fields() -> None:
+    """`/health` answers 200 with status, UTC timestamp, version and integer uptime."""
+    async with serve_settings(APP_VERSION="2.3.4") as client:
+        response = await client.get("/health")
+    body = response.json()
+    assert response.status_code == 200
+    assert set(body) == {"status", "timestamp", "version", "uptime_seconds"}
+    assert body["status"] == "healthy" and body["version"] == "2.3.4"
+    assert RFC3339_UTC.match(body["timestamp"])
+    assert isinstance(body["uptime_seconds"], int) and body["uptime_seconds"] >= 0
+
+
+async def test_health_responses_are_json_and_never_cached() -> None:
+    """Both health routes send `application/json` and `Cache-Control: no-store`."""
+    async with serve_settings() as client:
+        for path in ("/health", "/health/db"):
+            response = await client.get(path)
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers["cache-control"] == "no-store"
+            assert int(response.headers["content-length"]) == len(response.content)
+
+
+async def test_liveness_never_touches_the_database(database_url: str) -> None:
+    """`/health` stays 200 with a database URL that points nowhere."""
+    async with serve_settings(DATABASE_URL="postgresql://u:pw@127.0.0.1:1/nowhere") as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/health/db"])
+async def test_head_answers_with_get_headers_and_no_body(path: str) -> None:
+    """Every route answers HEAD where it answers GET: same status and headers, empty body."""
+    async with serve_settings() as client:
+        get, head = await client.get(path), await client.head(path)
+    assert head.status_code == get.status_code
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert head.headers["content-length"] == get.headers["content-length"]
+
+
+async def test_readiness_without_database_url_is_503_not_configured() -> None:
+    """In development the service runs without a database and says so on `/health/db`."""
+    async with serve_settings() as client:
+        response = await client.get("/health/db")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy" and body["database_connected"] is False
+    assert body["response_time_ms"] is None and body["migration_status"] == "unknown"
+    assert body["connection_pool"] == {"active_connections": 0, "pool_size": 10}
+    assert body["errors"] == ["Database is not configured (DATABASE_URL is unset)"]
+
+
+async def test_readiness_on_a_fresh_database_is_degraded_with_migrations_pending(database_url: str) -> None:
+    """Reachable, but no migration ever applied: 200, degraded, naming what is pending."""
+    async with serve_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="7") as client:
+        response = await client.get("/health/db")
+    body = response.json()
+    assert response.status_code == 200
+    assert set(body) == {
+        "status", "timestamp", "database_connected", "response_time_ms",
+        "connection_pool", "migration_status", "errors",
+    }  # fmt: skip
+    assert body["status"] == "degraded" and body["migration_status"] == "pending"
+    assert body["database_connected"] is True
+    assert isinstance(body["response_time_ms"], int) and body["response_time_ms"] >= 0
+    assert body["connection_pool"]["pool_size"] == 7
+    assert body["errors"] == ["1 pending migration(s): 0001.uuidv7"]
+    assert RFC3339_UTC.match(body["timestamp"])
+
+
+async def test_readiness_is_healthy_and_up_to_date_when_every_migration_is_recorded(database_url: str) -> None:
+    """With every on-disk migration recorded as applied, the status is healthy and up_to_date."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("CREATE TABLE _yoyo_migration (migration_hash text, migration_id text)")
+        await conn.execute("INSERT INTO _yoyo_migration VALUES ('h', '0001.uuidv7')")
+    finally:
+        await conn.close()
+    async with serve_settings(DATABASE_URL=database_url) as client:
+        response = await client.get("/health/db")
+    body = response.json()
+    assert response.status_code == 200
+    assert body["status"] == "healthy" and body["migration_status"] == "up_to_date"
+    assert "errors" not in body
+
+
+async def test_readiness_counts_the_probe_connection_as_active(database_url: str) -> None:
+    """`active_connections` counts connections checked out while probing: at least the probe's own."""
+    async with serve_settings(DATABASE_URL=database_url) as client:
+        body = (await client.get("/health/db")).json()
+    assert body["connection_pool"]["active_connections"] == 1
+
+
+async def test_readiness_with_wrong_password_is_503_and_never_shows_it(database_url: str) -> None:
+    """Refused credentials are a short, safe reason; the password appears nowhere."""
+    bad_url = database_url.replace("postgresql://postgres:", "postgresql://postgres:wrong-", 1)
+    async with serve_settings(DATABASE_URL=bad_url) as client:
+        response = await client.get("/health/db")
+    assert response.status_code == 503
+    assert response.json()["errors"] == ["Database refused the credentials"]
+    password = bad_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    assert password not in response.text
+
+
+async def test_readiness_of_a_missing_database_is_503(database_url: str) -> None:
+    """A database name that does not exist is reported as such."""
+    url = database_url.rsplit("/", 1)[0] + "/no_such_database"
+    async with serve_settings(DATABASE_URL=url) as client:
+        response = await client.get("/health/db")
+    assert response.status_code == 503
+    assert response.json()["errors"] == ["Database does not exist"]
+
+
+async def test_root_names_the_app_version_and_environment() -> None:
+    """`GET /` says what is running."""
+    async with serve_settings(APP_NAME="Orders", APP_VERSION="1.2.3") as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"message": "Orders is running", "version": "1.2.3", "environment": "development"}

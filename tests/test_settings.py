@@ -1,0 +1,221 @@
+"""Settings: every variable's default and rule, and the production refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from settings import DEFAULT_LOG_FORMAT, SettingsError, load_settings, mask_url, read_environment
+
+GOOD_KEY = "k" * 20 + "Zq81-x_m3LpRt0wY"  # 36 characters, no placeholder
+PRODUCTION = {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
+
+
+def problems(env: dict[str, str]) -> list[str]:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    return caught.value.problems
+
+
+def test_defaults_match_the_contract() -> None:
+    """With nothing set, every field has the contract's default."""
+    s = load_settings({})
+    assert s.app_name == "AgentifUI Pro API"
+    assert s.app_version == "0.1.0"
+    assert s.debug is False
+    assert s.environment == "development"
+    assert s.database_url is None
+    assert (s.database_pool_size, s.database_pool_timeout, s.database_statement_cache_size) == (10, 30, 100)
+    assert s.log_level == "INFO"
+    assert s.log_format == DEFAULT_LOG_FORMAT
+    assert s.log_json is False
+    assert s.cors_origins == ("http://localhost:3000",)
+    assert s.cors_allow_credentials is True
+    assert (s.health_check_timeout, s.database_health_check_timeout) == (5, 10)
+    assert s.enable_docs is True
+
+
+def test_development_generates_a_secret_key_when_unset() -> None:
+    """A missing key in development is replaced by a random one, flagged for a warning."""
+    first, second = load_settings({}), load_settings({})
+    assert first.secret_key_generated and len(first.secret_key) >= 32
+    assert first.secret_key != second.secret_key
+
+
+def test_production_defaults_turn_json_logs_on_and_docs_off() -> None:
+    """LOG_JSON and ENABLE_DOCS default by environment."""
+    s = load_settings(PRODUCTION)
+    assert s.log_json is True and s.enable_docs is False
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("TRUE", True), ("1", True), ("Yes", True), ("no", False), ("0", False)])
+def test_booleans_accept_the_contract_spellings(raw: str, expected: bool) -> None:
+    """true/false, 1/0 and yes/no, in any case."""
+    assert load_settings({"DEBUG": raw}).debug is expected
+
+
+def test_boolean_rejects_other_words() -> None:
+    """Anything else is an error naming the accepted spellings."""
+    assert problems({"DEBUG": "maybe"}) == ["DEBUG='maybe': must be a boolean: true/false, 1/0 or yes/no"]
+
+
+def test_environment_is_case_insensitive_and_checked() -> None:
+    """ENVIRONMENT is one of three names, any case."""
+    assert load_settings({"ENVIRONMENT": "Staging", **_safe()}).environment == "staging"
+    assert problems({"ENVIRONMENT": "prod"}) == ["ENVIRONMENT='prod': must be one of development, staging, production"]
+
+
+def test_app_name_and_version_must_not_be_empty() -> None:
+    """Empty APP_NAME and APP_VERSION are refused, both reported."""
+    assert problems({"APP_NAME": "", "APP_VERSION": " "}) == [
+        "APP_NAME='': must not be empty",
+        "APP_VERSION=' ': must not be empty",
+    ]
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+asyncpg"])
+def test_database_url_accepts_the_three_schemes(scheme: str) -> None:
+    """The three PostgreSQL spellings are accepted as they are."""
+    url = f"{scheme}://u:pw@localhost:5432/app"
+    assert load_settings({"DATABASE_URL": url}).database_url == url
+
+
+def test_database_url_rejects_other_schemes_with_the_password_masked() -> None:
+    """A wrong scheme is reported with the URL's password masked."""
+    [problem] = problems({"DATABASE_URL": "mysql://user:hunter2-secret@db/app"})
+    assert problem == (
+        "DATABASE_URL='mysql://user:***@db/app': must start with postgresql://, postgres:// or postgresql+asyncpg://"
+    )
+
+
+@pytest.mark.parametrize(("raw", "rule"), [("0", "from 1 to 100"), ("101", "from 1 to 100"), ("ten", "from 1 to 100")])
+def test_pool_size_is_bounded(raw: str, rule: str) -> None:
+    """DATABASE_POOL_SIZE is an integer from 1 to 100."""
+    assert problems({"DATABASE_POOL_SIZE": raw}) == [f"DATABASE_POOL_SIZE={raw!r}: must be an integer {rule}"]
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "nan", "inf", "soon"])
+def test_pool_timeout_must_be_positive(raw: str) -> None:
+    """DATABASE_POOL_TIMEOUT is a finite number of seconds above zero."""
+    assert problems({"DATABASE_POOL_TIMEOUT": raw}) == [
+        f"DATABASE_POOL_TIMEOUT={raw!r}: must be a number of seconds > 0"
+    ]
+
+
+def test_statement_cache_size_may_be_zero_but_not_negative() -> None:
+    """0 disables the cache (PgBouncer); negative is an error."""
+    assert load_settings({"DATABASE_STATEMENT_CACHE_SIZE": "0"}).database_statement_cache_size == 0
+    assert problems({"DATABASE_STATEMENT_CACHE_SIZE": "-1"}) == [
+        "DATABASE_STATEMENT_CACHE_SIZE='-1': must be an integer >= 0"
+    ]
+
+
+def test_log_level_is_one_of_five_names_any_case() -> None:
+    """LOG_LEVEL is normalised to upper case; unknown levels are refused."""
+    assert load_settings({"LOG_LEVEL": "warning"}).log_level == "WARNING"
+    assert problems({"LOG_LEVEL": "loud"}) == ["LOG_LEVEL='loud': must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"]
+
+
+def test_log_format_must_place_the_message() -> None:
+    """A LOG_FORMAT without %(message)s would drop every message."""
+    assert problems({"LOG_FORMAT": "%(levelname)s"}) == ["LOG_FORMAT='%(levelname)s': must contain %(message)s"]
+
+
+def test_cors_origins_accept_json_and_comma_lists() -> None:
+    """Both spellings give the same tuple."""
+    expected = ("https://a.example", "http://localhost:8080")
+    assert load_settings({"CORS_ORIGINS": '["https://a.example", "http://localhost:8080"]'}).cors_origins == expected
+    assert load_settings({"CORS_ORIGINS": "https://a.example, http://localhost:8080"}).cors_origins == expected
+
+
+def test_cors_origin_with_a_path_is_refused() -> None:
+    """A trailing slash never matches a browser's Origin header, so it is an error, not a silent miss."""
+    [problem] = problems({"CORS_ORIGINS": "https://a.example/"})
+    assert problem.startswith("CORS_ORIGINS='https://a.example/': each origin must be")
+
+
+def test_cors_wildcard_is_refused_with_credentials() -> None:
+    """`*` with credentials would let any site make credentialed requests."""
+    assert problems({"CORS_ORIGINS": "*"}) == [
+        "CORS_ORIGINS='*': a wildcard origin is refused while CORS_ALLOW_CREDENTIALS is true"
+    ]
+    assert load_settings({"CORS_ORIGINS": "*", "CORS_ALLOW_CREDENTIALS": "false"}).cors_origins == ("*",)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "rule"),
+    [
+        ("HEALTH_CHECK_TIMEOUT", "0.5", "must be a number from 1 to 30"),
+        ("HEALTH_CHECK_TIMEOUT", "31", "must be a number from 1 to 30"),
+        ("DATABASE_HEALTH_CHECK_TIMEOUT", "61", "must be a number from 1 to 60"),
+        ("DATABASE_HEALTH_CHECK_TIMEOUT", "x", "must be a number from 1 to 60"),
+    ],
+)
+def test_health_timeouts_are_bounded(name: str, raw: str, rule: str) -> None:
+    """The health bounds keep a probe from being either instant-fail or endless."""
+    assert problems({name: raw}) == [f"{name}={raw!r}: {rule}"]
+
+
+def test_production_refuses_debug() -> None:
+    """DEBUG=true would put tracebacks in production responses."""
+    assert problems({**PRODUCTION, "DEBUG": "true"}) == ["DEBUG='true': must be false in production"]
+
+
+@pytest.mark.parametrize("environment", ["staging", "production"])
+def test_staging_and_production_require_database_url_and_secret_key(environment: str) -> None:
+    """Both are required outside development, and both are reported together."""
+    assert problems({"ENVIRONMENT": environment}) == [
+        "DATABASE_URL (unset): required in staging and production",
+        "SECRET_KEY (unset): required in staging and production",
+    ]
+
+
+def test_production_refuses_a_short_secret_key_without_showing_it() -> None:
+    """The rule is stated; the value is masked."""
+    [problem] = problems({**PRODUCTION, "SECRET_KEY": "short-but-secret"})
+    assert problem == "SECRET_KEY='***' (16 characters): must be at least 32 characters in staging and production"
+
+
+def test_production_refuses_a_placeholder_secret_key() -> None:
+    """A long key copied from the docs is not a secret."""
+    [problem] = problems({**PRODUCTION, "SECRET_KEY": "change-me-to-a-long-random-string-please"})
+    assert problem.startswith("SECRET_KEY='***': looks like a documentation placeholder")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """One start-up attempt names every offending variable."""
+    env = {"ENVIRONMENT": "production", "DEBUG": "yes", "DATABASE_POOL_SIZE": "0", "CORS_ORIGINS": "*"}
+    found = problems(env)
+    assert [p.split("=")[0].split(" ")[0] for p in found] == [
+        "DATABASE_POOL_SIZE",
+        "CORS_ORIGINS",
+        "DEBUG",
+        "DATABASE_URL",
+        "SECRET_KEY",
+    ]
+
+
+def test_secrets_lists_the_key_and_the_database_password() -> None:
+    """Both secrets, the password also in its decoded form, are known to the log redactor."""
+    s = load_settings({**PRODUCTION, "DATABASE_URL": "postgresql://u:p%40ss-word@db/app"})
+    assert set(s.secrets) == {GOOD_KEY, "p%40ss-word", "p@ss-word"}
+
+
+def test_mask_url_hides_only_the_password() -> None:
+    """User, host and database stay readable for operators."""
+    assert mask_url("postgresql://app:s3cr3t@db.internal:5432/prod") == "postgresql://app:***@db.internal:5432/prod"
+    assert mask_url("postgresql://db/prod") == "postgresql://db/prod"
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.env` is only a fallback: a real variable always wins."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("APP_NAME=from-dotenv\nAPP_VERSION=9.9.9\n")
+    monkeypatch.setenv("APP_NAME", "from-environment")
+    values = read_environment(env_file)
+    assert (values["APP_NAME"], values["APP_VERSION"]) == ("from-environment", "9.9.9")
+
+
+def _safe() -> dict[str, str]:
+    return {"SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
