@@ -55,7 +55,7 @@ class TextFormatter(logging.Formatter):
         self.redact = redact
         self.places_request_id = "%(request_id)" in fmt
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+    def formatMessage(self, record: logging.LogRecord) -> str:
         # Here rather than in format(): the ID belongs on the message line, before any traceback.
         line = super().formatMessage(record)
         request_id = getattr(record, "request_id", None)

@@ -13,7 +13,7 @@ import secrets
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeVar, cast, get_args
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -110,7 +110,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             problems.append(f"{name}={show(raw)}: {exc}")
             return default
 
-    environment = get("ENVIRONMENT", _environment, "development")
+    environment: Environment = get("ENVIRONMENT", _environment, "development")
     production = environment == "production"
     values = Settings(
         app_name=get("APP_NAME", _non_empty, "AgentifUI Pro API"),
@@ -190,9 +190,9 @@ def _boolean(raw: str) -> bool:
 
 
 def _environment(raw: str) -> Environment:
-    value = raw.lower()
-    if value == "development" or value == "staging" or value == "production":
-        return value
+    for name in get_args(Environment):
+        if raw.lower() == name:
+            return cast(Environment, name)
     raise ValueError("must be one of development, staging, production")
 
 

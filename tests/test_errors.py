@@ -66,7 +66,7 @@ def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[st
     body: dict[str, object] = response.json()
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
-    assert ENVELOPE_KEYS <= set(body)
+    assert set(body) >= ENVELOPE_KEYS
     assert body["error"] == code
     assert body["request_id"] == response.headers["x-request-id"]
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", str(body["timestamp"]))
@@ -81,7 +81,8 @@ async def test_unknown_path_is_404_envelope_for_every_method(method: str) -> Non
     assert response.status_code == 404
     if method != "HEAD":
         body = assert_envelope(response, 404, "NOT_FOUND_ERROR")
-        assert body["message"] == "Resource not found" and "detail" not in body
+        assert body["message"] == "Resource not found"
+        assert "detail" not in body
 
 
 async def test_wrong_method_is_405_envelope_with_allow_header() -> None:
@@ -97,7 +98,8 @@ async def test_unhandled_exception_is_500_envelope_without_internals() -> None:
     async with client_for() as client:
         response = await client.get("/explode")
     body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
-    assert body["message"] == "Internal server error" and "detail" not in body
+    assert body["message"] == "Internal server error"
+    assert "detail" not in body
     assert "secret internals" not in response.text
 
 
@@ -109,7 +111,8 @@ async def test_unhandled_exception_with_debug_adds_type_message_and_traceback() 
     assert isinstance(detail, dict)
     assert detail["type"] == "RuntimeError"
     assert detail["message"] == "secret internals: table users has 42 rows"
-    assert "Traceback" in detail["traceback"] and "explode" in detail["traceback"]
+    assert "Traceback" in detail["traceback"]
+    assert "explode" in detail["traceback"]
 
 
 async def test_500_keeps_request_id_and_cors_headers() -> None:
@@ -150,7 +153,8 @@ async def test_database_unavailable_is_503_with_matching_retry_after() -> None:
     async with client_for() as client:
         response = await client.get("/db-down")
     body = assert_envelope(response, 503, "DATABASE_CONNECTION_ERROR")
-    assert body["retry_after"] == 7 and response.headers["retry-after"] == "7"
+    assert body["retry_after"] == 7
+    assert response.headers["retry-after"] == "7"
 
 
 async def test_timeout_is_504_timeout_error() -> None:

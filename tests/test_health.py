@@ -19,9 +19,11 @@ async def test_liveness_reports_healthy_with_contract_fields() -> None:
     body = response.json()
     assert response.status_code == 200
     assert set(body) == {"status", "timestamp", "version", "uptime_seconds"}
-    assert body["status"] == "healthy" and body["version"] == "2.3.4"
+    assert body["status"] == "healthy"
+    assert body["version"] == "2.3.4"
     assert RFC3339_UTC.match(body["timestamp"])
-    assert isinstance(body["uptime_seconds"], int) and body["uptime_seconds"] >= 0
+    assert isinstance(body["uptime_seconds"], int)
+    assert body["uptime_seconds"] >= 0
 
 
 async def test_health_responses_are_json_and_never_cached() -> None:
@@ -57,8 +59,10 @@ async def test_readiness_without_database_url_is_503_not_configured() -> None:
         response = await client.get("/health/db")
     assert response.status_code == 503
     body = response.json()
-    assert body["status"] == "unhealthy" and body["database_connected"] is False
-    assert body["response_time_ms"] is None and body["migration_status"] == "unknown"
+    assert body["status"] == "unhealthy"
+    assert body["database_connected"] is False
+    assert body["response_time_ms"] is None
+    assert body["migration_status"] == "unknown"
     assert body["connection_pool"] == {"active_connections": 0, "pool_size": 10}
     assert body["errors"] == ["Database is not configured (DATABASE_URL is unset)"]
 
@@ -73,9 +77,11 @@ async def test_readiness_on_a_fresh_database_is_degraded_with_migrations_pending
         "status", "timestamp", "database_connected", "response_time_ms",
         "connection_pool", "migration_status", "errors",
     }  # fmt: skip
-    assert body["status"] == "degraded" and body["migration_status"] == "pending"
+    assert body["status"] == "degraded"
+    assert body["migration_status"] == "pending"
     assert body["database_connected"] is True
-    assert isinstance(body["response_time_ms"], int) and body["response_time_ms"] >= 0
+    assert isinstance(body["response_time_ms"], int)
+    assert body["response_time_ms"] >= 0
     assert body["connection_pool"]["pool_size"] == 7
     assert body["errors"] == ["1 pending migration(s): 0001.uuidv7"]
     assert RFC3339_UTC.match(body["timestamp"])
@@ -93,7 +99,8 @@ async def test_readiness_is_healthy_and_up_to_date_when_every_migration_is_recor
         response = await client.get("/health/db")
     body = response.json()
     assert response.status_code == 200
-    assert body["status"] == "healthy" and body["migration_status"] == "up_to_date"
+    assert body["status"] == "healthy"
+    assert body["migration_status"] == "up_to_date"
     assert "errors" not in body
 
 

@@ -24,7 +24,7 @@ async def chatty(request: Request) -> Response:
     raise RuntimeError("boom")
 
 
-async def run(env: dict[str, str], *requests: tuple[str, dict[str, str | bytes]]) -> list[str]:
+async def run(env: dict[str, str], *requests: tuple[str, dict[bytes, bytes]]) -> list[str]:
     """Serve `requests` and return the response request IDs."""
     app = create_app(make_settings(**env))
     app.router.routes.append(Route("/chatty", chatty))
@@ -38,7 +38,7 @@ async def run(env: dict[str, str], *requests: tuple[str, dict[str, str | bytes]]
 @pytest.mark.parametrize("value", ["abc", "A.b_c:d-9", "x" * 128, "550e8400-e29b-41d4-a716-446655440000"])
 async def test_valid_incoming_request_id_is_reused(value: str) -> None:
     """An ID matching ^[A-Za-z0-9._:-]{1,128}$ is kept, so callers can trace across services."""
-    assert await run({}, ("/health", {"X-Request-ID": value})) == [value]
+    assert await run({}, ("/health", {b"X-Request-ID": value.encode()})) == [value]
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ async def test_invalid_incoming_request_id_is_replaced_and_never_logged(
     value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Anything else gets a fresh UUID; the raw value is neither echoed nor logged."""
-    [returned] = await run({}, ("/health", {"X-Request-ID": value.encode()}))
+    [returned] = await run({}, ("/health", {b"X-Request-ID": value.encode()}))
     assert uuid.UUID(returned).version == 4
     if value:
         assert value not in capsys.readouterr().err
@@ -57,35 +57,43 @@ async def test_invalid_incoming_request_id_is_replaced_and_never_logged(
 async def test_missing_request_id_gets_a_fresh_uuid_each_time() -> None:
     """No header: a new UUID per request."""
     first, second = await run({}, ("/health", {}), ("/health", {}))
-    assert first != second and uuid.UUID(first) and uuid.UUID(second)
+    assert first != second
+    assert uuid.UUID(first)
+    assert uuid.UUID(second)
 
 
 async def test_text_logs_carry_the_request_id_on_every_line_of_the_request(capsys: pytest.CaptureFixture[str]) -> None:
     """The handler's lines, the exception and the access line all name the request."""
-    await run({}, ("/chatty", {"X-Request-ID": "req-42"}))
+    await run({}, ("/chatty", {b"X-Request-ID": b"req-42"}))
     lines = [line for line in capsys.readouterr().err.splitlines() if " - " in line]
     handler_lines = [line for line in lines if " - orders - " in line or "service.errors" in line]
     access = [line for line in lines if " - service.access - " in line]
-    assert len(handler_lines) == 3 and all(line.endswith("[request_id=req-42]") for line in handler_lines)
-    assert access == [access[0]] and "GET /chatty 500 " in access[0] and access[0].endswith("[request_id=req-42]")
+    assert len(handler_lines) == 3
+    assert all(line.endswith("[request_id=req-42]") for line in handler_lines)
+    assert access == [access[0]]
+    assert "GET /chatty 500 " in access[0]
+    assert access[0].endswith("[request_id=req-42]")
 
 
 async def test_json_logs_are_one_object_per_line_with_request_id_and_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """LOG_JSON=true: every line parses, with the contract's keys and the exception's traceback."""
-    await run({"LOG_JSON": "true"}, ("/chatty", {"X-Request-ID": "req-json"}))
+    await run({"LOG_JSON": "true"}, ("/chatty", {b"X-Request-ID": b"req-json"}))
     entries = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     in_request = [e for e in entries if e["logger"] in ("orders", "service.errors", "service.access")]
     assert len(in_request) == 4
     for entry in in_request:
         assert {"timestamp", "level", "logger", "message", "request_id"} <= set(entry)
-        assert entry["request_id"] == "req-json" and entry["timestamp"].endswith("Z")
+        assert entry["request_id"] == "req-json"
+        assert entry["timestamp"].endswith("Z")
     [error] = [e for e in in_request if e["logger"] == "service.errors"]
-    assert error["level"] == "ERROR" and "RuntimeError: boom" in error["exception"]
+    assert error["level"] == "ERROR"
+    assert "RuntimeError: boom" in error["exception"]
     [access] = [e for e in in_request if e["logger"] == "service.access"]
     assert (access["method"], access["path"], access["status"]) == ("GET", "/chatty", 500)
-    assert isinstance(access["duration_ms"], float) and access["client"] == "127.0.0.1:123"
+    assert isinstance(access["duration_ms"], float)
+    assert access["client"] == "127.0.0.1:123"
 
 
 async def test_production_skips_successful_probes_but_logs_failed_ones(capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,4 +123,6 @@ async def test_log_level_filters_lower_levels(capsys: pytest.CaptureFixture[str]
     """LOG_LEVEL=WARNING drops info lines, access lines included."""
     await run({"LOG_LEVEL": "WARNING"}, ("/chatty", {}))
     err = capsys.readouterr().err
-    assert "leaking" in err and "handling the order" not in err and "service.access" not in err
+    assert "leaking" in err
+    assert "handling the order" not in err
+    assert "service.access" not in err
