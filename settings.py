@@ -131,7 +131,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60), 10.0),
         enable_docs=get("ENABLE_DOCS", _boolean, not production),
     )  # fmt: skip
-    problems += _check_environment_rules(values)
+    # A variable whose value was refused is not reported a second time as missing.
+    reported = {_variable(p) for p in problems}
+    problems += [p for p in _check_environment_rules(values) if _variable(p) not in reported]
     if problems:
         raise SettingsError(problems)
     if not values.secret_key:
@@ -174,6 +176,11 @@ def _check_environment_rules(s: Settings) -> list[str]:
     elif any(p in s.secret_key.lower() for p in SECRET_KEY_PLACEHOLDERS):
         problems.append(f"SECRET_KEY='***': looks like a documentation placeholder; generate a real key {where}")
     return problems
+
+
+def _variable(problem: str) -> str:
+    """The variable a problem line is about: `NAME=...` or `NAME (unset)...`."""
+    return problem.partition("=")[0].partition(" ")[0]
 
 
 def _non_empty(raw: str) -> str:

@@ -198,6 +198,13 @@ def test_every_problem_is_reported_at_once() -> None:
     ]
 
 
+def test_an_invalid_variable_is_reported_once() -> None:
+    """A refused DATABASE_URL is not also reported as missing in production."""
+    found = problems({**PRODUCTION, "DATABASE_URL": "mysql://u:pw@db/app"})
+    assert len(found) == 1
+    assert found[0].startswith("DATABASE_URL='mysql://u:***@db/app': must start with")
+
+
 def test_secrets_lists_the_key_and_the_database_password() -> None:
     """Both secrets, the password also in its decoded form, are known to the log redactor."""
     s = load_settings({**PRODUCTION, "DATABASE_URL": "postgresql://u:p%40ss-word@db/app"})

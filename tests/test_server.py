@@ -1,0 +1,153 @@
+"""End to end: `python -m uvicorn app:app` as an operator runs it, with real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cluster import Cluster
+from service import ROOT, UvicornProcess
+
+pytestmark = pytest.mark.slow
+SECRET_KEY = "e2e-" + "Qx7vLm2Rt9Wz4Kp8" * 3
+GRACEFUL = (0, -signal.SIGTERM)  # uvicorn exits 0, or re-raises the signal after a graceful shutdown
+
+
+def production(database_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": SECRET_KEY,
+        "DATABASE_URL": database_url,
+        "APP_NAME": "e2e-service",
+        **extra,
+    }
+
+
+def test_unsafe_production_configuration_exits_with_one_message(tmp_path: Path) -> None:
+    """Every offending variable is named, secrets masked, no traceback, and the port is never bound."""
+    env = {"ENVIRONMENT": "production", "DEBUG": "true", "SECRET_KEY": "tiny-secret", "DATABASE_POOL_SIZE": "0"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log")
+    status = server.process.wait(30)
+    output = server.output()
+    assert status != 0
+    for name in ("DEBUG", "SECRET_KEY", "DATABASE_URL", "DATABASE_POOL_SIZE"):
+        assert name in output
+    assert "tiny-secret" not in output
+    assert "Traceback" not in output
+    assert "Uvicorn running" not in output
+    assert output.startswith("Invalid settings (4 problem(s)):")
+
+
+def test_production_logs_are_json_lines_with_one_access_line_per_request(database_url: str, tmp_path: Path) -> None:
+    """Every line is JSON; each request has one access line with its ID; successful probes are quiet."""
+    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log")
+    try:
+        server.wait_ready()
+        for path, request_id in [("/", "e2e-root"), ("/missing", "e2e-404"), ("/health", "e2e-probe")]:
+            response = httpx.get(f"{server.url}{path}", headers={"X-Request-ID": request_id})
+            assert response.headers["x-request-id"] == request_id
+    finally:
+        assert server.terminate() in GRACEFUL
+    entries = [json.loads(line) for line in server.output().splitlines() if line.strip()]
+    access = [e for e in entries if e["logger"] == "service.access"]
+    assert [(e["request_id"], e["path"], e["status"]) for e in access] == [
+        ("e2e-root", "/", 200),
+        ("e2e-404", "/missing", 404),
+    ]
+    assert all(e["client"].startswith("127.0.0.1:") and e["duration_ms"] >= 0 for e in access)
+    assert not [e for e in entries if e["logger"] == "uvicorn.access"]
+    assert SECRET_KEY not in server.output()
+
+
+def test_development_logs_are_text_with_one_access_line_per_request(tmp_path: Path) -> None:
+    """Outside production: LOG_FORMAT text lines, one access line per request, probes included."""
+    server = UvicornProcess({}, log_path=tmp_path / "out.log")
+    try:
+        server.wait_ready()
+        httpx.get(f"{server.url}/health", headers={"X-Request-ID": "dev-1"})
+    finally:
+        assert server.terminate() in GRACEFUL
+    lines = [line for line in server.output().splitlines() if "[request_id=dev-1]" in line]
+    assert len(lines) == 1
+    assert " - service.access - INFO - GET /health 200 " in lines[0]
+
+
+def test_sigterm_lets_a_hung_probe_answer_then_exits_and_closes_the_pool(
+    cluster: Cluster, database_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM during a probe of a frozen database: the probe answers 503 in time, then a clean exit."""
+    env = production(database_url, DATABASE_HEALTH_CHECK_TIMEOUT="2")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log")
+    try:
+        server.wait_ready()
+        assert httpx.get(f"{server.url}/health/db").status_code == 200
+        cluster.hang()
+        answers: list[httpx.Response] = []
+        in_flight = threading.Thread(target=lambda: answers.append(httpx.get(f"{server.url}/health/db", timeout=30)))
+        in_flight.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status = server.terminate(timeout=30)
+        in_flight.join(30)
+        assert status in GRACEFUL
+        assert time.monotonic() - started < 2 + 10 + 3  # probe bound + pool close bound + slack
+        assert [r.status_code for r in answers] == [503]
+        assert "Application shutdown complete" in server.output()
+    finally:
+        cluster.resume()
+        server.kill()
+    assert wait_for_no_backends(cluster, "e2e-service")
+
+
+def test_sigterm_closes_every_backend_connection(cluster: Cluster, database_url: str, tmp_path: Path) -> None:
+    """After a graceful exit no backend of the service's pool remains on the server."""
+    server = UvicornProcess(production(database_url, DATABASE_POOL_SIZE="4"), log_path=tmp_path / "out.log")
+    try:
+        server.wait_ready()
+        with httpx.Client() as client:
+            threads = [threading.Thread(target=client.get, args=(f"{server.url}/health/db",)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert cluster.backend_count("e2e-service") >= 1
+    finally:
+        assert server.terminate() in GRACEFUL
+    assert wait_for_no_backends(cluster, "e2e-service")
+
+
+def test_factory_form_serves_the_same_app(tmp_path: Path) -> None:
+    """`uvicorn --factory app:create_app` is the documented alternative."""
+    log = tmp_path / "out.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "app:create_app", "--port", "0"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "Uvicorn running on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = log.read_text().split("Uvicorn running on ", 1)[1].split(" ", 1)[0]
+        assert httpx.get(f"{url}/health").json()["status"] == "healthy"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in GRACEFUL
+
+
+def wait_for_no_backends(cluster: Cluster, application_name: str, within: float = 10) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if cluster.backend_count(application_name) == 0:
+            return True
+        time.sleep(0.1)
+    return False
