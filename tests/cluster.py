@@ -35,7 +35,6 @@ SUBPROCESS_TIMEOUT = 60.0
 # psycopg connect timeout (seconds) for the administrative connection.
 ADMIN_CONNECT_TIMEOUT = 10
 
-_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 _SUPERUSER = "postgres"
 # Postgres refuses to run as root; when we are root, the server runs as this
 # existing OS account instead.
@@ -59,14 +58,14 @@ class ClusterError(RuntimeError):
 
 
 def _binary(name: str) -> str:
-    """Prefer the PostgreSQL 15 binaries; fall back to PATH elsewhere."""
-    candidate = _PG_BIN / name
-    if candidate.exists():
-        return str(candidate)
+    """PATH first, then the newest server in Debian's usual place (not on PATH by default)."""
     found = shutil.which(name)
-    if found is None:
-        raise ClusterError(f"{name} not found in {_PG_BIN} or on PATH")
-    return found
+    if found is not None:
+        return found
+    debian = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if not debian:
+        raise ClusterError(f"{name} not found on PATH or in /usr/lib/postgresql/*/bin")
+    return str(debian[-1])
 
 
 def _free_port() -> int:
