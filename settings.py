@@ -55,6 +55,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_health_check_timeout: float = 10.0
     enable_docs: bool = True
 
+    def __repr__(self) -> str:
+        """Safe to log: the key and the database password are masked."""
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        fields["secret_key"] = "***"
+        fields["database_url"] = mask_url(self.database_url) if self.database_url else None
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a response or a log line."""

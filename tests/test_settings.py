@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
+from dotenv import dotenv_values
 
-from settings import DEFAULT_LOG_FORMAT, SettingsError, load_settings, mask_url, read_environment
+from settings import DEFAULT_LOG_FORMAT, Settings, SettingsError, load_settings, mask_url, read_environment
 
 GOOD_KEY = "k" * 20 + "Zq81-x_m3LpRt0wY"  # 36 characters, no placeholder
 PRODUCTION = {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
@@ -224,6 +226,25 @@ def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("APP_NAME", "from-environment")
     values = read_environment(env_file)
     assert (values["APP_NAME"], values["APP_VERSION"]) == ("from-environment", "9.9.9")
+
+
+def test_repr_masks_the_secret_key_and_database_password() -> None:
+    """Logging the settings object by mistake leaks nothing."""
+    text = repr(load_settings({**PRODUCTION, "DATABASE_URL": "postgresql://u:Pw-Secret-99@db/app"}))
+    assert GOOD_KEY not in text
+    assert "Pw-Secret-99" not in text
+    assert "database_url='postgresql://u:***@db/app'" in text
+
+
+def test_env_example_is_valid_and_names_every_variable() -> None:
+    """`.env.example` loads as it is and mentions every variable of the contract."""
+    path = Path(__file__).resolve().parent.parent / ".env.example"
+    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    assert load_settings(values).database_url is not None
+    text = path.read_text()
+    for field in msgspec.structs.fields(Settings):
+        if field.name != "secret_key_generated":
+            assert field.name.upper() in text
 
 
 def _safe() -> dict[str, str]:
