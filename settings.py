@@ -58,7 +58,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __repr__(self) -> str:
         """Safe to log: the key and the database password are masked."""
         fields = {f: getattr(self, f) for f in self.__struct_fields__}
-        fields["secret_key"] = "***"
+        fields["secret_key"] = "***"  # noqa: S105 - the mask, not a password
         fields["database_url"] = mask_url(self.database_url) if self.database_url else None
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
