@@ -172,3 +172,11 @@ def describe_failure(exc: BaseException) -> str:
             return f"Database error (SQLSTATE {exc.sqlstate})"
         case _:
             return f"Database check failed ({type(exc).__name__})"
+
+
+if __name__ == "__main__":
+    import sys
+
+    from migrate import main
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,206 @@
+"""`python -m db migrate | rollback | status | unlock`: yoyo migrations with the app's DATABASE_URL.
+
+Only this command imports yoyo and its synchronous driver (psycopg 3); the app never does; it
+learns which migrations are applied through asyncpg (`db.applied_migrations`). Every failure is
+one line on stderr and a non-zero exit: 1 when the operation failed, 2 for a usage or
+configuration mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import psycopg
+from yoyo import get_backend, read_migrations
+from yoyo.exceptions import BadMigration, LockTimeout, MigrationConflict
+
+from db import MIGRATIONS_DIR
+from settings import Settings, SettingsError, load_settings, mask_url, read_environment
+
+# Seconds a replica waits for another one's migrations before giving up: long enough for any
+# migration fit for a rolling deploy; a lock left by a killed process needs `unlock`.
+LOCK_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout: a black-holed host must not hang us
+APPLIED_SQL = "SELECT migration_id, applied_at_utc FROM _yoyo_migration ORDER BY applied_at_utc, migration_id"
+LOCK_HOLDER_SQL = "SELECT pid, ctime FROM yoyo_lock"
+
+Backend = Any  # yoyo is untyped: a yoyo.backends.DatabaseBackend
+
+
+class CommandError(Exception):
+    """A failure the command reports as one line, exiting with `status`."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def yoyo_url(url: str) -> str:
+    """The app's URL for yoyo's psycopg 3 backend: only the scheme changes (plus a connect timeout).
+
+    `postgresql://` would select psycopg2, which is not installed; yoyo unquotes the user and
+    password itself and hands query parameters to `psycopg.connect`.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(key == "connect_timeout" for key, _ in query):
+        query.append(("connect_timeout", str(CONNECT_TIMEOUT)))
+    return parts._replace(scheme="postgresql+psycopg", query=urlencode(query)).geturl()
+
+
+def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
+    """Apply every pending migration in order; the first failure stops the run."""
+    with backend.lock(args.lock_timeout):
+        pending = backend.to_apply(migrations)
+        for migration in pending:
+            print(f"applying {migration.id}", flush=True)
+            # apply_one, not apply_migrations: that one silently skips a migration it cannot load.
+            _run_step(backend.apply_one, migration)
+    print(f"applied {len(pending)} migration(s); the database is up to date")
+    return 0
+
+
+def rollback(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
+    """Roll back the most recently applied migration, and only that one."""
+    with backend.lock(args.lock_timeout):
+        applied = _applied(backend)
+        if not applied:
+            print("nothing to roll back: no migration is applied")
+            return 0
+        last = applied[-1][0]
+        found = [m for m in migrations if m.id == last]
+        if not found:
+            raise CommandError(
+                f"the last applied migration {last} is not in {args.dir}: roll back with the code that has it"
+            )
+        print(f"rolling back {last}", flush=True)
+        _run_step(backend.rollback_one, found[0])
+    print(f"rolled back {last}")
+    return 0
+
+
+def status(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
+    """One line per migration, applied or pending; exit 0 unless `--check` finds some pending."""
+    applied = dict(_applied(backend))
+    pending = [m.id for m in migrations if m.id not in applied]
+    for migration in migrations:
+        when = applied.get(migration.id)
+        print(f"applied  {migration.id}  ({when:%Y-%m-%d %H:%M:%S} UTC)" if when else f"pending  {migration.id}")
+    for unknown in applied.keys() - {m.id for m in migrations}:
+        print(f"applied  {unknown}  ({applied[unknown]:%Y-%m-%d %H:%M:%S} UTC, not in {args.dir})")
+    print(f"{len(migrations) - len(pending)} applied, {len(pending)} pending")
+    return 1 if args.check and pending else 0
+
+
+def unlock(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
+    """Remove the lock row a killed `migrate` left behind; only when none is running."""
+    holders = backend.execute(LOCK_HOLDER_SQL).fetchall()
+    backend.break_lock()
+    for pid, since in holders:
+        print(f"removed the migration lock held by process {pid} since {since:%Y-%m-%d %H:%M:%S} UTC")
+    if not holders:
+        print("the migration lock was not held")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Our own lines say what happened; yoyo's logging would add tracebacks for a bad migration.
+    logging.getLogger("yoyo").propagate = False
+    logging.getLogger("yoyo").addHandler(logging.NullHandler())
+    command: Callable[[Backend, Any, argparse.Namespace], int] = args.command
+    secrets: tuple[str, ...] = ()
+    try:
+        settings = _settings()
+        url, secrets = settings.database_url, settings.secrets
+        assert url is not None
+        migrations = _read(args.dir)
+        try:
+            backend = get_backend(yoyo_url(url))
+        except psycopg.Error as exc:
+            raise CommandError(f"cannot connect to {mask_url(url)}: {_one_line(exc)}") from exc
+        with backend:
+            return command(backend, migrations, args)
+    except CommandError as exc:
+        _fail(args.name, str(exc), secrets)
+        return exc.status
+    except LockTimeout:
+        message = (f"gave up after {args.lock_timeout:g} s waiting for the migration lock; if no migrate "
+                   "is running, a killed one left it: remove it with `python -m db unlock`")  # fmt: skip
+        _fail(args.name, message, secrets)
+        return 1
+    except (BadMigration, MigrationConflict) as exc:
+        _fail(args.name, f"bad migration: {' '.join(map(str, exc.args))}", secrets)
+        return 1
+    except psycopg.Error as exc:
+        _fail(args.name, f"database error: {_one_line(exc)}", secrets)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m db", description="Database migrations (yoyo), using DATABASE_URL.")
+    parser.add_argument("--dir", type=Path, default=MIGRATIONS_DIR, help="migrations directory (default: %(default)s)")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    for name, function in (("migrate", migrate), ("rollback", rollback), ("status", status), ("unlock", unlock)):
+        sub = commands.add_parser(name, help=(function.__doc__ or "").splitlines()[0])
+        sub.set_defaults(command=function, name=name)
+        if name in ("migrate", "rollback"):
+            sub.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="SECONDS",
+                             help="wait this long for another process's migrations (default: %(default)g)")  # fmt: skip
+        if name == "status":
+            sub.add_argument("--check", action="store_true", help="exit 1 when a migration is pending")
+    return parser
+
+
+def _settings() -> Settings:
+    """DATABASE_URL as the app reads it (environment over `.env`), checked by the same rule.
+
+    Only DATABASE_URL: a migration job needs no SECRET_KEY or CORS settings to be valid.
+    """
+    raw = read_environment().get("DATABASE_URL")
+    if not raw:
+        raise CommandError("DATABASE_URL is not set: it names the database to migrate", status=2)
+    try:
+        return load_settings({"DATABASE_URL": raw})
+    except SettingsError as exc:
+        raise CommandError(exc.problems[0], status=2) from None
+
+
+def _read(directory: Path) -> Any:
+    if not directory.is_dir():
+        raise CommandError(f"no migrations directory at {directory}", status=2)
+    return read_migrations(str(directory))
+
+
+def _applied(backend: Backend) -> list[tuple[str, datetime]]:
+    """(id, applied at, UTC) in the order applied; empty when the tracking table does not exist."""
+    try:
+        return [(row[0], row[1]) for row in backend.execute(APPLIED_SQL).fetchall()]
+    except psycopg.errors.UndefinedTable:
+        return []
+
+
+def _run_step(step: Callable[[Any], None], migration: Any) -> None:
+    try:
+        step(migration)
+    except psycopg.Error as exc:
+        raise CommandError(f"{migration.id} failed: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The driver's message on one line (libpq may report several addresses it tried)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _fail(command: str, message: str, secrets: Sequence[str]) -> None:
+    """One line on stderr; no secret in it even if a driver message quoted one."""
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    print(f"{command}: {message}", file=sys.stderr, flush=True)
