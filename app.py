@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TypedDict
 
 import msgspec
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from db import Database, migrations_on_disk
+from db import MIGRATIONS_DIR, Database, migrations_on_disk
 from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import RequestContextMiddleware, configure_logging
@@ -72,8 +73,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
             await database.close()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """The service for `settings`, or for the environment (and `.env`) when none are given."""
+def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIONS_DIR) -> Starlette:
+    """The service for `settings`, or for the environment (and `.env`) when none are given.
+
+    `migrations_dir` is read once, here: `/health/db` compares the database with these ids.
+    """
     if settings is None:
         settings = load_settings_or_exit(read_environment())
     configure_logging(settings)
@@ -84,9 +88,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         message = f"{settings.app_name} is running"
         return StructResponse(RootInfo(message, settings.app_version, settings.environment))
 
+    readiness = ReadinessEndpoint(settings, migrations_on_disk(migrations_dir))
     routes = [
         Route("/health", LivenessEndpoint(settings), methods=["GET"], name="health"),
-        Route("/health/db", ReadinessEndpoint(settings, migrations_on_disk()), methods=["GET"], name="health_db"),
+        Route("/health/db", readiness, methods=["GET"], name="health_db"),
         Route("/", root, methods=["GET"], name="root"),
     ]
     middleware = [
