@@ -1,0 +1,271 @@
+"""Migrations: the `python -m db` commands against a real server, and what `/health/db` makes of them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import asyncpg
+import psycopg
+import pytest
+from service import ROOT, free_port, make_settings, serve
+
+from app import create_app
+from db import MIGRATIONS_DIR, migrations_on_disk
+
+FIRST = "0001.uuidv7"
+COMMAND_TIMEOUT = 120  # seconds: bounds a wedged command, far above any real run
+
+
+def run_db(url: str | None, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """`python -m db ARGS` as an operator runs it, with only DATABASE_URL set."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["PYTHONPATH"] = str(ROOT)
+    if url is not None:
+        env["DATABASE_URL"] = url
+    command = [sys.executable, "-m", "db", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+
+
+def migrations_with(tmp_path: Path, **extra: str) -> Path:
+    """A copy of the repository's migrations plus `extra` files (name with dots as `__`: SQL)."""
+    directory = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, directory, ignore=shutil.ignore_patterns("*.md"))
+    for name, text in extra.items():
+        (directory / f"{name.replace('__', '.')}.sql").write_text(text)
+    return directory
+
+
+async def health_db(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> dict[str, object]:
+    async with serve(create_app(make_settings(DATABASE_URL=url), migrations_dir)) as client:
+        response = await client.get("/health/db")
+    assert response.status_code == 200
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def fetch(url: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(query)
+    finally:
+        await conn.close()
+
+
+def test_every_migration_has_a_rollback_and_yoyo_sees_the_same_ids() -> None:
+    """What the app reads at start-up is exactly what yoyo applies, and each can be undone."""
+    from yoyo import read_migrations
+
+    ids = migrations_on_disk()
+    assert FIRST in ids
+    assert all((MIGRATIONS_DIR / f"{m}.rollback.sql").is_file() for m in ids)
+    assert tuple(sorted(m.id for m in read_migrations(str(MIGRATIONS_DIR)))) == ids
+
+
+@pytest.mark.anyio
+async def test_fresh_database_is_pending_and_degraded(database_url: str) -> None:
+    """No tracking table at all counts as every migration pending."""
+    body = await health_db(database_url)
+    assert (body["status"], body["migration_status"]) == ("degraded", "pending")
+    assert body["errors"] == [f"1 pending migration(s): {FIRST}"]
+    assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = '_yoyo_migration'") == []
+
+
+@pytest.mark.anyio
+async def test_migrate_then_status_then_health_is_up_to_date(database_url: str) -> None:
+    """`migrate` applies everything, `status` says so, and readiness turns healthy."""
+    migrated = run_db(database_url, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert f"applying {FIRST}" in migrated.stdout
+
+    status = run_db(database_url, "status", "--check")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith(f"applied  {FIRST}  (")
+    assert lines[-1] == "1 applied, 0 pending"
+
+    body = await health_db(database_url)
+    assert (body["status"], body["migration_status"]) == ("healthy", "up_to_date")
+    assert "errors" not in body
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+asyncpg"])
+def test_commands_accept_every_url_form_the_app_accepts(database_url: str, scheme: str) -> None:
+    url = scheme + database_url.removeprefix("postgresql")
+    assert run_db(url, "migrate").returncode == 0
+    status = run_db(url, "status")
+    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "1 applied, 0 pending")
+
+
+@pytest.mark.anyio
+async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str, tmp_path: Path) -> None:
+    """A file the database has not seen makes readiness degraded, naming it; `migrate` fixes that."""
+    assert run_db(database_url, "migrate").returncode == 0
+    directory = migrations_with(
+        tmp_path,
+        **{"0002__widgets": "CREATE TABLE widgets (id uuid PRIMARY KEY DEFAULT uuid_generate_v7());\n",
+           "0002__widgets__rollback": "DROP TABLE widgets;\n"},
+    )  # fmt: skip
+
+    body = await health_db(database_url, directory)
+    assert (body["status"], body["migration_status"]) == ("degraded", "pending")
+    assert body["errors"] == ["1 pending migration(s): 0002.widgets"]
+    status = run_db(database_url, "--dir", str(directory), "status")
+    assert status.returncode == 0
+    assert "pending  0002.widgets" in status.stdout.splitlines()
+    assert run_db(database_url, "--dir", str(directory), "status", "--check").returncode == 1
+
+    assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
+    assert (await health_db(database_url, directory))["migration_status"] == "up_to_date"
+
+
+@pytest.mark.anyio
+async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_path: Path) -> None:
+    directory = migrations_with(
+        tmp_path,
+        **{"0002__widgets": "CREATE TABLE widgets (id int);\n", "0002__widgets__rollback": "DROP TABLE widgets;\n"},
+    )
+    assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
+
+    rolled = run_db(database_url, "--dir", str(directory), "rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert "rolled back 0002.widgets" in rolled.stdout
+    assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'widgets'") == []
+    assert await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") != []
+
+    assert run_db(database_url, "--dir", str(directory), "rollback").returncode == 0
+    assert await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") == []
+    body = await health_db(database_url)
+    assert (body["status"], body["migration_status"], body["errors"]) == (
+        "degraded", "pending", [f"1 pending migration(s): {FIRST}"],
+    )  # fmt: skip
+    nothing = run_db(database_url, "rollback")
+    assert (nothing.returncode, nothing.stdout) == (0, "nothing to roll back: no migration is applied\n")
+
+
+def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Path) -> None:
+    """A migration that fails is an error naming it, not a skip; later ones are not applied."""
+    directory = migrations_with(
+        tmp_path, **{"0002__broken": "CREATE TABLEE oops ();\n", "0003__after": "CREATE TABLE after (id int);\n"}
+    )
+    migrated = run_db(database_url, "--dir", str(directory), "migrate")
+    assert migrated.returncode == 1
+    assert migrated.stderr.startswith("migrate: 0002.broken failed: syntax error")
+    assert migrated.stderr.count("\n") == 1
+    status = run_db(database_url, "--dir", str(directory), "status").stdout.splitlines()
+    assert [line.split()[:2] for line in status[:3]] == [
+        ["applied", FIRST], ["pending", "0002.broken"], ["pending", "0003.after"],
+    ]  # fmt: skip
+
+
+def test_unresolvable_dependency_fails_instead_of_being_skipped(database_url: str, tmp_path: Path) -> None:
+    """yoyo's apply_migrations would skip a migration it cannot load; migrate must not."""
+    directory = migrations_with(tmp_path, **{"0002__orphan": "-- depends: 0001.missing\nCREATE TABLE t (id int);\n"})
+    migrated = run_db(database_url, "--dir", str(directory), "migrate")
+    assert migrated.returncode == 1
+    assert migrated.stderr.startswith("migrate: bad migration: ")
+    assert "Traceback" not in migrated.stderr
+
+
+@pytest.mark.slow
+def test_concurrent_migrates_apply_each_migration_exactly_once(database_url: str, tmp_path: Path) -> None:
+    """Three replicas migrating at once all succeed; the lock makes each migration run once."""
+    directory = migrations_with(
+        tmp_path,
+        # Slow enough that the others really wait on the lock; fails if run a second time.
+        **{"0002__slow": "DO $$ BEGIN PERFORM pg_sleep(1); END $$;\nCREATE TABLE slow (id int);\n",
+           "0002__slow__rollback": "DROP TABLE slow;\n"},
+    )  # fmt: skip
+    env = {**os.environ, "DATABASE_URL": database_url}
+    command = [sys.executable, "-m", "db", "--dir", str(directory), "migrate"]
+    replicas = [
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [replica.communicate(timeout=COMMAND_TIMEOUT) for replica in replicas]
+    assert [replica.returncode for replica in replicas] == [0, 0, 0], [err for _, err in outputs]
+    # Exactly one replica did the work; the others found nothing left to do.
+    assert sorted(out.count("applying ") for out, _ in outputs) == [0, 0, 2]
+
+    with psycopg.connect(database_url) as conn:
+        recorded = conn.execute("SELECT migration_id, count(*) FROM _yoyo_migration GROUP BY 1 ORDER BY 1").fetchall()
+        applies = "SELECT migration_id, count(*) FROM _yoyo_log WHERE operation = 'apply' GROUP BY 1 ORDER BY 1"
+        log = conn.execute(applies).fetchall()
+        locks = conn.execute("SELECT * FROM yoyo_lock").fetchall()
+    assert recorded == [(FIRST, 1), ("0002.slow", 1)]
+    assert log == [(FIRST, 1), ("0002.slow", 1)]
+    assert locks == []
+
+
+@pytest.mark.anyio
+async def test_unreadable_tracking_table_is_unknown(database_url: str) -> None:
+    """A role that may not read `_yoyo_migration` gets `unknown` from readiness, an error from status."""
+    assert run_db(database_url, "migrate").returncode == 0
+    role, password = f"reader_{uuid.uuid4().hex[:12]}", "p@ss:w/rd %?#"
+    await fetch(database_url, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        parts = urlsplit(database_url)
+        netloc = f"{role}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+        url = parts._replace(netloc=netloc).geturl()
+
+        body = await health_db(url)
+        assert (body["status"], body["database_connected"], body["migration_status"]) == ("healthy", True, "unknown")
+
+        status = run_db(url, "status")
+        assert status.returncode == 1
+        assert status.stderr == "status: database error: permission denied for table _yoyo_migration\n"
+    finally:
+        await fetch(database_url, f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("command", ["migrate", "rollback", "status", "unlock"])
+def test_unreachable_database_is_one_clean_line(command: str) -> None:
+    password = "hunter2-" + uuid.uuid4().hex
+    url = f"postgresql://app:{password}@127.0.0.1:{free_port()}/app"
+    result = run_db(url, command)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{command}: cannot connect to postgresql://app:***@127.0.0.1:")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert password not in result.stderr + result.stdout
+
+
+def test_missing_or_invalid_database_url_is_a_configuration_error(tmp_path: Path) -> None:
+    missing = run_db(None, "status", cwd=tmp_path)  # tmp_path: no .env to fall back on
+    assert (missing.returncode, missing.stderr) == (
+        2,
+        "status: DATABASE_URL is not set: it names the database to migrate\n",
+    )
+    invalid = run_db("mysql://u:secret@db/app", "migrate", cwd=tmp_path)
+    assert invalid.returncode == 2
+    assert invalid.stderr.startswith("migrate: DATABASE_URL=")
+    assert "secret" not in invalid.stderr
+
+
+@pytest.mark.anyio
+async def test_uuid_generate_v7_makes_time_ordered_version_7_uuids(database_url: str) -> None:
+    assert run_db(database_url, "migrate").returncode == 0
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT uuid_generate_v7(), now()")
+        made = await conn.fetch(
+            "SELECT u FROM (SELECT n, uuid_generate_v7() AS u FROM generate_series(1, 1000) AS n) s ORDER BY n"
+        )
+    finally:
+        await conn.close()
+
+    assert row is not None
+    value, now = uuid.UUID(bytes=row[0].bytes), row[1]
+    assert value.version == 7
+    assert value.int >> 62 & 0b11 == 0b10  # the RFC 9562 variant
+    embedded = datetime.fromtimestamp((value.int >> 80) / 1000, UTC)
+    assert abs((embedded - now).total_seconds()) < 1
+    sequence = [uuid.UUID(bytes=r["u"].bytes) for r in made]
+    assert sequence == sorted(sequence)
+    assert len(set(sequence)) == 1000
