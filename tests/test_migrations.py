@@ -33,13 +33,19 @@ def run_db(url: str | None, *args: str, cwd: Path = ROOT) -> subprocess.Complete
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
-def migrations_with(tmp_path: Path, **extra: str) -> Path:
-    """A copy of the repository's migrations plus `extra` files (name with dots as `__`: SQL)."""
+def migrations_with(tmp_path: Path, extra: dict[str, str]) -> Path:
+    """A copy of the repository's migrations plus the `extra` files (name: SQL)."""
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory, ignore=shutil.ignore_patterns("*.md"))
     for name, text in extra.items():
-        (directory / f"{name.replace('__', '.')}.sql").write_text(text)
+        (directory / name).write_text(text)
     return directory
+
+
+WIDGETS = {
+    "0002.widgets.sql": "-- depends: 0001.uuidv7\nCREATE TABLE widgets (id uuid DEFAULT uuid_generate_v7());\n",
+    "0002.widgets.rollback.sql": "DROP TABLE widgets;\n",
+}
 
 
 async def health_db(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> dict[str, object]:
@@ -107,11 +113,7 @@ def test_commands_accept_every_url_form_the_app_accepts(database_url: str, schem
 async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str, tmp_path: Path) -> None:
     """A file the database has not seen makes readiness degraded, naming it; `migrate` fixes that."""
     assert run_db(database_url, "migrate").returncode == 0
-    directory = migrations_with(
-        tmp_path,
-        **{"0002__widgets": "CREATE TABLE widgets (id uuid PRIMARY KEY DEFAULT uuid_generate_v7());\n",
-           "0002__widgets__rollback": "DROP TABLE widgets;\n"},
-    )  # fmt: skip
+    directory = migrations_with(tmp_path, WIDGETS)
 
     body = await health_db(database_url, directory)
     assert (body["status"], body["migration_status"]) == ("degraded", "pending")
@@ -127,10 +129,7 @@ async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str
 
 @pytest.mark.anyio
 async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_path: Path) -> None:
-    directory = migrations_with(
-        tmp_path,
-        **{"0002__widgets": "CREATE TABLE widgets (id int);\n", "0002__widgets__rollback": "DROP TABLE widgets;\n"},
-    )
+    directory = migrations_with(tmp_path, WIDGETS)
     assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
 
     rolled = run_db(database_url, "--dir", str(directory), "rollback")
@@ -145,6 +144,14 @@ async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_pa
     assert (body["status"], body["migration_status"], body["errors"]) == (
         "degraded", "pending", [f"1 pending migration(s): {FIRST}"],
     )  # fmt: skip
+    assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
+    unknown = run_db(database_url, "rollback")  # the code at hand lacks 0002.widgets
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("rollback: the last applied migration 0002.widgets is not in ")
+    assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'widgets'") != []
+
+    assert run_db(database_url, "--dir", str(directory), "rollback").returncode == 0
+    assert run_db(database_url, "--dir", str(directory), "rollback").returncode == 0
     nothing = run_db(database_url, "rollback")
     assert (nothing.returncode, nothing.stdout) == (0, "nothing to roll back: no migration is applied\n")
 
@@ -152,7 +159,7 @@ async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_pa
 def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Path) -> None:
     """A migration that fails is an error naming it, not a skip; later ones are not applied."""
     directory = migrations_with(
-        tmp_path, **{"0002__broken": "CREATE TABLEE oops ();\n", "0003__after": "CREATE TABLE after (id int);\n"}
+        tmp_path, {"0002.broken.sql": "CREATE TABLEE oops ();\n", "0003.after.sql": "CREATE TABLE after (id int);\n"}
     )
     migrated = run_db(database_url, "--dir", str(directory), "migrate")
     assert migrated.returncode == 1
@@ -166,7 +173,7 @@ def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Pa
 
 def test_unresolvable_dependency_fails_instead_of_being_skipped(database_url: str, tmp_path: Path) -> None:
     """yoyo's apply_migrations would skip a migration it cannot load; migrate must not."""
-    directory = migrations_with(tmp_path, **{"0002__orphan": "-- depends: 0001.missing\nCREATE TABLE t (id int);\n"})
+    directory = migrations_with(tmp_path, {"0002.orphan.sql": "-- depends: 0001.missing\nCREATE TABLE t (id int);\n"})
     migrated = run_db(database_url, "--dir", str(directory), "migrate")
     assert migrated.returncode == 1
     assert migrated.stderr.startswith("migrate: bad migration: ")
@@ -179,8 +186,8 @@ def test_concurrent_migrates_apply_each_migration_exactly_once(database_url: str
     directory = migrations_with(
         tmp_path,
         # Slow enough that the others really wait on the lock; fails if run a second time.
-        **{"0002__slow": "DO $$ BEGIN PERFORM pg_sleep(1); END $$;\nCREATE TABLE slow (id int);\n",
-           "0002__slow__rollback": "DROP TABLE slow;\n"},
+        {"0002.slow.sql": "DO $$ BEGIN PERFORM pg_sleep(1); END $$;\nCREATE TABLE slow (id int);\n",
+         "0002.slow.rollback.sql": "DROP TABLE slow;\n"},
     )  # fmt: skip
     env = {**os.environ, "DATABASE_URL": database_url}
     command = [sys.executable, "-m", "db", "--dir", str(directory), "migrate"]
@@ -201,6 +208,23 @@ def test_concurrent_migrates_apply_each_migration_exactly_once(database_url: str
     assert recorded == [(FIRST, 1), ("0002.slow", 1)]
     assert log == [(FIRST, 1), ("0002.slow", 1)]
     assert locks == []
+
+
+def test_lock_left_by_a_killed_migrate_times_out_until_unlocked(database_url: str) -> None:
+    """A dead holder's lock row makes migrate give up with a hint; `unlock` clears it."""
+    assert run_db(database_url, "migrate").returncode == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:  # the row a SIGKILLed migrate leaves
+        conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) VALUES (1, now() AT TIME ZONE 'UTC', 424242)")
+
+    stuck = run_db(database_url, "migrate", "--lock-timeout", "1")
+    assert stuck.returncode == 1
+    assert stuck.stderr.startswith("migrate: gave up after 1 s waiting for the migration lock")
+    assert stuck.stderr.rstrip("\n").endswith("remove it with `python -m db unlock`")
+
+    unlocked = run_db(database_url, "unlock")
+    assert unlocked.returncode == 0
+    assert unlocked.stdout.startswith("removed the migration lock held by process 424242 since ")
+    assert run_db(database_url, "migrate", "--lock-timeout", "1").returncode == 0
 
 
 @pytest.mark.anyio
