@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -32,6 +33,10 @@ APPLIED_SQL = "SELECT migration_id, applied_at_utc FROM _yoyo_migration ORDER BY
 LOCK_HOLDER_SQL = "SELECT pid, ctime FROM yoyo_lock"
 
 Backend = Any  # yoyo is untyped: a yoyo.backends.DatabaseBackend
+
+
+class Terminated(BaseException):
+    """SIGTERM (a pod being deleted) as an exception, so the lock is released on the way out."""
 
 
 class CommandError(Exception):
@@ -93,8 +98,10 @@ def status(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
     for migration in migrations:
         when = applied.get(migration.id)
         print(f"applied  {migration.id}  ({when:%Y-%m-%d %H:%M:%S} UTC)" if when else f"pending  {migration.id}")
-    for unknown in applied.keys() - {m.id for m in migrations}:
-        print(f"applied  {unknown}  ({applied[unknown]:%Y-%m-%d %H:%M:%S} UTC, not in {args.dir})")
+    on_disk = {m.id for m in migrations}
+    for unknown, when in applied.items():
+        if unknown not in on_disk:
+            print(f"applied  {unknown}  ({when:%Y-%m-%d %H:%M:%S} UTC, not in {args.dir})")
     print(f"{len(migrations) - len(pending)} applied, {len(pending)} pending")
     return 1 if args.check and pending else 0
 
@@ -116,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("yoyo").propagate = False
     logging.getLogger("yoyo").addHandler(logging.NullHandler())
     command: Callable[[Backend, Any, argparse.Namespace], int] = args.command
+    signal.signal(signal.SIGTERM, _terminate)
     secrets: tuple[str, ...] = ()
     try:
         settings = _settings()
@@ -142,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except psycopg.Error as exc:
         _fail(args.name, f"database error: {_one_line(exc)}", secrets)
         return 1
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        _fail(args.name, f"stopped by {signum.name}; a migration in progress was not recorded as applied", secrets)
+        return 128 + signum
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,8 +164,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=(function.__doc__ or "").splitlines()[0])
         sub.set_defaults(command=function, name=name)
         if name in ("migrate", "rollback"):
-            sub.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="SECONDS",
-                             help="wait this long for another process's migrations (default: %(default)g)")  # fmt: skip
+            wait = "wait this long for another process's migrations; 0 waits forever (default: %(default)g)"
+            sub.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="SECONDS", help=wait)
         if name == "status":
             sub.add_argument("--check", action="store_true", help="exit 1 when a migration is pending")
     return parser
@@ -191,7 +203,17 @@ def _run_step(step: Callable[[Any], None], migration: Any) -> None:
     try:
         step(migration)
     except psycopg.Error as exc:
+        # A signal mid-query leaves the connection busy, so yoyo's ROLLBACK fails in turn: report the signal.
+        context = exc.__context__
+        while context is not None and not isinstance(context, (KeyboardInterrupt, Terminated)):
+            context = context.__context__
+        if context is not None:
+            raise context from None
         raise CommandError(f"{migration.id} failed: {_one_line(exc)}") from exc
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def _one_line(exc: BaseException) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,6 +227,27 @@ def test_lock_left_by_a_killed_migrate_times_out_until_unlocked(database_url: st
     assert unlocked.returncode == 0
     assert unlocked.stdout.startswith("removed the migration lock held by process 424242 since ")
     assert run_db(database_url, "migrate", "--lock-timeout", "1").returncode == 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_migration_releases_the_lock(database_url: str, tmp_path: Path) -> None:
+    """A migrate stopped by SIGTERM (a deleted pod) leaves no lock and no half-recorded migration."""
+    directory = migrations_with(tmp_path, {"0002.hang.sql": "DO $$ BEGIN PERFORM pg_sleep(60); END $$;\n"})
+    env = {**os.environ, "DATABASE_URL": database_url}
+    command = [sys.executable, "-m", "db", "--dir", str(directory), "migrate"]
+    migrating = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        running = "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'DO $$ BEGIN PERFORM pg_sleep(60)%'"
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not conn.execute(running).fetchall():
+            assert time.monotonic() < deadline, "the migration never started"
+            time.sleep(0.05)
+        migrating.send_signal(signal.SIGTERM)
+        _, stderr = migrating.communicate(timeout=COMMAND_TIMEOUT)
+        assert migrating.returncode == 128 + signal.SIGTERM
+        assert stderr == "migrate: stopped by SIGTERM; a migration in progress was not recorded as applied\n"
+        assert conn.execute("SELECT * FROM yoyo_lock").fetchall() == []
+        assert conn.execute("SELECT migration_id FROM _yoyo_migration").fetchall() == [(FIRST,)]
 
 
 @pytest.mark.anyio
