@@ -22,12 +22,13 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from db import Database, migrations_on_disk
 from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import RequestContextMiddleware, configure_logging
+from openapi import OPERATIONS, Operation, Reply, docs_routes
 from responses import StructResponse
 from settings import Settings, load_settings_or_exit, read_environment
 
@@ -47,6 +48,12 @@ class RootInfo(msgspec.Struct):
     environment: str
 
 
+ROOT_OPERATION = Operation("Service identity", "Name, version and environment.", "service", {
+    200: Reply("Running", RootInfo, {"running": {
+        "message": "AgentifUI Pro API is running", "version": "0.1.0", "environment": "development"}}),
+})  # fmt: skip
+
+
 class CORSMiddleware(StarletteCORSMiddleware):
     """Starlette's CORS, with a refused preflight answered by the error envelope."""
 
@@ -54,7 +61,7 @@ class CORSMiddleware(StarletteCORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code < 400:
             return response
-        reason = response.body.decode()  # e.g. "Disallowed CORS origin, method"
+        reason = bytes(response.body).decode()  # e.g. "Disallowed CORS origin, method"
         headers = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
         return error_response(400, "VALIDATION_ERROR", reason, headers=headers)
 
@@ -84,11 +91,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         message = f"{settings.app_name} is running"
         return StructResponse(RootInfo(message, settings.app_version, settings.environment))
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", LivenessEndpoint(settings), methods=["GET"], name="health"),
         Route("/health/db", ReadinessEndpoint(settings, migrations_on_disk()), methods=["GET"], name="health_db"),
         Route("/", root, methods=["GET"], name="root"),
     ]
+    if settings.enable_docs:
+        routes += docs_routes(settings, routes, {**OPERATIONS, "root": ROOT_OPERATION})
     middleware = [
         Middleware(RequestContextMiddleware, quiet_health=settings.environment == "production"),
         Middleware(

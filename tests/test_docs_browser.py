@@ -1,0 +1,50 @@
+"""The docs pages render in a real browser that can reach no host but the service."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+from server import serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Every other host is unreachable: names do not resolve, and anything else (an IP literal)
+# goes to a proxy that refuses; Chromium never proxies loopback, so only the service answers.
+OFFLINE = ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9"]
+HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--virtual-time-budget=10000"]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)"),
+]
+
+
+def rendered_dom(url: str) -> str:
+    """The DOM after the page's scripts ran, as headless Chromium with a fresh profile saw it."""
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        command = [CHROMIUM, *HEADLESS, *OFFLINE, f"--user-data-dir={profile}", "--dump-dom", url]
+        done = subprocess.run(command, capture_output=True, timeout=120, check=True)
+    return done.stdout.decode()
+
+
+def test_swagger_ui_renders_the_health_operations_offline() -> None:
+    """/docs, loaded with no CDN reachable, shows an operation block for each health route."""
+    with serve({"ENABLE_DOCS": "true"}) as server:
+        dom = rendered_dom(f"{server.url}/docs")
+    paths = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
+    assert {"/health", "/health/db", "/"} <= paths
+    assert "Liveness" in dom
+    assert "Readiness" in dom
+
+
+def test_redoc_renders_the_health_operations_offline() -> None:
+    """/redoc, loaded with no CDN reachable, renders a section for each health operation."""
+    with serve({"ENABLE_DOCS": "true"}) as server:
+        dom = rendered_dom(f"{server.url}/redoc")
+    operations = set(re.findall(r'id="operation/([a-z_]+)"', dom))
+    assert {"health", "health_db", "root"} <= operations
