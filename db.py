@@ -85,6 +85,9 @@ class Database:
     def usage(self) -> PoolUsage:
         return PoolUsage(self.pool.get_size() - self.pool.get_idle_size(), self.pool_size)
 
+    def open_connections(self) -> int:
+        return self.pool.get_size()
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
         """A pooled connection for a handler, waiting at most `DATABASE_POOL_TIMEOUT`.

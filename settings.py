@@ -56,6 +56,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     health_check_timeout: float = 5.0
     database_health_check_timeout: float = 10.0
     enable_docs: bool = True
+    enable_metrics: bool = True
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -132,6 +133,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         health_check_timeout=get("HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 30), 5.0),
         database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60), 10.0),
         enable_docs=get("ENABLE_DOCS", _boolean, not production),
+        enable_metrics=get("ENABLE_METRICS", _boolean, True),
     )  # fmt: skip
     problems += _check_environment_rules(values)
     if problems:
