@@ -21,6 +21,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # One round trip answers both questions: the server is reachable, and which migrations it has.
 APPLIED_MIGRATIONS_SQL = "SELECT migration_id FROM _yoyo_migration"
 CLOSE_TIMEOUT = 10.0  # seconds to close the pool gracefully before terminating connections
+PREPARED_STATEMENT_LOST = (
+    "Database lost a prepared statement (behind PgBouncer in transaction mode? set DATABASE_STATEMENT_CACHE_SIZE=0)"
+)
 
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
@@ -166,6 +169,9 @@ def describe_failure(exc: BaseException) -> str:
             return "Database is starting up or shutting down"
         case asyncpg.TooManyConnectionsError():
             return "Database has too many connections"
+        case asyncpg.InvalidSQLStatementNameError() | asyncpg.DuplicatePreparedStatementError():
+            # The classic sign of a transaction-pooling PgBouncer in front of a statement cache.
+            return PREPARED_STATEMENT_LOST
         case ConnectionRefusedError():
             return "Database is unreachable: connection refused"
         case OSError():
