@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from app import create_app
 from metrics import UNMATCHED, Metrics, MetricsEndpoint, MetricsMiddleware
-from settings import load_settings
+from settings import SettingsError, load_settings
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -124,3 +124,9 @@ async def test_enable_metrics_false_removes_the_endpoint() -> None:
         response = await http.get("/metrics")
         assert response.status_code == 404
         assert response.json()["error"] == "NOT_FOUND_ERROR"
+
+
+def test_enable_metrics_must_be_a_boolean() -> None:
+    """A typo in ENABLE_METRICS stops start-up with the rule, rather than silently picking a side."""
+    with pytest.raises(SettingsError, match=r"ENABLE_METRICS='maybe': must be a boolean"):
+        load_settings({"ENABLE_METRICS": "maybe"})
