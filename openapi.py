@@ -10,6 +10,8 @@ from a CDN, and use relative URLs so they also work behind a path prefix.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 from collections.abc import Mapping
 from pathlib import Path
@@ -163,31 +165,44 @@ def _response(reply: Reply) -> dict[str, Any]:
 class StaticBody:
     """A fixed body, rendered once: the schema and the pages never change while the app runs."""
 
-    def __init__(self, body: bytes, media_type: str) -> None:
+    def __init__(self, body: bytes, media_type: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.body = body
         self.headers = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
+        self.headers += extra_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
 
 
-def _page(title: str, head: str, body: str) -> StaticBody:
+def _page(title: str, head: str, body: str, inline_script: str = "") -> StaticBody:
+    """An HTML page whose Content-Security-Policy lets it reach no host but this one."""
+    script = f"<script>{inline_script}</script>\n" if inline_script else ""
     page = (
         f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">\n{head}</head>\n'
-        f"<body>\n{body}</body>\n</html>\n"
+        f"<body>\n{body}{script}</body>\n</html>\n"
     )
-    return StaticBody(page.encode(), "text/html; charset=utf-8")
+    allowed = f"'sha256-{base64.b64encode(hashlib.sha256(inline_script.encode()).digest()).decode()}'"
+    csp = DOCS_CSP.format(inline_script=allowed if inline_script else "")
+    return StaticBody(page.encode(), "text/html; charset=utf-8", ((b"content-security-policy", csp.encode()),))
 
 
+# The vendored bundles name other hosts (ReDoc's sidebar loads its logo from a CDN): the policy
+# makes the browser refuse every such request, so the pages never leave this service. Inline
+# styles are how both UIs render; ReDoc runs its search index in a blob: worker.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self' {inline_script}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
 SWAGGER_UI_BODY = """<div id="swagger-ui"></div>
 <script src="static/swagger-ui-bundle.js"></script>
-<script>
-  // validatorUrl: null keeps Swagger UI from sending the schema to an online validator.
-  window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", validatorUrl: null, deepLinking: true});
-</script>
 """
+# validatorUrl: null keeps Swagger UI from sending the schema to an online validator.
+SWAGGER_UI_INIT = (
+    'window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", validatorUrl: null, deepLinking: true});'
+)
 REDOC_BODY = """<redoc spec-url="openapi.json"></redoc>
 <script src="static/redoc.standalone.js"></script>
 """
@@ -196,7 +211,8 @@ REDOC_BODY = """<redoc spec-url="openapi.json"></redoc>
 def docs_routes(settings: Settings, routes: list[BaseRoute], operations: Mapping[str, Operation]) -> list[BaseRoute]:
     """`/openapi.json`, `/docs`, `/redoc` and their assets, describing `routes` and themselves."""
     title = settings.app_name
-    swagger = _page(f"{title} - Swagger UI", '<link rel="stylesheet" href="static/swagger-ui.css">\n', SWAGGER_UI_BODY)
+    stylesheet = '<link rel="stylesheet" href="static/swagger-ui.css">\n'
+    swagger = _page(f"{title} - Swagger UI", stylesheet, SWAGGER_UI_BODY, SWAGGER_UI_INIT)
     docs: list[BaseRoute] = [
         Route("/docs", swagger, methods=["GET"], name="docs"),
         Route("/redoc", _page(f"{title} - ReDoc", "", REDOC_BODY), methods=["GET"], name="redoc"),

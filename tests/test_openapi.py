@@ -130,6 +130,10 @@ async def test_docs_pages_reference_only_assets_the_service_serves(client: httpx
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     assert "://" not in response.text
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp
+    assert "connect-src 'self';" in csp
+    assert "img-src 'self' data:;" in csp
     references = re.findall(r'(?:src|href|spec-url)="([^"]+)"|url: "([^"]+)"', response.text)
     assets = [a or b for a, b in references]
     assert "openapi.json" in assets
