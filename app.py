@@ -2,6 +2,7 @@
 
 Middleware, outermost first:
   RequestContextMiddleware  request ID on every response, one access line per request
+  MetricsMiddleware         counts and times requests by route template (ENABLE_METRICS)
   CORSMiddleware            answers preflights, adds CORS headers
   ServerErrorMiddleware     an unhandled exception becomes the 500 envelope, inside the above
 and Starlette's ExceptionMiddleware maps the expected exceptions (errors.EXCEPTION_HANDLERS).
@@ -9,6 +10,8 @@ and Starlette's ExceptionMiddleware maps the expected exceptions (errors.EXCEPTI
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,12 +26,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from db import MIGRATIONS_DIR, Database, migrations_on_disk
 from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import RequestContextMiddleware, configure_logging
+from metrics import Metrics, MetricsEndpoint, MetricsMiddleware
+from openapi import OPERATIONS, Operation, Reply, docs_routes
 from responses import StructResponse
 from settings import Settings, load_settings_or_exit, read_environment
 
@@ -48,6 +53,12 @@ class RootInfo(msgspec.Struct):
     environment: str
 
 
+ROOT_OPERATION = Operation("Service identity", "Name, version and environment.", "service", {
+    200: Reply("Running", RootInfo, {"running": {
+        "message": "AgentifUI Pro API is running", "version": "0.1.0", "environment": "development"}}),
+})  # fmt: skip
+
+
 class CORSMiddleware(StarletteCORSMiddleware):
     """Starlette's CORS, with a refused preflight answered by the error envelope."""
 
@@ -65,12 +76,22 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
     settings: Settings = app.state.settings
     # Again here: a server that configured logging after importing us would have undone it.
     configure_logging(settings)
+    metrics: Metrics | None = app.state.metrics
     database = await Database.open(settings) if settings.database_url else None
+    refresher = None
+    if metrics is not None and metrics.multiprocess:
+        refresher = asyncio.create_task(metrics.refresh_pool_gauges(database))
     try:
         yield {"database": database, "started_at": time.monotonic()}
     finally:
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
         if database is not None:
             await database.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIONS_DIR) -> Starlette:
@@ -89,13 +110,19 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
         return StructResponse(RootInfo(message, settings.app_version, settings.environment))
 
     readiness = ReadinessEndpoint(settings, migrations_on_disk(migrations_dir))
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", LivenessEndpoint(settings), methods=["GET"], name="health"),
         Route("/health/db", readiness, methods=["GET"], name="health_db"),
         Route("/", root, methods=["GET"], name="root"),
     ]
+    metrics = Metrics() if settings.enable_metrics else None
+    if metrics is not None:
+        routes.append(Route("/metrics", MetricsEndpoint(metrics), methods=["GET"], name="metrics"))
+    if settings.enable_docs:
+        routes += docs_routes(settings, routes, {**OPERATIONS, "root": ROOT_OPERATION})
     middleware = [
         Middleware(RequestContextMiddleware, quiet_health=settings.environment == "production"),
+        *([Middleware(MetricsMiddleware, metrics=metrics)] if metrics is not None else []),
         Middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -108,6 +135,7 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
     ]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics
     return app
 
 

@@ -21,6 +21,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # One round trip answers both questions: the server is reachable, and which migrations it has.
 APPLIED_MIGRATIONS_SQL = "SELECT migration_id FROM _yoyo_migration"
 CLOSE_TIMEOUT = 10.0  # seconds to close the pool gracefully before terminating connections
+PREPARED_STATEMENT_LOST = (
+    "Database lost a prepared statement (behind PgBouncer in transaction mode? set DATABASE_STATEMENT_CACHE_SIZE=0)"
+)
 
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
@@ -84,6 +87,9 @@ class Database:
 
     def usage(self) -> PoolUsage:
         return PoolUsage(self.pool.get_size() - self.pool.get_idle_size(), self.pool_size)
+
+    def open_connections(self) -> int:
+        return self.pool.get_size()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
@@ -164,6 +170,9 @@ def describe_failure(exc: BaseException) -> str:
             return "Database is starting up or shutting down"
         case asyncpg.TooManyConnectionsError():
             return "Database has too many connections"
+        case asyncpg.InvalidSQLStatementNameError() | asyncpg.DuplicatePreparedStatementError():
+            # The classic sign of a transaction-pooling PgBouncer in front of a statement cache.
+            return PREPARED_STATEMENT_LOST
         case ConnectionRefusedError():
             return "Database is unreachable: connection refused"
         case OSError():

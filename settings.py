@@ -13,7 +13,7 @@ import secrets
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, NoReturn, TypeVar, cast, get_args
+from typing import Literal, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -30,6 +30,8 @@ MIN_SECRET_KEY_LENGTH = 32
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
+_DEVELOPMENT: Environment = "development"
+_ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -54,6 +56,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     health_check_timeout: float = 5.0
     database_health_check_timeout: float = 10.0
     enable_docs: bool = True
+    enable_metrics: bool = True
 
     def __repr__(self) -> str:
         """Safe to log: the key and the database password are masked."""
@@ -117,7 +120,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             problems.append(f"{name}={show(raw)}: {exc}")
             return default
 
-    environment: Environment = get("ENVIRONMENT", _environment, "development")
+    environment: Environment = get("ENVIRONMENT", _environment, _DEVELOPMENT)
     production = environment == "production"
     values = Settings(
         app_name=get("APP_NAME", _non_empty, "AgentifUI Pro API"),
@@ -137,6 +140,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         health_check_timeout=get("HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 30), 5.0),
         database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60), 10.0),
         enable_docs=get("ENABLE_DOCS", _boolean, not production),
+        enable_metrics=get("ENABLE_METRICS", _boolean, True),
     )  # fmt: skip
     # A variable whose value was refused is not reported a second time as missing.
     reported = {_variable(p) for p in problems}
@@ -204,10 +208,10 @@ def _boolean(raw: str) -> bool:
 
 
 def _environment(raw: str) -> Environment:
-    for name in get_args(Environment):
-        if raw.lower() == name:
-            return cast(Environment, name)
-    raise ValueError("must be one of development, staging, production")
+    try:
+        return _ENVIRONMENTS[raw.lower()]
+    except KeyError:
+        raise ValueError("must be one of development, staging, production") from None
 
 
 def _database_url(raw: str) -> str:

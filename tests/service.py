@@ -7,9 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -89,6 +90,21 @@ class UvicornProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_uvicorn(env: Mapping[str, str], *args: str) -> Iterator[UvicornProcess]:
+    """A ready uvicorn for the block, stopped with SIGTERM afterwards (killed if it will not stop)."""
+    with tempfile.TemporaryDirectory(prefix="uvicorn-") as tmp:
+        server = UvicornProcess(env, *args, log_path=Path(tmp) / "out.log")
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            try:
+                server.terminate()
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 _SERVICE_VARIABLES = {

@@ -1,0 +1,226 @@
+"""API documentation: `/openapi.json`, built once from the wire Structs, and the pages that render it.
+
+Response schemas come from the msgspec Structs the handlers encode, so the description cannot
+drift from the wire. What a Struct cannot say (which statuses a route answers, the contract's
+examples) is an `Operation` per route name (`OPERATIONS` here, the root's in app.py); a route
+without one stops `create_app`.
+The pages load Swagger UI and ReDoc from `static/` (vendored by `.ci/refresh-docs-assets`), never
+from a CDN, and use relative URLs so they also work behind a path prefix.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from errors import ErrorBody
+from health import Liveness, Readiness
+from responses import ENCODER
+from settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+SCHEMA_REF = "#/components/schemas/{name}"
+_T = "2025-09-23T10:30:00Z"  # the contract's example timestamp
+_REQUEST_ID = "550e8400-e29b-41d4-a716-446655440000"
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """One documented response: a Struct body (JSON) or a media type, with named examples."""
+
+    description: str
+    body: type[msgspec.Struct] | None = None
+    examples: dict[str, Any] = {}
+    headers: tuple[str, ...] = ()
+    media_type: str = "application/json"
+
+
+class Operation(msgspec.Struct, frozen=True):
+    summary: str
+    description: str
+    tag: str
+    replies: dict[int, Reply]
+
+
+def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": code, "message": message, "timestamp": _T, "request_id": _REQUEST_ID, **extra}
+
+
+_POOL = {"active_connections": 2, "pool_size": 10}
+_HEALTHY_DB = {"status": "healthy", "timestamp": _T, "database_connected": True, "response_time_ms": 15,
+               "connection_pool": _POOL, "migration_status": "up_to_date"}  # fmt: skip
+_DEGRADED_DB = {**_HEALTHY_DB, "status": "degraded", "migration_status": "pending",
+                "errors": ["1 pending migration(s): 0002.orders"]}  # fmt: skip
+_UNHEALTHY_DB = {"status": "unhealthy", "timestamp": _T, "database_connected": False, "response_time_ms": None,
+                 "connection_pool": {"active_connections": 0, "pool_size": 10}, "migration_status": "unknown",
+                 "errors": ["Database health check timed out after 10 seconds"]}  # fmt: skip
+_LIVE = {"status": "healthy", "timestamp": _T, "version": "0.1.0", "uptime_seconds": 3600}
+_HTML = Reply("An HTML page", media_type="text/html")
+
+# Errors any route can answer: shared in `components.responses`, each one the error envelope.
+ERROR_REPLIES = {
+    404: Reply("No route matches the path", ErrorBody, {"not_found": _error("NOT_FOUND_ERROR", "Resource not found")}),
+    405: Reply("The path exists, the method does not", ErrorBody,
+               {"method_not_allowed": _error("METHOD_NOT_ALLOWED", "Method not allowed")}, ("Allow",)),
+    422: Reply("The request is well formed but invalid", ErrorBody, {"invalid": _error(
+        "VALIDATION_ERROR", "Request validation failed",
+        validation_errors=[{"field": "name", "message": "Expected `str`, got `int`", "value": 1}])}),
+    500: Reply("An unexpected failure; `detail` only with DEBUG=true", ErrorBody,
+               {"internal": _error("INTERNAL_SERVER_ERROR", "Internal server error")}),
+    503: Reply("A dependency is temporarily unavailable", ErrorBody, {"database": _error(
+        "DATABASE_CONNECTION_ERROR", "Database temporarily unavailable", retry_after=5)}, ("Retry-After",)),
+}  # fmt: skip
+_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 422: "ValidationError", 500: "InternalServerError",
+          503: "ServiceUnavailable"}  # fmt: skip
+
+OPERATIONS = {
+    "health": Operation("Liveness", "Whether this process can serve. No I/O: it never touches the database.",
+                        "health", {
+        200: Reply("Alive", Liveness, {"healthy": _LIVE}, ("Cache-Control",)),
+        503: Reply("A check of the process itself failed", Liveness, {"unhealthy": {
+            **_LIVE, "status": "unhealthy", "uptime_seconds": 0,
+            "errors": ["Application start-up has not completed"]}}, ("Cache-Control",)),
+    }),
+    "health_db": Operation("Readiness", "One probe through the pool, bounded by DATABASE_HEALTH_CHECK_TIMEOUT.",
+                           "health", {
+        200: Reply("Reachable: healthy, or degraded while migrations are pending", Readiness,
+                   {"healthy": _HEALTHY_DB, "degraded": _DEGRADED_DB}, ("Cache-Control",)),
+        503: Reply("Unreachable, timed out, refused credentials, or not configured", Readiness,
+                   {"unhealthy": _UNHEALTHY_DB}, ("Cache-Control",)),
+    }),
+    "metrics": Operation("Prometheus metrics", "Request counts and durations by route, pool and process gauges.",
+                         "operations", {200: Reply("Prometheus text format", media_type="text/plain")}),
+    "openapi": Operation("This document", "The OpenAPI description of the service.", "documentation",
+                         {200: Reply("OpenAPI 3.1", media_type="application/json")}),
+    "docs": Operation("Swagger UI", "Interactive documentation, served without a CDN.", "documentation",
+                      {200: _HTML}),
+    "redoc": Operation("ReDoc", "Reference documentation, served without a CDN.", "documentation", {200: _HTML}),
+}  # fmt: skip
+_HEADERS = {
+    "X-Request-ID": {"description": "The request's ID, also in logs and error bodies", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "`no-store`: probes are never cached", "schema": {"type": "string"}},
+    "Retry-After": {"description": "Seconds before a retry may succeed", "schema": {"type": "integer"}},
+    "Allow": {"description": "The methods the path answers", "schema": {"type": "string"}},
+}
+_DESCRIPTION = (
+    "Every route answers HEAD where it answers GET. Every error, for any path and method, is the "
+    "`ErrorBody` envelope: 404 for an unknown path, 405 for a method a path does not answer, 422 for "
+    "an invalid request, 500 for an unexpected failure, 503 when a dependency is unavailable."
+)
+
+
+def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mapping[str, Operation]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for `routes`; raises ValueError naming routes without an operation."""
+    undocumented = [r.path for r in routes if isinstance(r, Route) and r.name not in operations]
+    if undocumented:
+        raise ValueError(f"routes without an openapi.Operation: {', '.join(undocumented)}")
+    bodies = {reply.body for op in operations.values() for reply in op.replies.values() if reply.body}
+    _, schemas = msgspec.json.schema_components(
+        sorted([*bodies, ErrorBody], key=lambda t: t.__name__), ref_template=SCHEMA_REF
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if isinstance(route, Route):
+            for method in sorted((route.methods or {"GET"}) - {"HEAD"}):
+                paths.setdefault(route.path, {})[method.lower()] = _operation(route.name, operations[route.name])
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": settings.app_name, "version": settings.app_version, "description": _DESCRIPTION},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "responses": {_NAMES[status]: _response(reply) for status, reply in ERROR_REPLIES.items()},
+            "headers": _HEADERS,
+        },
+    }
+
+
+def _operation(name: str, op: Operation) -> dict[str, Any]:
+    responses: dict[str, Any] = {str(status): _response(reply) for status, reply in op.replies.items()}
+    responses["500"] = {"$ref": "#/components/responses/InternalServerError"}
+    responses["default"] = {"description": "Any other error: see the shared error responses", "content": {
+        "application/json": {"schema": {"$ref": SCHEMA_REF.format(name="ErrorBody")}}}}  # fmt: skip
+    return {"operationId": name, "summary": op.summary, "description": op.description, "tags": [op.tag],
+            "responses": responses}  # fmt: skip
+
+
+def _response(reply: Reply) -> dict[str, Any]:
+    media: dict[str, Any] = {}
+    if reply.body is not None:
+        media["schema"] = {"$ref": SCHEMA_REF.format(name=reply.body.__name__)}
+    if reply.examples:
+        media["examples"] = {name: {"value": value} for name, value in reply.examples.items()}
+    headers = {name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-ID", *reply.headers)}
+    return {"description": reply.description, "headers": headers, "content": {reply.media_type: media}}
+
+
+class StaticBody:
+    """A fixed body, rendered once: the schema and the pages never change while the app runs."""
+
+    def __init__(self, body: bytes, media_type: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        self.body = body
+        self.headers = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
+        self.headers += extra_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
+
+
+def _page(title: str, head: str, body: str, inline_script: str = "") -> StaticBody:
+    """An HTML page whose Content-Security-Policy lets it reach no host but this one."""
+    script = f"<script>{inline_script}</script>\n" if inline_script else ""
+    page = (
+        f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n{head}</head>\n'
+        f"<body>\n{body}{script}</body>\n</html>\n"
+    )
+    allowed = f"'sha256-{base64.b64encode(hashlib.sha256(inline_script.encode()).digest()).decode()}'"
+    csp = DOCS_CSP.format(inline_script=allowed if inline_script else "")
+    return StaticBody(page.encode(), "text/html; charset=utf-8", ((b"content-security-policy", csp.encode()),))
+
+
+# The vendored bundles name other hosts (ReDoc's sidebar loads its logo from a CDN): the policy
+# makes the browser refuse every such request, so the pages never leave this service. Inline
+# styles are how both UIs render; ReDoc runs its search index in a blob: worker.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self' {inline_script}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
+SWAGGER_UI_BODY = """<div id="swagger-ui"></div>
+<script src="static/swagger-ui-bundle.js"></script>
+"""
+# validatorUrl: null keeps Swagger UI from sending the schema to an online validator.
+SWAGGER_UI_INIT = (
+    'window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", validatorUrl: null, deepLinking: true});'
+)
+REDOC_BODY = """<redoc spec-url="openapi.json"></redoc>
+<script src="static/redoc.standalone.js"></script>
+"""
+
+
+def docs_routes(settings: Settings, routes: list[BaseRoute], operations: Mapping[str, Operation]) -> list[BaseRoute]:
+    """`/openapi.json`, `/docs`, `/redoc` and their assets, describing `routes` and themselves."""
+    title = settings.app_name
+    stylesheet = '<link rel="stylesheet" href="static/swagger-ui.css">\n'
+    swagger = _page(f"{title} - Swagger UI", stylesheet, SWAGGER_UI_BODY, SWAGGER_UI_INIT)
+    docs: list[BaseRoute] = [
+        Route("/docs", swagger, methods=["GET"], name="docs"),
+        Route("/redoc", _page(f"{title} - ReDoc", "", REDOC_BODY), methods=["GET"], name="redoc"),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    schema = ENCODER.encode(build_openapi(settings, [*routes, _OPENAPI_ROUTE, *docs], operations))
+    return [Route("/openapi.json", StaticBody(schema, "application/json"), methods=["GET"], name="openapi"), *docs]
+
+
+# Only its path, name and methods matter to `build_openapi`; the served route carries the body.
+_OPENAPI_ROUTE = Route("/openapi.json", StaticBody(b"", "application/json"), methods=["GET"], name="openapi")

@@ -1,0 +1,153 @@
+"""The container and Kubernetes files agree with the app: paths, ports, command and health check."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import yaml
+from service import ROOT, free_port
+
+from app import create_app
+from settings import load_settings
+
+DOCKERFILE = ROOT / "Dockerfile"
+MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
+PRODUCTION = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db", "SECRET_KEY": "k" * 48}
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) for each Dockerfile line, continuations joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def _args(kind: str) -> list[str]:
+    return [args for instruction, args in instructions() if instruction == kind]
+
+
+def _exec_form(args: str) -> list[str]:
+    command: list[str] = msgspec.json.decode(args)
+    return command
+
+
+def _deployment() -> dict[str, Any]:
+    documents = list(yaml.safe_load_all(MANIFEST.read_text()))
+    deployment: dict[str, Any] = next(d for d in documents if d["kind"] == "Deployment")
+    return deployment
+
+
+def test_dockerfile_copies_only_files_that_exist_and_the_context_keeps() -> None:
+    """Each COPY source matches a file in the repository and is let through by .dockerignore."""
+    kept = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    sources = [s for args in _args("COPY") if not args.startswith("--from") for s in args.split()[:-1]]
+    assert sources
+    for source in sources:
+        assert list(ROOT.glob(source.rstrip("/"))), f"COPY {source}: nothing matches"
+        assert source in kept, f"COPY {source}: excluded by .dockerignore"
+    assert set(ROOT.glob("*.py")) >= {ROOT / "app.py", ROOT / "metrics.py", ROOT / "openapi.py"}
+
+
+def test_dockerfile_runs_uvicorn_as_a_non_root_user_with_a_python_health_check() -> None:
+    """Slim base, dev tools left out, `uvicorn app:app` as a non-root user, no curl anywhere."""
+    assert all("slim" in args for args in _args("ARG") if args.startswith("PYTHON_IMAGE="))
+    assert any("uv sync --no-dev" in args for args in _args("RUN"))
+    user = _args("USER")[-1]
+    assert user.split(":")[0] not in ("0", "root")
+    assert _exec_form(_args("CMD")[-1])[:2] == ["uvicorn", "app:app"]
+    healthcheck = _args("HEALTHCHECK")[-1]
+    assert _exec_form(healthcheck.split("CMD", 1)[1])[0] == "python"
+    assert "/health'" in healthcheck
+    commands = " ".join(args for _, args in instructions())
+    assert "curl" not in commands
+    assert "wget" not in commands
+
+
+@pytest.mark.slow
+def test_dockerfile_command_and_health_check_work_from_a_clean_install(tmp_path: Path) -> None:
+    """The build stage's `uv sync` in an empty directory, then CMD serves and HEALTHCHECK passes."""
+    for args in _args("COPY"):
+        if not args.startswith("--from"):
+            for source in args.split()[:-1]:
+                for path in ROOT.glob(source.rstrip("/")):
+                    copy = shutil.copytree if path.is_dir() else shutil.copy
+                    copy(path, tmp_path / path.name)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}  # keep uv's index and TLS settings
+    env.update(dict(kv.split("=", 1) for args in _args("ENV") for kv in shlex.split(args) if "$" not in kv))
+    env["UV_PROJECT_ENVIRONMENT"] = str(tmp_path / ".venv")
+    sync = next(shlex.split(args) for args in _args("RUN") if args.startswith("uv sync"))
+    sync = [arg for arg in sync if arg != "--no-cache"]  # the local cache keeps the suite off the network
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    done = subprocess.run(sync, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    port = str(free_port())
+    local = {"8000": port, "0.0.0.0": "127.0.0.1"}  # noqa: S104 - the Dockerfile's address, replaced
+    command = [local.get(arg, arg) for arg in _exec_form(_args("CMD")[-1])]
+    check = _exec_form(_args("HEALTHCHECK")[-1].split("CMD", 1)[1])
+    check = [arg.replace(":8000/", f":{port}/") for arg in check]
+    env["PATH"] = f"{tmp_path / '.venv' / 'bin'}:{env['PATH']}"
+    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, timeout=10).returncode == 0:
+                break
+            assert server.poll() is None, "the container's command exited"
+            subprocess.run(["sleep", "0.1"], check=True)
+        else:
+            pytest.fail("HEALTHCHECK never passed")
+    finally:
+        server.terminate()
+        assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean stop
+
+
+@pytest.mark.anyio
+async def test_kubernetes_probes_hit_real_routes_on_the_container_port() -> None:
+    """Every probe path answers GET in a production app, and every probe port is the container's port."""
+    deployment = _deployment()
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000}
+    command = _exec_form(_args("CMD")[-1])
+    assert command[command.index("--port") + 1] == "8000"
+    assert _args("EXPOSE") == ["8000"]
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == "/health"
+    assert probes["readinessProbe"]["path"] == "/health/db"
+    app = create_app(load_settings(PRODUCTION))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://k8s") as client:
+        for probe in probes.values():
+            assert probe["port"] in ports or probe["port"] in ports.values()
+            response = await client.get(probe["path"])
+            assert response.status_code not in (404, 405), probe
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == 8000
+    assert any(getattr(route, "path", None) == annotations["prometheus.io/path"] for route in app.routes)
+
+
+def test_kubernetes_drains_before_sigterm_and_reads_settings_from_a_secret() -> None:
+    """preStop sleeps within the grace period; settings come from a Secret; resources are set."""
+    deployment = _deployment()
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    readiness_timeout = container["readinessProbe"]["timeoutSeconds"]
+    assert int(sleep[1]) + readiness_timeout < pod["terminationGracePeriodSeconds"]
+    assert readiness_timeout > 10  # longer than DATABASE_HEALTH_CHECK_TIMEOUT's default
+    assert container["envFrom"] == [{"secretRef": {"name": "service-settings"}}]
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]
+    assert pod["securityContext"]["runAsUser"] == int(_args("USER")[-1].split(":")[0])
+    service = next(d for d in yaml.safe_load_all(MANIFEST.read_text()) if d["kind"] == "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]

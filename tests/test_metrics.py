@@ -1,0 +1,132 @@
+"""`/metrics`: request counts and durations by route template, pool gauges, process metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from app import create_app
+from metrics import UNMATCHED, Metrics, MetricsEndpoint, MetricsMiddleware
+from settings import SettingsError, load_settings
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample, keyed by name and labels; parsing also checks the text format."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, frozenset(labels.items())))
+
+
+async def _client(environ: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(load_settings(environ))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async for http in _client({}):
+        yield http
+
+
+@pytest.mark.anyio
+async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncClient) -> None:
+    """Each answered request adds one to its method/route/status series and one duration sample."""
+    for _ in range(3):
+        assert (await client.get("/health")).status_code == 200
+    assert (await client.post("/health")).status_code == 405
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    assert value(text, "http_requests_total", method="GET", route="/health", status="200") == 3
+    assert value(text, "http_requests_total", method="POST", route="/health", status="405") == 1
+    assert value(text, "http_request_duration_seconds_count", method="GET", route="/health") == 3
+    assert (value(text, "http_request_duration_seconds_sum", method="GET", route="/health") or 0) > 0
+
+
+@pytest.mark.anyio
+async def test_unmatched_paths_share_one_label(client: httpx.AsyncClient) -> None:
+    """Unknown paths never become labels of their own, so clients cannot grow the series count."""
+    for path in ("/a", "/b/1", "/c?x=1", "/wp-admin.php"):
+        assert (await client.get(path)).status_code == 404
+    text = (await client.get("/metrics")).text
+    assert value(text, "http_requests_total", method="GET", route=UNMATCHED, status="404") == 4
+    assert "wp-admin" not in text
+    assert "/b/1" not in text
+
+
+@pytest.mark.anyio
+async def test_routes_are_labelled_by_template_not_path() -> None:
+    """A path parameter does not reach the label: /items/1 and /items/2 are one series."""
+
+    async def item(request: Request) -> Response:
+        return PlainTextResponse(request.path_params["item_id"])
+
+    metrics = Metrics()
+    app = Starlette(routes=[Route("/items/{item_id}", item), Route("/metrics", MetricsEndpoint(metrics))])
+    wrapped = MetricsMiddleware(app, metrics=metrics)
+    transport = httpx.ASGITransport(app=wrapped)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        await http.get("/items/1")
+        await http.get("/items/2")
+        text = (await http.get("/metrics")).text
+    assert value(text, "http_requests_total", method="GET", route="/items/{item_id}", status="200") == 2
+    assert "/items/1" not in text
+
+
+@pytest.mark.anyio
+async def test_metrics_include_process_metrics_and_answer_head(client: httpx.AsyncClient) -> None:
+    """In one process the registry carries prometheus-client's process collector; HEAD has no body."""
+    text = (await client.get("/metrics")).text
+    assert (value(text, "process_resident_memory_bytes") or 0) > 0
+    assert value(text, "db_pool_connections_max") == 0  # no DATABASE_URL: no pool
+    head = await client.head("/metrics")
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+@pytest.mark.anyio
+async def test_pool_gauges_follow_the_real_pool(database_url: str) -> None:
+    """After a readiness probe the pool holds a connection, none is in use, and max is the pool size."""
+    async for http in _client({"DATABASE_URL": database_url, "DATABASE_POOL_SIZE": "7"}):
+        text = (await http.get("/metrics")).text
+        assert value(text, "db_pool_connections_open") == 0  # lazy pool: nothing opened yet
+        assert (await http.get("/health/db")).status_code in (200, 503)
+        text = (await http.get("/metrics")).text
+        assert value(text, "db_pool_connections_open") == 1
+        assert value(text, "db_pool_connections_in_use") == 0
+        assert value(text, "db_pool_connections_max") == 7
+
+
+@pytest.mark.anyio
+async def test_enable_metrics_false_removes_the_endpoint() -> None:
+    """With ENABLE_METRICS=false, /metrics is the usual 404 envelope and nothing is counted."""
+    settings = load_settings({"ENABLE_METRICS": "false"})
+    assert settings.enable_metrics is False
+    async for http in _client({"ENABLE_METRICS": "false"}):
+        response = await http.get("/metrics")
+        assert response.status_code == 404
+        assert response.json()["error"] == "NOT_FOUND_ERROR"
+
+
+def test_enable_metrics_must_be_a_boolean() -> None:
+    """A typo in ENABLE_METRICS stops start-up with the rule, rather than silently picking a side."""
+    with pytest.raises(SettingsError, match=r"ENABLE_METRICS='maybe': must be a boolean"):
+        load_settings({"ENABLE_METRICS": "maybe"})
