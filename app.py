@@ -54,7 +54,7 @@ class CORSMiddleware(StarletteCORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code < 400:
             return response
-        reason = response.body.decode()  # e.g. "Disallowed CORS origin, method"
+        reason = bytes(response.body).decode()  # e.g. "Disallowed CORS origin, method"
         headers = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
         return error_response(400, "VALIDATION_ERROR", reason, headers=headers)
 

@@ -30,6 +30,7 @@ MIN_SECRET_KEY_LENGTH = 32
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
+_ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -110,7 +111,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             problems.append(f"{name}={show(raw)}: {exc}")
             return default
 
-    environment = get("ENVIRONMENT", _environment, "development")
+    environment: Environment = get("ENVIRONMENT", _environment, "development")
     production = environment == "production"
     values = Settings(
         app_name=get("APP_NAME", _non_empty, "AgentifUI Pro API"),
@@ -190,10 +191,10 @@ def _boolean(raw: str) -> bool:
 
 
 def _environment(raw: str) -> Environment:
-    value = raw.lower()
-    if value == "development" or value == "staging" or value == "production":
-        return value
-    raise ValueError("must be one of development, staging, production")
+    try:
+        return _ENVIRONMENTS[raw.lower()]
+    except KeyError:
+        raise ValueError("must be one of development, staging, production") from None
 
 
 def _database_url(raw: str) -> str:
