@@ -234,25 +234,37 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def measure(server: Server, postgres: Postgres, args: argparse.Namespace, log: Path) -> dict[str, Any]:
-    """One server, one round: start-up, idle memory, each route warmed then measured, memory after."""
-    running = Running(server, log)
+def measure_round(order: list[Server], postgres: Postgres, args: argparse.Namespace, number: int) -> dict[str, Any]:
+    """One round: every server started, then each route loaded on each server back to back.
+
+    Pairs of runs that are compared sit seconds apart, so a burst of load from elsewhere on
+    the machine is unlikely to hit one side of a ratio only.
+    """
+    running: dict[str, Running] = {}
+    results: dict[str, dict[str, Any]] = {}
     try:
+        for server in order:
+            print(f"round {number}/{args.rounds}: starting {server.name}", file=sys.stderr, flush=True)
+            running[server.name] = Running(server, RESULTS / "logs" / f"{server.name}-round{number}.log")
         time.sleep(SETTLE)
-        result: dict[str, Any] = {"startup_ms": running.startup_ms, "rss_idle_mib": running.rss_mib(), "routes": {}}
+        for name, live in running.items():
+            results[name] = {"startup_ms": live.startup_ms, "rss_idle_mib": live.rss_mib(), "routes": {}}
         for route, path in ROUTES.items():
-            status, body = running.get(path)
-            with postgres.counting_connections() as opened:
-                wrk(running.port, path, args.warmup, args.connections)
-                figures = wrk(running.port, path, args.duration, args.connections)
-                if route == "/health/db":
-                    result["db_connections"] = opened()
-            result["routes"][route] = {"status": status, "body_bytes": len(body), **figures}
+            for name, live in running.items():
+                status, body = live.get(path)
+                with postgres.counting_connections() as opened:
+                    wrk(live.port, path, args.warmup, args.connections)
+                    figures = wrk(live.port, path, args.duration, args.connections)
+                    if route == "/health/db":
+                        results[name]["db_connections"] = opened()
+                results[name]["routes"][route] = {"status": status, "body_bytes": len(body), **figures}
         time.sleep(SETTLE)
-        result["rss_loaded_mib"] = running.rss_mib()
-        return result
+        for name, live in running.items():
+            results[name]["rss_loaded_mib"] = live.rss_mib()
+        return results
     finally:
-        running.stop()
+        for live in running.values():
+            live.stop()
 
 
 def soak(server: Server, args: argparse.Namespace, log: Path) -> dict[str, Any]:
@@ -428,12 +440,7 @@ def main() -> int:
             for number in range(args.rounds):
                 order = [*subjects, baseline]
                 order = order[number % len(order) :] + order[: number % len(order)]  # alternate who goes first
-                results = {}
-                for server in order:
-                    print(f"round {number + 1}/{args.rounds}: {server.name}", file=sys.stderr, flush=True)
-                    log = RESULTS / "logs" / f"{server.name}-round{number + 1}.log"
-                    results[server.name] = measure(server, postgres, args, log)
-                rounds.append(results)
+                rounds.append(measure_round(order, postgres, args, number + 1))
             report["rounds"] = rounds
             report["summary"] = summarise(rounds, names)
             text = render(report["summary"], names, args.pool_size)
