@@ -51,15 +51,10 @@ SETTLE = 0.5  # seconds of quiet before reading idle or after-load memory
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
 SOAK_SCRIPT = """
 local paths = {"/health", "/health/db", "/no-such-route"}
-local sent, received, limit = 0, 0, 0
-function init(args) limit = tonumber(args[1]) end
+local sent = 0
 function request()
   sent = sent + 1
   return wrk.format(nil, paths[sent % #paths + 1])
-end
-function response(status, headers, body)
-  received = received + 1
-  if received >= limit then wrk.thread:stop() end
 end
 """
 # (figure, key in the summary, comparison, target); a target of None means the pool size.
@@ -201,14 +196,12 @@ def _read_from(path: Path, offset: int) -> str:
 # ---------------------------------------------------------------------------- load
 
 
-def wrk(port: int, path: str, seconds: int, connections: int, script: Path | None = None, *args: str) -> dict[str, Any]:
+def wrk(port: int, path: str, seconds: int, connections: int, script: Path | None = None) -> dict[str, Any]:
     argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if script is not None:
         argv += ["-s", str(script)]
     argv += [f"http://127.0.0.1:{port}{path}"]
-    if args:
-        argv += ["--", *args]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
     return _parse_wrk(out)
 
 
@@ -268,7 +261,8 @@ def measure_round(order: list[Server], postgres: Postgres, args: argparse.Namesp
 
 
 def soak(server: Server, args: argparse.Namespace, log: Path) -> dict[str, Any]:
-    """`args.soak_requests` requests across all routes; memory sampled every quarter second."""
+    """`args.soak_requests` requests across all routes in runs of `args.duration` seconds; memory
+    sampled every quarter second. One in three requests is the 404 route: those are the non-2xx."""
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(SOAK_SCRIPT)
     running = Running(server, log)
@@ -285,11 +279,17 @@ def soak(server: Server, args: argparse.Namespace, log: Path) -> dict[str, Any]:
         idle = running.rss_mib()
         sampler = threading.Thread(target=sample)
         sampler.start()
+        figures: dict[str, float] = {"requests": 0, "non_2xx": 0, "socket_errors": 0}
+        began = time.perf_counter()
         try:
-            figures = wrk(running.port, "/", 3600, args.connections, script, str(args.soak_requests))
+            while figures["requests"] < args.soak_requests:
+                chunk = wrk(running.port, "/", args.duration, args.connections, script)
+                for key in figures:
+                    figures[key] += chunk[key]
         finally:
             done.set()
             sampler.join()
+        figures["rps"] = figures["requests"] / (time.perf_counter() - began)
         time.sleep(SETTLE)
         end = running.rss_mib()
     finally:
@@ -413,9 +413,9 @@ def servers(postgres: Postgres, args: argparse.Namespace) -> tuple[list[Server],
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; servers alternate within each (default 3)")
-    parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per route (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up load per route (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; servers alternate within each (default 5)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds of measured load per route (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up load per route (default 2)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--pool-size", type=int, default=10, help="DATABASE_POOL_SIZE for every server (default 10)")
     parser.add_argument("--compare", metavar="COMMAND", help='another server, e.g. "uvicorn other:app --port {port}"')
@@ -446,10 +446,9 @@ def main() -> int:
             text = render(report["summary"], names, args.pool_size)
     finally:
         postgres.destroy()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
-        path.write_text(json.dumps(report, indent=2))
-    (RESULTS / "latest.md").write_text(text + "\n")
+    kind = "smoke" if args.smoke else "soak" if args.soak else "bench"
+    (RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{kind}-latest.md").write_text(text + "\n")
     print(text)
     return _problems(report, names)
 
@@ -462,7 +461,7 @@ def render_soak(soak: dict[str, dict[str, Any]]) -> str:
     ]
     for name, s in soak.items():
         lines.append(
-            f"| {name} | {s['requests']} | {s['rps']:.0f} | {s['non_2xx']} | {s['socket_errors']} "
+            f"| {name} | {s['requests']:.0f} | {s['rps']:.0f} | {s['non_2xx']:.0f} | {s['socket_errors']:.0f} "
             f"| {s['rss_idle_mib']:.1f} | {s['rss_peak_mib']:.1f} | {s['rss_end_mib']:.1f} "
             f"| {s['growth_mib']:+.1f} | {s['growth_second_half_mib']:+.1f} |"
         )
