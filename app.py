@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db import Database, migrations_on_disk
-from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response
+from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import RequestContextMiddleware, configure_logging
 from responses import StructResponse
@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Middleware(ProbeRoutes, endpoints=probes),
     ]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.router.default = not_found
     app.state.settings = settings
     return app
 

@@ -188,3 +188,19 @@ def test_json_timestamp_follows_each_record_across_seconds() -> None:
         stamp = json.loads(formatter.format(record))["timestamp"]
         expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(created)))
         assert stamp == f"{expected}.{int((created % 1) * 1000):03d}Z"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("debug", [False, True])
+async def test_unknown_path_gets_the_same_envelope_as_a_raised_404(debug: bool) -> None:
+    """The router's direct 404 matches what `HTTPException(404)` through the handlers gives."""
+    async with serve(create_app(Settings(debug=debug))) as client:
+        response = await client.get("/no-such-route")
+    body = response.json()
+    assert response.status_code == 404
+    assert (body["error"], body["message"]) == ("NOT_FOUND_ERROR", "Resource not found")
+    assert body["request_id"] == response.headers["x-request-id"]
+    if debug:
+        assert body["detail"] == {"type": "HTTPException", "message": "404: Not Found"}
+    else:
+        assert "detail" not in body
