@@ -14,39 +14,25 @@ noise from the rest of the machine hits both sides of it alike.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import platform
 import re
 import secrets
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from yoyo import get_backend, read_migrations  # type: ignore[import-untyped]  # yoyo ships no type hints
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from cluster import Cluster  # noqa: E402 - the test suite's throwaway cluster, importable once tests/ is on the path
+from report import machine, render, render_soak, summarise
+from servers import ROOT, Postgres, Running, Server
 
 RESULTS = ROOT / "bench" / "results"
-SERVER_CORE, LOAD_CORE = "0", "1"
-DATABASE = "bench"
+LOAD_CORE = "1"  # the servers get the other one
 ROUTES = {"/health": "/health", "/health/db": "/health/db", "404": "/no-such-route"}
 EXPECTED_STATUS = {"/health": 200, "/health/db": 200, "404": 404}
-START_TIMEOUT = 30.0  # seconds from spawn to the first 200 before the server counts as broken
-STOP_TIMEOUT = 20.0  # seconds for a graceful shutdown before SIGKILL
 SETTLE = 0.5  # seconds of quiet before reading idle or after-load memory
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
 SOAK_SCRIPT = """
@@ -57,140 +43,6 @@ function request()
   return wrk.format(nil, paths[sent % #paths + 1])
 end
 """
-# (figure, key in the summary, comparison, target); a target of None means the pool size.
-TARGETS: list[tuple[str, str, str, float | None]] = [
-    ("/health requests/s", "rps_ratio:/health", ">=", 0.60),
-    ("/health/db requests/s", "rps_ratio:/health/db", ">=", 0.75),
-    ("404 requests/s (with access line)", "rps_ratio:404", ">=", 0.35),
-    ("/health p99 latency", "p99_ratio:/health", "<=", 2.0),
-    ("/health/db p99 latency", "p99_ratio:/health/db", "<=", 2.0),
-    ("resident memory after load", "rss_ratio", "<=", 1.25),
-    ("start-up to first 200", "startup_ratio", "<=", 2.0),
-    ("DB connections opened under /health/db load", "db_connections", "<=", None),
-]
-
-
-# ---------------------------------------------------------------------------- servers
-
-
-class Server:
-    """A command that serves HTTP on `{port}`; started fresh for every round."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.name, self.argv, self.env = name, argv, env
-
-
-class Running:
-    """A started server: its process group, its start-up time, its memory."""
-
-    def __init__(self, server: Server, log: Path) -> None:
-        self.port = _free_port()
-        argv = ["taskset", "-c", SERVER_CORE, *(arg.replace("{port}", str(self.port)) for arg in server.argv)]
-        env = {**server.env, "PORT": str(self.port)}
-        self.log = log.open("wb")
-        started = time.perf_counter()
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        self.startup_ms = self._wait_for_200(started)
-
-    def _wait_for_200(self, started: float) -> float:
-        while time.perf_counter() - started < START_TIMEOUT:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
-            with suppress(OSError, http.client.HTTPException):
-                if self.get("/health")[0] == 200:
-                    return (time.perf_counter() - started) * 1000
-            time.sleep(0.005)
-        raise RuntimeError(f"no 200 from /health within {START_TIMEOUT:g}s; see {self.log.name}")
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    def rss_mib(self) -> float:
-        """Resident memory of the server and its children (a wrapper like `uv run` included)."""
-        kib = 0
-        for pid in [self.process.pid, *_descendants(self.process.pid)]:
-            with suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        kib += int(line.split()[1])
-        return kib / 1024
-
-    def stop(self) -> None:
-        with suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.log.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        with suppress(OSError, IndexError, ValueError):
-            if entry.name.isdigit():
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, frontier = [], [root]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
-# ---------------------------------------------------------------------------- database
-
-
-class Postgres:
-    """The throwaway cluster with the migrations applied and `log_connections` on."""
-
-    def __init__(self) -> None:
-        self.cluster = Cluster.start_throwaway()
-        self.cluster.create_database(DATABASE)
-        self.url = self.cluster.url_for(DATABASE)
-        with psycopg.connect(self.cluster.url, autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET log_connections = on")
-            conn.execute("SELECT pg_reload_conf()")
-        backend = get_backend(self.url.replace("postgresql://", "postgresql+psycopg://", 1))
-        with backend.lock():
-            backend.apply_migrations(backend.to_apply(read_migrations(str(ROOT / "migrations"))))
-        assert self.cluster.data_dir is not None
-        self.log = self.cluster.data_dir.parent / "log"
-
-    @contextmanager
-    def counting_connections(self) -> Iterator[Callable[[], int]]:
-        """Counts backends authorised for the bench database while the block runs."""
-        start = self.log.stat().st_size
-        marker = f"connection authorized: user={self.cluster.user} database={DATABASE} "
-        yield lambda: sum(marker in line for line in _read_from(self.log, start).splitlines())
-
-    def destroy(self) -> None:
-        self.cluster.destroy()
-
-
-def _read_from(path: Path, offset: int) -> str:
-    with path.open("rb") as file:
-        file.seek(offset)
-        return file.read().decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------- load
@@ -303,90 +155,6 @@ def soak(server: Server, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- report
-
-
-def summarise(rounds: list[dict[str, dict[str, Any]]], subjects: list[str]) -> dict[str, dict[str, float]]:
-    """Medians per server, and per subject the median of its ratios to the baseline round by round."""
-    summary: dict[str, dict[str, float]] = {}
-    for name in [*subjects, "baseline"]:
-        runs = [r[name] for r in rounds]
-        figures = {key: statistics.median(run[key] for run in runs) for key in ("startup_ms", "rss_idle_mib")}
-        figures["rss_loaded_mib"] = statistics.median(run["rss_loaded_mib"] for run in runs)
-        figures["db_connections"] = max(run["db_connections"] for run in runs)
-        for route in ROUTES:
-            for key in ("rps", "p50_ms", "p99_ms", "non_2xx", "socket_errors", "body_bytes"):
-                figures[f"{key}:{route}"] = statistics.median(run["routes"][route][key] for run in runs)
-        if name != "baseline":
-            figures["startup_ratio"] = _ratio(rounds, name, lambda run: run["startup_ms"])
-            figures["rss_ratio"] = _ratio(rounds, name, lambda run: run["rss_loaded_mib"])
-            for route in ROUTES:
-                figures[f"rps_ratio:{route}"] = _ratio(rounds, name, lambda run, r=route: run["routes"][r]["rps"])
-                figures[f"p99_ratio:{route}"] = _ratio(rounds, name, lambda run, r=route: run["routes"][r]["p99_ms"])
-        summary[name] = figures
-    return summary
-
-
-def _ratio(rounds: list[dict[str, dict[str, Any]]], name: str, pick: Callable[..., float]) -> float:
-    """The median over rounds of subject/baseline, each ratio taken within its own round."""
-    return statistics.median(pick(r[name]) / pick(r["baseline"]) for r in rounds)
-
-
-def render(summary: dict[str, dict[str, float]], subjects: list[str], pool_size: int) -> str:
-    names = [*subjects, "baseline"]
-    lines = [
-        "| route | server | requests/s | ratio | p50 ms | p99 ms | p99 ratio | non-2xx | socket errors | body bytes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for route in ROUTES:
-        for name in names:
-            f = summary[name]
-            ratio = f"{f[f'rps_ratio:{route}']:.2f}" if name != "baseline" else ""
-            p99 = f"{f[f'p99_ratio:{route}']:.2f}x" if name != "baseline" else ""
-            lines.append(
-                f"| {route} | {name} | {f[f'rps:{route}']:.0f} | {ratio} | {f[f'p50_ms:{route}']:.2f} "
-                f"| {f[f'p99_ms:{route}']:.2f} | {p99} | {f[f'non_2xx:{route}']:.0f} "
-                f"| {f[f'socket_errors:{route}']:.0f} | {f[f'body_bytes:{route}']:.0f} |"
-            )
-    lines += [
-        "",
-        "| server | start-up ms | ratio | RSS idle MiB | RSS after load MiB | ratio | DB connections opened |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name in names:
-        f = summary[name]
-        startup = f"{f['startup_ratio']:.2f}x" if name != "baseline" else ""
-        rss = f"{f['rss_ratio']:.2f}x" if name != "baseline" else ""
-        lines.append(
-            f"| {name} | {f['startup_ms']:.0f} | {startup} | {f['rss_idle_mib']:.1f} | {f['rss_loaded_mib']:.1f} "
-            f"| {rss} | {f['db_connections']:.0f} |"
-        )
-    for name in subjects:
-        lines += ["", f"| target ({name}) | goal | measured | met |", "| --- | --- | ---: | --- |"]
-        for figure, key, op, goal in TARGETS:
-            bound = float(pool_size) if goal is None else goal
-            value = summary[name][key]
-            met = value >= bound if op == ">=" else value <= bound
-            shown = f"{op} {pool_size} (pool size)" if goal is None else f"{op} {goal}"
-            lines.append(f"| {figure} | {shown} | {value:.2f} | {'yes' if met else '**no**'} |")
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, str]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor(),
-    )  # fmt: skip
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "wrk": wrk_version.strip(),
-    }
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -442,8 +210,8 @@ def main() -> int:
                 order = order[number % len(order) :] + order[: number % len(order)]  # alternate who goes first
                 rounds.append(measure_round(order, postgres, args, number + 1))
             report["rounds"] = rounds
-            report["summary"] = summarise(rounds, names)
-            text = render(report["summary"], names, args.pool_size)
+            report["summary"] = summarise(rounds, names, list(ROUTES))
+            text = render(report["summary"], names, list(ROUTES), args.pool_size)
     finally:
         postgres.destroy()
     kind = "smoke" if args.smoke else "soak" if args.soak else "bench"
@@ -451,21 +219,6 @@ def main() -> int:
     (RESULTS / f"{kind}-latest.md").write_text(text + "\n")
     print(text)
     return _problems(report, names)
-
-
-def render_soak(soak: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| server | requests | requests/s | non-2xx | socket errors | RSS idle MiB | peak MiB | end MiB "
-        "| growth MiB | growth over 2nd half MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, s in soak.items():
-        lines.append(
-            f"| {name} | {s['requests']:.0f} | {s['rps']:.0f} | {s['non_2xx']:.0f} | {s['socket_errors']:.0f} "
-            f"| {s['rss_idle_mib']:.1f} | {s['rss_peak_mib']:.1f} | {s['rss_end_mib']:.1f} "
-            f"| {s['growth_mib']:+.1f} | {s['growth_second_half_mib']:+.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def _problems(report: dict[str, Any], names: list[str]) -> int:
