@@ -64,9 +64,11 @@ class CORSMiddleware(StarletteCORSMiddleware):
         async def send_varying(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = message.setdefault("headers", [])
-                if any(name.lower() == b"vary" for name, _ in headers):
-                    vary = MutableHeaders(scope=message)
-                    vary["Vary"] = ", ".join([*vary.getlist("Vary"), "Origin"])
+                for name, _ in headers:
+                    if name.lower() == b"vary":  # rare: join it as Starlette does
+                        vary = MutableHeaders(scope=message)
+                        vary["Vary"] = ", ".join([*vary.getlist("Vary"), "Origin"])
+                        break
                 else:
                     headers.append((b"vary", b"Origin"))
             await send(message)

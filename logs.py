@@ -74,7 +74,7 @@ class JsonFormatter(logging.Formatter):
         self.redact = redact
         # Built once: msgspec reuses the encoder's buffer between lines.
         self.encoder = msgspec.json.Encoder()
-
+        # The date and time to the second, formatted once per second of `record.created`.
         self._second = -1
         self._stamp = ""
 
@@ -202,7 +202,7 @@ class RequestContextMiddleware:
             "client": client_text,
             "request_id": request_id,
         }
-        # What `access_logger.info` does, minus its walk up the stack to find the caller: it is here.
+        # What `access_logger.info` does, minus its walk up the stack for the caller: always this function.
         here = sys._getframe().f_code
         record = access_logger.makeRecord(
             access_logger.name,
