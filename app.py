@@ -5,6 +5,7 @@ Middleware, outermost first:
   MetricsMiddleware         counts and times requests by route template (ENABLE_METRICS)
   CORSMiddleware            answers preflights, adds CORS headers
   ServerErrorMiddleware     an unhandled exception becomes the 500 envelope, inside the above
+  ProbeRoutes               `GET`/`HEAD` of the exact probe paths straight to their endpoints
 and Starlette's ExceptionMiddleware maps the expected exceptions (errors.EXCEPTION_HANDLERS).
 """
 
@@ -21,15 +22,16 @@ from typing import TypedDict
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db import MIGRATIONS_DIR, Database, migrations_on_disk
-from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response
+from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import RequestContextMiddleware, configure_logging
 from metrics import Metrics, MetricsEndpoint, MetricsMiddleware
@@ -60,7 +62,30 @@ ROOT_OPERATION = Operation("Service identity", "Name, version and environment.",
 
 
 class CORSMiddleware(StarletteCORSMiddleware):
-    """Starlette's CORS, with a refused preflight answered by the error envelope."""
+    """Starlette's CORS, with a refused preflight answered by the error envelope.
+
+    Requests without an `Origin` (probes, servers, curl) get only what Starlette would give
+    them, `Vary: Origin`, without its per-request header objects.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or any(name == b"origin" for name, _ in scope["headers"]):
+            await super().__call__(scope, receive, send)
+            return
+
+        async def send_varying(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                for name, _ in headers:
+                    if name.lower() == b"vary":  # rare: join it as Starlette does
+                        vary = MutableHeaders(scope=message)
+                        vary["Vary"] = ", ".join([*vary.getlist("Vary"), "Origin"])
+                        break
+                else:
+                    headers.append((b"vary", b"Origin"))
+            await send(message)
+
+        await self.app(scope, receive, send_varying)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
@@ -69,6 +94,30 @@ class CORSMiddleware(StarletteCORSMiddleware):
         reason = bytes(response.body).decode()  # e.g. "Disallowed CORS origin, method"
         headers = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
         return error_response(400, "VALIDATION_ERROR", reason, headers=headers)
+
+
+class ProbeRoutes:
+    """Sends `GET` and `HEAD` of the probe paths straight to their endpoints.
+
+    Orchestrators call the probes more than anything else; Starlette's router would match
+    every route and its ExceptionMiddleware build a `Request` each time, for endpoints that
+    raise nothing it handles. Every other request (another method, a trailing slash, a
+    `root_path`) goes on to the router, where the same routes answer 405, redirects and docs.
+    Like the router, it leaves the route it chose in `scope["route"]` (metrics label by it).
+    """
+
+    def __init__(self, app: ASGIApp, *, routes: list[Route]) -> None:
+        self.app = app
+        self.routes = {route.path: route for route in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path") and scope["method"] in ("GET", "HEAD"):
+            route = self.routes.get(scope["path"])
+            if route is not None:
+                scope["route"] = route
+                await route.app(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @asynccontextmanager
@@ -109,12 +158,16 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
         message = f"{settings.app_name} is running"
         return StructResponse(RootInfo(message, settings.app_version, settings.environment))
 
-    readiness = ReadinessEndpoint(settings, migrations_on_disk(migrations_dir))
-    routes: list[BaseRoute] = [
+    probes = [
         Route("/health", LivenessEndpoint(settings), methods=["GET"], name="health"),
-        Route("/health/db", readiness, methods=["GET"], name="health_db"),
-        Route("/", root, methods=["GET"], name="root"),
+        Route(
+            "/health/db",
+            ReadinessEndpoint(settings, migrations_on_disk(migrations_dir)),
+            methods=["GET"],
+            name="health_db",
+        ),
     ]
+    routes: list[BaseRoute] = [*probes, Route("/", root, methods=["GET"], name="root")]
     metrics = Metrics() if settings.enable_metrics else None
     if metrics is not None:
         routes.append(Route("/metrics", MetricsEndpoint(metrics), methods=["GET"], name="metrics"))
@@ -132,8 +185,10 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
             expose_headers=["X-Request-ID", "Retry-After"],
         ),
         Middleware(ServerErrorMiddleware, debug=settings.debug),
+        Middleware(ProbeRoutes, routes=probes),
     ]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.router.default = not_found
     app.state.settings = settings
     app.state.metrics = metrics
     return app

@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import asyncpg
@@ -28,6 +29,8 @@ PREPARED_STATEMENT_LOST = (
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
 _LOST_CONNECTION = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+# True while a connection that was used statelessly goes back to the pool (see `connection`).
+_RELEASING_STATELESS: ContextVar[bool] = ContextVar("releasing_stateless", default=False)
 
 
 class PoolUsage(msgspec.Struct):
@@ -64,6 +67,9 @@ class Database:
         self.pool = pool
         self.pool_size = settings.database_pool_size
         self.acquire_timeout = settings.database_pool_timeout
+        # Probes queue here in arrival order: asyncpg's pool lets a newcomer take a connection
+        # just released ahead of those already waiting, which under a flood starves a few.
+        self._probe_queue = asyncio.Semaphore(settings.database_pool_size)
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -75,6 +81,7 @@ class Database:
             max_size=settings.database_pool_size,
             statement_cache_size=settings.database_statement_cache_size,
             server_settings={"application_name": settings.app_name[:63]},
+            reset=_reset_session,
         )
         return cls(pool, settings)
 
@@ -92,10 +99,15 @@ class Database:
         return self.pool.get_size()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+    async def connection(
+        self, *, stateless: bool = False
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
         """A pooled connection for a handler, waiting at most `DATABASE_POOL_TIMEOUT`.
 
         A database that cannot be reached becomes `DatabaseConnectionError` (503).
+        `stateless=True` promises that the block only reads outside any transaction, leaving
+        nothing in the session (no SET, LISTEN, lock or cursor): release then skips the
+        reset round trip.
         """
         try:
             conn = await self.pool.acquire(timeout=self.acquire_timeout)
@@ -110,17 +122,21 @@ class Database:
             conn.terminate()  # mid-query on cancellation: a clean release could wait on the server
             raise
         finally:
-            await self.pool.release(conn)
+            token = _RELEASING_STATELESS.set(stateless)
+            try:
+                await self.pool.release(conn)
+            finally:
+                _RELEASING_STATELESS.reset(token)
 
     async def probe(self, timeout: float) -> Probe:
         """One bounded round trip: never longer than `timeout`, whatever the server does."""
         started = time.perf_counter()
         acquiring = True
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout), self._probe_queue:
                 for attempt in (1, 2):
                     acquiring = True
-                    async with self.connection() as conn:
+                    async with self.connection(stateless=True) as conn:
                         acquiring = False
                         try:
                             applied = await applied_migrations(conn)
@@ -144,6 +160,16 @@ class Database:
 
     def _failed(self, error: str) -> Probe:
         return Probe(False, None, self.usage(), None, error)
+
+
+async def _reset_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, after asyncpg has rolled back any open transaction.
+
+    The default reset query (close cursors, unlisten, reset settings, release advisory
+    locks) costs a round trip; a connection released statelessly has none of those to undo.
+    """
+    if not _RELEASING_STATELESS.get():
+        await conn.execute(conn.get_reset_query())
 
 
 async def applied_migrations(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> frozenset[str] | None:

@@ -180,6 +180,19 @@ async def handle_timeout(request: Request, exc: Exception) -> Response:
     return error_response(504, "TIMEOUT_ERROR", MESSAGES[504], debug_detail=_detail(request, exc))
 
 
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """The router's answer when no route matches: what raising `HTTPException(404)` would give.
+
+    Unknown paths are the commonest error (scanners, typos); this renders the very same envelope
+    through `handle_http_exception` without raising and catching an exception for each.
+    """
+    response = await handle_http_exception(Request(scope, receive), _NOT_FOUND)
+    await response(scope, receive, send)
+
+
+_NOT_FOUND = HTTPException(404)  # never raised, only read: one instance serves every request
+
+
 EXCEPTION_HANDLERS = {
     HTTPException: handle_http_exception,
     ServiceError: handle_service_error,

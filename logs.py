@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
 import traceback
-import uuid
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,6 +21,9 @@ REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _HANDLER_NAME = "service"
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
+# Masks that turn 128 random bits into a version-4, RFC 9562-variant UUID.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 access_logger = logging.getLogger("service.access")
 
 
@@ -75,12 +78,17 @@ class JsonFormatter(logging.Formatter):
         self.redact = redact
         # Built once: msgspec reuses the encoder's buffer between lines.
         self.encoder = msgspec.json.Encoder()
+        # The date and time to the second, formatted once per second of `record.created`.
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        if seconds != self._second:  # under load, most lines share their second with the previous one
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            self._second = seconds
         entry: dict[str, Any] = {
-            "timestamp": f"{stamp}.{int(record.msecs):03d}Z",
+            "timestamp": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": self.redact(record.getMessage()),
@@ -117,7 +125,11 @@ def configure_logging(settings: Settings) -> None:
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
     # Our access line carries the request ID and duration; uvicorn's would be a second line.
-    logging.getLogger("uvicorn.access").disabled = True
+    # Without handlers anywhere up its chain, uvicorn does not even build that line's arguments.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers.clear()
+    uvicorn_access.propagate = False
+    uvicorn_access.disabled = True
 
 
 def _incoming_request_id(scope: Scope) -> bytes | None:
@@ -125,6 +137,13 @@ def _incoming_request_id(scope: Scope) -> bytes | None:
         if name == REQUEST_ID_HEADER:
             return value if _VALID_REQUEST_ID.fullmatch(value) else None
     return None
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID, as `str(uuid.uuid4())` but without building a `uuid.UUID`."""
+    bits = int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET
+    text = bits.to_bytes(16).hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _printable(text: str) -> str:
@@ -148,8 +167,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        raw_id = _incoming_request_id(scope) or str(uuid.uuid4()).encode()
-        request_id = raw_id.decode()
+        incoming = _incoming_request_id(scope)
+        request_id = incoming.decode() if incoming else new_request_id()
+        raw_id = incoming or request_id.encode()
         token = REQUEST_ID.set(request_id)
         status = 500
 
@@ -178,19 +198,25 @@ class RequestContextMiddleware:
         client = scope.get("client")
         client_text = f"{client[0]}:{client[1]}" if client else "-"
         method, path = scope["method"], _printable(scope["path"])
-        access_logger.info(
+        fields = {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "client": client_text,
+            "request_id": request_id,
+        }
+        # What `access_logger.info` does, minus its walk up the stack for the caller: always this function.
+        here = sys._getframe().f_code
+        record = access_logger.makeRecord(
+            access_logger.name,
+            logging.INFO,
+            here.co_filename,
+            here.co_firstlineno,
             "%s %s %d %.2fms client=%s",
-            method,
-            path,
-            status,
-            duration_ms,
-            client_text,
-            extra={
-                "method": method,
-                "path": path,
-                "status": status,
-                "duration_ms": duration_ms,
-                "client": client_text,
-                "request_id": request_id,
-            },
+            (method, path, status, duration_ms, client_text),
+            None,
+            here.co_name,
+            fields,
         )
+        access_logger.handle(record)

@@ -1,0 +1,121 @@
+"""The benchmark's report: medians, ratios within each round, Markdown tables, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# (figure, key in the summary, comparison, target); a target of None means the pool size.
+TARGETS: list[tuple[str, str, str, float | None]] = [
+    ("/health requests/s", "rps_ratio:/health", ">=", 0.60),
+    ("/health/db requests/s", "rps_ratio:/health/db", ">=", 0.75),
+    ("404 requests/s (with access line)", "rps_ratio:404", ">=", 0.35),
+    ("/health p99 latency", "p99_ratio:/health", "<=", 2.0),
+    ("/health/db p99 latency", "p99_ratio:/health/db", "<=", 2.0),
+    ("resident memory after load", "rss_ratio", "<=", 1.25),
+    ("start-up to first 200", "startup_ratio", "<=", 2.0),
+    ("DB connections opened under /health/db load", "db_connections", "<=", None),
+]
+
+
+def summarise(
+    rounds: list[dict[str, dict[str, Any]]], subjects: list[str], routes: list[str]
+) -> dict[str, dict[str, float]]:
+    """Medians per server, and per subject the median of its ratios to the baseline round by round."""
+    summary: dict[str, dict[str, float]] = {}
+    for name in [*subjects, "baseline"]:
+        runs = [r[name] for r in rounds]
+        figures = {key: statistics.median(run[key] for run in runs) for key in ("startup_ms", "rss_idle_mib")}
+        figures["rss_loaded_mib"] = statistics.median(run["rss_loaded_mib"] for run in runs)
+        figures["db_connections"] = max(run["db_connections"] for run in runs)
+        for route in routes:
+            for key in ("rps", "p50_ms", "p99_ms", "non_2xx", "socket_errors", "body_bytes"):
+                figures[f"{key}:{route}"] = statistics.median(run["routes"][route][key] for run in runs)
+        if name != "baseline":
+            figures["startup_ratio"] = _ratio(rounds, name, lambda run: run["startup_ms"])
+            figures["rss_ratio"] = _ratio(rounds, name, lambda run: run["rss_loaded_mib"])
+            for route in routes:
+                figures[f"rps_ratio:{route}"] = _ratio(rounds, name, lambda run, r=route: run["routes"][r]["rps"])
+                figures[f"p99_ratio:{route}"] = _ratio(rounds, name, lambda run, r=route: run["routes"][r]["p99_ms"])
+        summary[name] = figures
+    return summary
+
+
+def _ratio(rounds: list[dict[str, dict[str, Any]]], name: str, pick: Callable[..., float]) -> float:
+    """The median over rounds of subject/baseline, each ratio taken within its own round."""
+    return statistics.median(pick(r[name]) / pick(r["baseline"]) for r in rounds)
+
+
+def render(summary: dict[str, dict[str, float]], subjects: list[str], routes: list[str], pool_size: int) -> str:
+    names = [*subjects, "baseline"]
+    lines = [
+        "| route | server | requests/s | ratio | p50 ms | p99 ms | p99 ratio | non-2xx | socket errors | body bytes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for route in routes:
+        for name in names:
+            f = summary[name]
+            ratio = f"{f[f'rps_ratio:{route}']:.2f}" if name != "baseline" else ""
+            p99 = f"{f[f'p99_ratio:{route}']:.2f}x" if name != "baseline" else ""
+            lines.append(
+                f"| {route} | {name} | {f[f'rps:{route}']:.0f} | {ratio} | {f[f'p50_ms:{route}']:.2f} "
+                f"| {f[f'p99_ms:{route}']:.2f} | {p99} | {f[f'non_2xx:{route}']:.0f} "
+                f"| {f[f'socket_errors:{route}']:.0f} | {f[f'body_bytes:{route}']:.0f} |"
+            )
+    lines += [
+        "",
+        "| server | start-up ms | ratio | RSS idle MiB | RSS after load MiB | ratio | DB connections opened |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        f = summary[name]
+        startup = f"{f['startup_ratio']:.2f}x" if name != "baseline" else ""
+        rss = f"{f['rss_ratio']:.2f}x" if name != "baseline" else ""
+        lines.append(
+            f"| {name} | {f['startup_ms']:.0f} | {startup} | {f['rss_idle_mib']:.1f} | {f['rss_loaded_mib']:.1f} "
+            f"| {rss} | {f['db_connections']:.0f} |"
+        )
+    for name in subjects:
+        lines += ["", f"| target ({name}) | goal | measured | met |", "| --- | --- | ---: | --- |"]
+        for figure, key, op, goal in TARGETS:
+            bound = float(pool_size) if goal is None else goal
+            value = summary[name][key]
+            met = value >= bound if op == ">=" else value <= bound
+            shown = f"{op} {pool_size} (pool size)" if goal is None else f"{op} {goal}"
+            lines.append(f"| {figure} | {shown} | {value:.2f} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor(),
+    )  # fmt: skip
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "wrk": wrk_version.strip(),
+    }
+
+
+def render_soak(soak: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| server | requests | requests/s | non-2xx | socket errors | RSS idle MiB | peak MiB | end MiB "
+        "| growth MiB | growth over 2nd half MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in soak.items():
+        lines.append(
+            f"| {name} | {s['requests']:.0f} | {s['rps']:.0f} | {s['non_2xx']:.0f} | {s['socket_errors']:.0f} "
+            f"| {s['rss_idle_mib']:.1f} | {s['rss_peak_mib']:.1f} | {s['rss_end_mib']:.1f} "
+            f"| {s['growth_mib']:+.1f} | {s['growth_second_half_mib']:+.1f} |"
+        )
+    return "\n".join(lines)

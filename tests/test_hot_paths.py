@@ -1,0 +1,206 @@
+"""The lean request path keeps every promise: probes ahead of the router, CORS, request IDs, access lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+
+from app import CORSMiddleware, create_app
+from logs import JsonFormatter, _Redactor, configure_logging, new_request_id
+from settings import Settings
+
+ORIGIN = "http://localhost:3000"
+TIMESTAMP_WITH_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def production(**overrides: object) -> Settings:
+    values: dict[str, object] = {"environment": "production", "log_json": True, "secret_key": "k" * 48}
+    return Settings(**(values | overrides))  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def serve(app: Starlette, root_path: str = "") -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+def access_lines(err: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "service.access"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/health", "/health/db"])
+async def test_probe_answers_alike_through_the_fast_path_and_the_router(path: str) -> None:
+    """The same status, headers and body fields whether or not the router dispatched the probe."""
+    app = create_app(production())
+    async with serve(app) as client:
+        fast = await client.get(path)
+    async with serve(app, root_path="/api") as client:
+        routed = await client.get(f"/api{path}")  # a root_path sends every request through the router
+    assert fast.status_code == routed.status_code
+    assert sorted(fast.headers.keys()) == sorted(routed.headers.keys())
+    assert fast.json().keys() == routed.json().keys()
+    for response in (fast, routed):
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["vary"] == "Origin"
+        assert uuid.UUID(response.headers["x-request-id"]).version == 4
+
+
+@pytest.mark.anyio
+async def test_head_of_a_probe_has_the_headers_and_no_body() -> None:
+    """HEAD is answered where GET is, with the GET's length and no body."""
+    async with serve(create_app(production())) as client:
+        get = await client.get("/health")
+        head = await client.head("/health")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert int(head.headers["content-length"]) == len(get.content)
+    assert "x-request-id" in head.headers
+
+
+@pytest.mark.anyio
+async def test_other_methods_on_a_probe_path_still_get_405_with_allow() -> None:
+    """Only GET and HEAD take the fast path; the router answers the rest with the envelope."""
+    async with serve(create_app(production())) as client:
+        response = await client.post("/health")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+    body = response.json()
+    assert body["error"] == "METHOD_NOT_ALLOWED"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.anyio
+async def test_cross_origin_probe_gets_cors_headers() -> None:
+    """A request with an allowed Origin gets it mirrored back, on the fast path too."""
+    async with serve(create_app(production(cors_origins=(ORIGIN,)))) as client:
+        response = await client.get("/health", headers={"Origin": ORIGIN})
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert response.headers["access-control-allow-credentials"] == "true"
+    assert "X-Request-ID" in response.headers["access-control-expose-headers"]
+    assert "Origin" in response.headers["vary"]
+
+
+@pytest.mark.anyio
+async def test_vary_origin_joins_a_vary_the_app_already_sent() -> None:
+    """Without an Origin, an existing Vary gets Origin appended rather than a second header."""
+
+    async def varying(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-length", b"0"), (b"vary", b"Accept-Encoding")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = CORSMiddleware(varying, allow_origins=[ORIGIN])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/")
+    assert response.headers.get_list("vary") == ["Accept-Encoding, Origin"]
+
+
+def test_generated_request_ids_are_random_version_4_uuids() -> None:
+    """Each new ID parses as an RFC 9562 version-4 UUID, and they do not repeat."""
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("sent", "reused"), [("abc-123.x:y_z", True), ("has space", False), ("a" * 129, False)])
+async def test_incoming_request_id_is_reused_only_when_valid(sent: str, reused: bool) -> None:
+    """A valid X-Request-ID comes back unchanged; anything else is replaced by a new UUID."""
+    async with serve(create_app(production())) as client:
+        response = await client.get("/health", headers={"X-Request-ID": sent})
+    returned = response.headers["x-request-id"]
+    assert (returned == sent) is reused
+    if not reused:
+        assert uuid.UUID(returned).version == 4
+
+
+def test_uvicorn_access_logger_has_no_handlers_so_uvicorn_skips_its_line() -> None:
+    """uvicorn checks `hasHandlers()` once per connection and then builds no access line at all."""
+    configure_logging(production())
+    assert not logging.getLogger("uvicorn.access").hasHandlers()
+
+
+@pytest.mark.anyio
+async def test_not_found_writes_one_json_access_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """The 404 is logged once, with its fields, its request ID and this module as the caller."""
+    async with serve(create_app(production())) as client:
+        response = await client.get("/no-such-route")
+    lines = access_lines(capsys.readouterr().err)
+    assert len(lines) == 1
+    line = lines[0]
+    assert response.status_code == 404
+    assert line["request_id"] == response.json()["request_id"] == response.headers["x-request-id"]
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/no-such-route", 404)
+    assert isinstance(line["duration_ms"], float)
+    assert line["client"] == "127.0.0.1:123"
+    assert line["level"] == "INFO"
+    assert TIMESTAMP_WITH_MS.match(str(line["timestamp"]))
+
+
+@pytest.mark.anyio
+async def test_access_line_in_text_format_names_its_real_source(capsys: pytest.CaptureFixture[str]) -> None:
+    """Building the record directly still gives LOG_FORMAT the module and function that logged it."""
+    settings = Settings(log_format="%(module)s.%(funcName)s %(message)s")
+    async with serve(create_app(settings)) as client:
+        await client.get("/no-such-route")
+    err = capsys.readouterr().err
+    assert "logs._log_access GET /no-such-route 404" in err
+
+
+@pytest.mark.anyio
+async def test_production_logs_failed_probes_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """A 200 from /health writes nothing; a 503 from /health/db (no database) writes its line."""
+    async with serve(create_app(production())) as client:
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health/db")).status_code == 503
+    lines = access_lines(capsys.readouterr().err)
+    assert [(line["path"], line["status"]) for line in lines] == [("/health/db", 503)]
+
+
+def test_json_timestamp_follows_each_record_across_seconds() -> None:
+    """The per-second cache never hands a line the previous second's time."""
+    formatter = JsonFormatter(_Redactor(()))
+    start = float(int(time.time()))
+    for created in (start + 0.25, start + 0.75, start + 1.5, start + 1.999, start + 3.0):
+        record = logging.makeLogRecord({"msg": "x", "created": created, "msecs": (created % 1) * 1000})
+        stamp = json.loads(formatter.format(record))["timestamp"]
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(created)))
+        assert stamp == f"{expected}.{int((created % 1) * 1000):03d}Z"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("debug", [False, True])
+async def test_unknown_path_gets_the_same_envelope_as_a_raised_404(debug: bool) -> None:
+    """The router's direct 404 matches what `HTTPException(404)` through the handlers gives."""
+    async with serve(create_app(Settings(debug=debug))) as client:
+        response = await client.get("/no-such-route")
+    body = response.json()
+    assert response.status_code == 404
+    assert (body["error"], body["message"]) == ("NOT_FOUND_ERROR", "Resource not found")
+    assert body["request_id"] == response.headers["x-request-id"]
+    if debug:
+        assert body["detail"] == {"type": "HTTPException", "message": "404: Not Found"}
+    else:
+        assert "detail" not in body
