@@ -1,11 +1,10 @@
 """The application: `create_app(settings)` builds routes, middleware and the lifespan.
 
 Middleware, outermost first:
-  RequestContextMiddleware  request ID on every response, one access line per request
-  MetricsMiddleware         counts and times requests by route template (ENABLE_METRICS)
+  RequestContextMiddleware  request ID on every response, one access line and metrics per request
   CORSMiddleware            answers preflights, adds CORS headers
   ServerErrorMiddleware     an unhandled exception becomes the 500 envelope, inside the above
-  ProbeRoutes               `GET`/`HEAD` of the exact probe paths straight to their endpoints
+  HotPaths                  probes straight to their endpoints, certain 404s without the router
 and Starlette's ExceptionMiddleware maps the expected exceptions (errors.EXCEPTION_HANDLERS).
 """
 
@@ -34,7 +33,7 @@ from db import MIGRATIONS_DIR, Database, migrations_on_disk
 from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import RequestContextMiddleware, configure_logging
-from metrics import Metrics, MetricsEndpoint, MetricsMiddleware
+from metrics import Metrics, MetricsEndpoint
 from openapi import OPERATIONS, Operation, Reply, docs_routes
 from responses import StructResponse
 from settings import Settings, load_settings_or_exit, read_environment
@@ -96,28 +95,52 @@ class CORSMiddleware(StarletteCORSMiddleware):
         return error_response(400, "VALIDATION_ERROR", reason, headers=headers)
 
 
-class ProbeRoutes:
-    """Sends `GET` and `HEAD` of the probe paths straight to their endpoints.
+class HotPaths:
+    """The two commonest requests skip Starlette's router: probes, and paths nothing serves.
 
-    Orchestrators call the probes more than anything else; Starlette's router would match
-    every route and its ExceptionMiddleware build a `Request` each time, for endpoints that
-    raise nothing it handles. Every other request (another method, a trailing slash, a
-    `root_path`) goes on to the router, where the same routes answer 405, redirects and docs.
-    Like the router, it leaves the route it chose in `scope["route"]` (metrics label by it).
+    - `GET`/`HEAD` of the exact probe paths go straight to their endpoints. Orchestrators call
+      them more than anything else; the router would match every route and its
+      ExceptionMiddleware build a `Request` each time, for endpoints that raise nothing it handles.
+    - When every route is a fixed path (no parameters, no mounts), a path that is none of them,
+      with or without a trailing slash, is certain to be a 404: it gets `errors.not_found`, the
+      router's own answer, without the router's two passes (the second for the slash redirect).
+      Scanners and typos make this the commonest error.
+
+    Everything else (other methods, near-misses, a `root_path`) goes on to the router, which
+    answers 405s, redirects and the rest as before. Like the router, it leaves the route it
+    chose in `scope["route"]` (metrics label by it).
     """
 
-    def __init__(self, app: ASGIApp, *, routes: list[Route]) -> None:
+    def __init__(self, app: ASGIApp, *, probes: list[Route]) -> None:
         self.app = app
-        self.routes = {route.path: route for route in routes}
+        self.probes = {route.path: route for route in probes}
+        self._routes_seen = -1
+        self._fixed_paths: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path") and scope["method"] in ("GET", "HEAD"):
-            route = self.routes.get(scope["path"])
-            if route is not None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path: str = scope["path"]
+            route = self.probes.get(path)
+            if route is not None and scope["method"] in ("GET", "HEAD"):
                 scope["route"] = route
                 await route.app(scope, receive, send)
                 return
+            if self._unrouted(scope["app"].routes, path):
+                await not_found(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    def _unrouted(self, routes: list[BaseRoute], path: str) -> bool:
+        """True only when the router would certainly answer 404 (no redirect either)."""
+        if len(routes) != self._routes_seen:  # read from the live router: routes may be added late
+            self._routes_seen = len(routes)
+            fixed = all(isinstance(r, Route) and not r.param_convertors for r in routes)
+            self._fixed_paths = frozenset(r.path for r in routes if isinstance(r, Route)) if fixed else None
+        known = self._fixed_paths
+        if known is None:
+            return False
+        bare = path.rstrip("/")
+        return path not in known and bare not in known and bare + "/" not in known
 
 
 @asynccontextmanager
@@ -174,8 +197,11 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
     if settings.enable_docs:
         routes += docs_routes(settings, routes, {**OPERATIONS, "root": ROOT_OPERATION})
     middleware = [
-        Middleware(RequestContextMiddleware, quiet_health=settings.environment == "production"),
-        *([Middleware(MetricsMiddleware, metrics=metrics)] if metrics is not None else []),
+        Middleware(
+            RequestContextMiddleware,
+            quiet_health=settings.environment == "production",
+            observe=metrics.record if metrics is not None else None,
+        ),
         Middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -185,7 +211,7 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
             expose_headers=["X-Request-ID", "Retry-After"],
         ),
         Middleware(ServerErrorMiddleware, debug=settings.debug),
-        Middleware(ProbeRoutes, routes=probes),
+        Middleware(HotPaths, probes=probes),
     ]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.router.default = not_found

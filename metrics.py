@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -28,7 +27,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from db import Database
 
@@ -76,6 +75,17 @@ class Metrics:
         series[0].inc()
         series[1].observe(seconds)
 
+    def record(self, scope: Scope, status: int, seconds: float) -> None:
+        """One answered request, as `logs.RequestContextMiddleware` reports it.
+
+        Labelled by the route template the router (or `app.HotPaths`) left in the scope,
+        so a path parameter never becomes a label; unrouted paths share one label.
+        """
+        route = scope.get("route")
+        template: str = route.path if route is not None else UNMATCHED
+        method: str = scope["method"]
+        self.observe(method if method in METHODS else "OTHER", template, status, seconds)
+
     def update_pool(self, database: Database | None) -> None:
         usage = database.usage() if database is not None else None
         self.pool_open.set(database.open_connections() if database is not None else 0)
@@ -99,37 +109,6 @@ class Metrics:
         """A stopping worker's live gauges leave the sums (multiprocess mode)."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # not annotated upstream
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request by method, route template and status."""
-
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            # Starlette's router leaves the route it matched (fully, or all but the method) here.
-            route = scope.get("route")
-            template: str = route.path if route is not None else UNMATCHED
-            method: str = scope["method"]
-            self.metrics.observe(method if method in METHODS else "OTHER", template, status,
-                                 time.perf_counter() - started)  # fmt: skip
 
 
 class MetricsEndpoint:

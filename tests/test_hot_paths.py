@@ -14,6 +14,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from app import CORSMiddleware, create_app
@@ -204,3 +207,70 @@ async def test_unknown_path_gets_the_same_envelope_as_a_raised_404(debug: bool) 
         assert body["detail"] == {"type": "HTTPException", "message": "404: Not Found"}
     else:
         assert "detail" not in body
+
+
+@asynccontextmanager
+async def counting_router_404s(app: Starlette) -> AsyncIterator[tuple[httpx.AsyncClient, list[str]]]:
+    """A client, and the paths the router itself answered with its 404 (the shortcut skips it)."""
+    seen: list[str] = []
+    router_default = app.router.default
+
+    async def default(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["path"])
+        await router_default(scope, receive, send)
+
+    app.router.default = default
+    async with serve(app) as client:
+        yield client, seen
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("debug", [False, True])
+async def test_certain_404_skips_the_router_with_the_same_envelope(debug: bool) -> None:
+    """With only fixed routes, an unknown path is answered without the router, identically."""
+    async with counting_router_404s(create_app(production(debug=debug, enable_docs=False))) as (client, seen):
+        response = await client.get("/wp-admin/setup.php")
+    body = response.json()
+    assert seen == []
+    assert response.status_code == 404
+    assert (body["error"], body["message"]) == ("NOT_FOUND_ERROR", "Resource not found")
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert ("detail" in body) is debug
+
+
+@pytest.mark.anyio
+async def test_trailing_slash_near_miss_still_redirects() -> None:
+    """`/health/` is not a certain 404: the router still redirects it to `/health`."""
+    async with counting_router_404s(create_app(production(enable_docs=False))) as (client, _):
+        response = await client.get("/health/", follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["location"].endswith("/health")
+
+
+@pytest.mark.anyio
+async def test_route_added_after_create_app_is_served() -> None:
+    """The shortcut reads the live router, so a route appended later is not mistaken for a 404."""
+    app = create_app(production(enable_docs=False))
+
+    async def late(request: Request) -> Response:
+        return Response(status_code=204)
+
+    async with serve(app) as client:
+        assert (await client.get("/late")).status_code == 404
+        app.router.routes.append(Route("/late", late))
+        assert (await client.get("/late")).status_code == 204
+
+
+@pytest.mark.anyio
+async def test_a_parameterised_route_turns_the_shortcut_off() -> None:
+    """With a path parameter in play only the router can tell: it answers both route and 404."""
+    app = create_app(production(enable_docs=False))
+
+    async def item(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app.router.routes.append(Route("/items/{item_id}", item))
+    async with counting_router_404s(app) as (client, seen):
+        assert (await client.get("/items/7")).status_code == 204
+        assert (await client.get("/nope")).status_code == 404
+    assert seen == ["/nope"]
