@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logs import REQUEST_ID
-from responses import StructResponse, utc_timestamp
+from responses import ENCODER, StructResponse, send_json, utc_timestamp
 
 logger = logging.getLogger("service.errors")
 
@@ -183,14 +183,16 @@ async def handle_timeout(request: Request, exc: Exception) -> Response:
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """The router's answer when no route matches: what raising `HTTPException(404)` would give.
 
-    Unknown paths are the commonest error (scanners, typos); this renders the very same envelope
-    through `handle_http_exception` without raising and catching an exception for each.
+    Unknown paths are the commonest error (scanners, typos); this encodes the very envelope
+    `handle_http_exception` gives, without raising, catching, or a Request and Response each.
     """
-    response = await handle_http_exception(Request(scope, receive), _NOT_FOUND)
-    await response(scope, receive, send)
+    detail = _NOT_FOUND_DETAIL if scope["app"].state.settings.debug else None
+    body = ErrorBody(CODES[404], MESSAGES[404], utc_timestamp(), REQUEST_ID.get() or "", detail)
+    await send_json(scope, send, 404, ENCODER.encode(body))
 
 
-_NOT_FOUND = HTTPException(404)  # never raised, only read: one instance serves every request
+_NOT_FOUND = HTTPException(404)  # never raised: it is what the router would have raised
+_NOT_FOUND_DETAIL = {"type": type(_NOT_FOUND).__name__, "message": str(_NOT_FOUND)}
 
 
 EXCEPTION_HANDLERS = {

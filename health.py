@@ -13,7 +13,7 @@ import msgspec
 from starlette.types import Receive, Scope, Send
 
 from db import Database, PoolUsage
-from responses import ENCODER, utc_timestamp
+from responses import ENCODER, send_json, utc_timestamp
 from settings import Settings
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
@@ -40,13 +40,6 @@ class Readiness(msgspec.Struct, omit_defaults=True):
     errors: list[str] | None = None
 
 
-async def send_json(scope: Scope, send: Send, status: int, body: bytes) -> None:
-    """Send a complete JSON response; a HEAD request gets the same headers and no body."""
-    headers = [*_HEADERS, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
-
-
 class LivenessEndpoint:
     """`/health`: is this process able to serve? No I/O, so it cannot hang."""
 
@@ -60,7 +53,7 @@ class LivenessEndpoint:
             body = Liveness("unhealthy", utc_timestamp(), self.version, 0, ["Application start-up has not completed"])
         else:
             body = Liveness("healthy", utc_timestamp(), self.version, int(time.monotonic() - started_at))
-        await send_json(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body))
+        await send_json(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body), _HEADERS)
 
 
 class ReadinessEndpoint:
@@ -81,7 +74,7 @@ class ReadinessEndpoint:
                 body = self._unhealthy(probe.pool, probe.error or "Database unavailable")
             else:
                 body = self._reachable(probe.response_time_ms, probe.pool, probe.applied_migrations)
-        await send_json(scope, send, 503 if body.status == "unhealthy" else 200, ENCODER.encode(body))
+        await send_json(scope, send, 503 if body.status == "unhealthy" else 200, ENCODER.encode(body), _HEADERS)
 
     def _unhealthy(self, pool: PoolUsage, error: str) -> Readiness:
         return Readiness("unhealthy", utc_timestamp(), False, None, pool, "unknown", [error])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 
 import pytest
@@ -126,3 +127,10 @@ async def test_log_level_filters_lower_levels(capsys: pytest.CaptureFixture[str]
     assert "leaking" in err
     assert "handling the order" not in err
     assert "service.access" not in err
+
+
+async def test_custom_log_format_can_still_print_process_and_thread(capsys: pytest.CaptureFixture[str]) -> None:
+    """Lookups skipped for speed come back when LOG_FORMAT asks for them."""
+    await run({"LOG_FORMAT": "%(process)d %(processName)s %(threadName)s %(message)s"}, ("/nope", {}))
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "GET /nope 404" in line]
+    assert line.startswith(f"{os.getpid()} MainProcess MainThread GET /nope 404 ")
