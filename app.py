@@ -23,7 +23,9 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -143,6 +145,26 @@ class HotPaths:
         return path not in known and bare not in known and bare + "/" not in known
 
 
+class Service(Starlette):
+    """Starlette without its own outermost `ServerErrorMiddleware`.
+
+    `errors.ServerErrorMiddleware` already turns every exception raised below the request-ID
+    and CORS layers into the envelope. Above it there is only our own middleware, and anything
+    escaping from there is uvicorn's to answer: a plain 500, exactly what Starlette's layer
+    gives without DEBUG. Starlette's layer would only add a wrapper to every request.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        if any(key in (500, Exception) for key in self.exception_handlers):
+            raise ValueError("register 500 handling in errors.ServerErrorMiddleware, not as a handler")
+        app: ASGIApp = ExceptionMiddleware(self.router, handlers=self.exception_handlers, debug=self.debug)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        if self.max_body_size is not None:
+            app = RequestBodyLimitMiddleware(app, max_body_size=self.max_body_size)
+        return app
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[State]:
     settings: Settings = app.state.settings
@@ -166,7 +188,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
             metrics.close()
 
 
-def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIONS_DIR) -> Starlette:
+def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIONS_DIR) -> Service:
     """The service for `settings`, or for the environment (and `.env`) when none are given.
 
     `migrations_dir` is read once, here: `/health/db` compares the database with these ids.
@@ -213,7 +235,7 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
         Middleware(ServerErrorMiddleware, debug=settings.debug),
         Middleware(HotPaths, probes=probes),
     ]
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Service(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.router.default = not_found
     app.state.settings = settings
     app.state.metrics = metrics
