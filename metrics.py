@@ -48,23 +48,23 @@ class Metrics:
     """The service's metrics; labelled children are cached so a request costs one dict lookup."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        # One registry of our own (not prometheus-client's global one), so every app has its own.
+        self.collectors = collectors = CollectorRegistry()
         self.multiprocess = multiprocess_dir() is not None
         if not self.multiprocess:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-        registry = self.registry
+            ProcessCollector(registry=collectors)
+            PlatformCollector(registry=collectors)
         self.requests = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"],
-                                registry=registry)  # fmt: skip
+                                registry=collectors)  # fmt: skip
         self.durations = Histogram("http_request_duration_seconds", "Time to answer an HTTP request",
-                                   ["method", "route"], buckets=BUCKETS, registry=registry)  # fmt: skip
+                                   ["method", "route"], buckets=BUCKETS, registry=collectors)  # fmt: skip
         # livesum: in multiprocess mode the sum over the workers alive now (what this pod holds).
         self.pool_open = Gauge("db_pool_connections_open", "Connections the pool holds open",
-                               multiprocess_mode="livesum", registry=registry)  # fmt: skip
+                               multiprocess_mode="livesum", registry=collectors)  # fmt: skip
         self.pool_in_use = Gauge("db_pool_connections_in_use", "Connections checked out of the pool",
-                                 multiprocess_mode="livesum", registry=registry)  # fmt: skip
+                                 multiprocess_mode="livesum", registry=collectors)  # fmt: skip
         self.pool_max = Gauge("db_pool_connections_max", "The pool's maximum size (DATABASE_POOL_SIZE)",
-                              multiprocess_mode="livesum", registry=registry)  # fmt: skip
+                              multiprocess_mode="livesum", registry=collectors)  # fmt: skip
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -100,7 +100,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         if not self.multiprocess:
-            return generate_latest(self.registry)
+            return generate_latest(self.collectors)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # not annotated upstream
         return generate_latest(merged)
