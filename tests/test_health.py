@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 
 import asyncpg
+import httpx
 import pytest
-from service import serve_settings
+from service import make_settings, serve_settings
+
+from app import create_app
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 pytestmark = pytest.mark.anyio
@@ -138,3 +141,15 @@ async def test_root_names_the_app_version_and_environment() -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"message": "Orders is running", "version": "1.2.3", "environment": "development"}
+
+
+async def test_liveness_is_503_before_the_lifespan_has_started() -> None:
+    """Served without its start-up (no pool, no clock), the process reports itself unhealthy."""
+    app = create_app(make_settings())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        response = await client.get("/health")
+    body = response.json()
+    assert response.status_code == 503
+    assert body["status"] == "unhealthy"
+    assert body["errors"] == ["Application start-up has not completed"]
+    assert body["uptime_seconds"] == 0
