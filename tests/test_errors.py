@@ -10,12 +10,22 @@ import httpx
 import msgspec
 import pytest
 from service import make_settings, serve
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from app import create_app
-from errors import DatabaseConnectionError, FieldError, RequestValidationError
+from errors import (
+    AuthenticationError,
+    AuthorizationError,
+    DatabaseConnectionError,
+    FieldError,
+    NotFoundError,
+    OperationTimeoutError,
+    RequestValidationError,
+    ServiceUnavailableError,
+)
 
 pytestmark = pytest.mark.anyio
 ENVELOPE_KEYS = {"error", "message", "timestamp", "request_id"}
@@ -185,3 +195,31 @@ async def test_allowed_cors_preflight_and_request() -> None:
     assert "x-request-id" in preflight.headers
     assert response.headers["access-control-allow-origin"] == ORIGIN
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code"),
+    [
+        (AuthenticationError(), 401, "AUTHENTICATION_ERROR"),
+        (AuthorizationError(), 403, "AUTHORIZATION_ERROR"),
+        (NotFoundError("No such order"), 404, "NOT_FOUND_ERROR"),
+        (HTTPException(413), 413, "PAYLOAD_TOO_LARGE"),
+        (ServiceUnavailableError(retry_after=3), 503, "SERVICE_UNAVAILABLE"),
+        (OperationTimeoutError(), 504, "TIMEOUT_ERROR"),
+    ],
+)
+async def test_every_status_of_the_contract_table_has_its_code(raised: Exception, status: int, code: str) -> None:
+    """Each row of the contract's error table: the status and `error` code a handler's raise gives."""
+
+    async def raising(request: Request) -> Response:
+        raise raised
+
+    app = create_app(make_settings())
+    app.router.routes.append(Route("/raise", raising))
+    async with serve(app) as client:
+        response = await client.get("/raise")
+    body = assert_envelope(response, status, code)
+    if isinstance(raised, NotFoundError):
+        assert body["message"] == "No such order"
+    if isinstance(raised, ServiceUnavailableError):
+        assert response.headers["retry-after"] == "3"
