@@ -156,7 +156,7 @@ class Database:
         return Probe(True, elapsed_ms, usage, applied)
 
     def _exhausted(self) -> bool:
-        return self.pool.get_size() - self.pool.get_idle_size() >= self.pool_size
+        return self.usage().active_connections >= self.pool_size
 
     def _failed(self, error: str) -> Probe:
         return Probe(False, None, self.usage(), None, error)

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logs import REQUEST_ID
-from responses import ENCODER, StructResponse, send_json, utc_timestamp
+from responses import ENCODER, StructResponse, send_bytes, utc_timestamp
 
 logger = logging.getLogger("service.errors")
 
@@ -188,7 +188,7 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """
     detail = _NOT_FOUND_DETAIL if scope["app"].state.settings.debug else None
     body = ErrorBody(CODES[404], MESSAGES[404], utc_timestamp(), REQUEST_ID.get() or "", detail)
-    await send_json(scope, send, 404, ENCODER.encode(body))
+    await send_bytes(scope, send, 404, ENCODER.encode(body))
 
 
 _NOT_FOUND = HTTPException(404)  # never raised: it is what the router would have raised

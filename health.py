@@ -13,13 +13,13 @@ import msgspec
 from starlette.types import Receive, Scope, Send
 
 from db import Database, PoolUsage
-from responses import ENCODER, send_json, utc_timestamp
+from responses import ENCODER, JSON_HEADERS, send_bytes, utc_timestamp
 from settings import Settings
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 MigrationStatus = Literal["up_to_date", "pending", "unknown"]
 NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
-_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
+_HEADERS = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 
 
 class Liveness(msgspec.Struct, omit_defaults=True):
@@ -53,7 +53,7 @@ class LivenessEndpoint:
             body = Liveness("unhealthy", utc_timestamp(), self.version, 0, ["Application start-up has not completed"])
         else:
             body = Liveness("healthy", utc_timestamp(), self.version, int(time.monotonic() - started_at))
-        await send_json(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body), _HEADERS)
+        await send_bytes(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body), _HEADERS)
 
 
 class ReadinessEndpoint:
@@ -74,7 +74,7 @@ class ReadinessEndpoint:
                 body = self._unhealthy(probe.pool, probe.error or "Database unavailable")
             else:
                 body = self._reachable(probe.response_time_ms, probe.pool, probe.applied_migrations)
-        await send_json(scope, send, 503 if body.status == "unhealthy" else 200, ENCODER.encode(body), _HEADERS)
+        await send_bytes(scope, send, 503 if body.status == "unhealthy" else 200, ENCODER.encode(body), _HEADERS)
 
     def _unhealthy(self, pool: PoolUsage, error: str) -> Readiness:
         return Readiness("unhealthy", utc_timestamp(), False, None, pool, "unknown", [error])

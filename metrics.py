@@ -30,13 +30,14 @@ from prometheus_client import (
 from starlette.types import Receive, Scope, Send
 
 from db import Database
+from responses import send_bytes
 
 UNMATCHED = "<unmatched>"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Probes answer in well under a millisecond; the low buckets tell them apart from real work.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 POOL_REFRESH_INTERVAL = 5.0  # seconds between pool gauge updates in each worker (multiprocess)
-_HEADERS = [(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode()), (b"cache-control", b"no-store")]
+_HEADERS = ((b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode()), (b"cache-control", b"no-store"))
 
 
 def multiprocess_dir() -> str | None:
@@ -119,7 +120,4 @@ class MetricsEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.update_pool(scope.get("state", {}).get("database"))
-        body = self.metrics.exposition()
-        headers = [*_HEADERS, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        await send_bytes(scope, send, 200, self.metrics.exposition(), _HEADERS)

@@ -51,10 +51,10 @@ class StructResponse(Response):
         return ENCODER.encode(content)
 
 
-async def send_json(
+async def send_bytes(
     scope: Scope, send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = JSON_HEADERS
 ) -> None:
-    """A complete JSON response from ready bytes, for pure ASGI endpoints on the hottest paths.
+    """A complete response from ready bytes (JSON unless `headers` say otherwise), for pure ASGI endpoints.
 
     A HEAD request gets the same headers and no body.
     """
