@@ -13,7 +13,7 @@ import secrets
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -57,6 +57,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_health_check_timeout: float = 10.0
     enable_docs: bool = True
     enable_metrics: bool = True
+    # The server's (`python -m app`): where to listen, how many workers, and the edge limits.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_concurrency: int = 1
+    max_request_head_bytes: int = 65536
+    request_head_timeout: float = 10.0
+    max_body_bytes: int = 1048576
+    shutdown_drain_seconds: float = 5.0
 
     def __repr__(self) -> str:
         """Safe to log: the key and the database password are masked."""
@@ -72,6 +80,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.database_url and (password := urlsplit(self.database_url).password):
             found |= {password, unquote(password)}
         return tuple(found)
+
+
+# Each field's default, written once (in the Struct above); the environment-dependent ones are given in `load_settings`.
+_DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(Settings) if f.default is not msgspec.NODEFAULT}
+_UNSET: Any = object()
 
 
 class SettingsError(Exception):
@@ -110,7 +123,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and validate every variable; raise `SettingsError` listing all problems."""
     problems: list[str] = []
 
-    def get(name: str, parse: Callable[[str], T], default: T, show: Callable[[str], str] = repr) -> T:
+    def get(name: str, parse: Callable[[str], Any], default: Any = _UNSET, show: Callable[[str], str] = repr) -> Any:
+        """The variable parsed by its rule; unset (or refused), the default: the field's own unless given."""
+        if default is _UNSET:
+            default = _DEFAULTS[name.lower()]
         raw = environ.get(name)
         if raw is None:
             return default
@@ -120,28 +136,35 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             problems.append(f"{name}={show(raw)}: {exc}")
             return default
 
-    environment: Environment = get("ENVIRONMENT", _environment, _DEVELOPMENT)
+    environment: Environment = get("ENVIRONMENT", _environment)
     production = environment == "production"
     values = Settings(
-        app_name=get("APP_NAME", _non_empty, "AgentifUI Pro API"),
-        app_version=get("APP_VERSION", _non_empty, "0.1.0"),
-        debug=get("DEBUG", _boolean, False),
+        app_name=get("APP_NAME", _non_empty),
+        app_version=get("APP_VERSION", _non_empty),
+        debug=get("DEBUG", _boolean),
         environment=environment,
-        database_url=get("DATABASE_URL", _database_url, None, lambda raw: repr(mask_url(raw))),
-        database_pool_size=get("DATABASE_POOL_SIZE", _bounded(int, 1, 100), 10),
-        database_pool_timeout=get("DATABASE_POOL_TIMEOUT", _positive, 30.0),
-        database_statement_cache_size=get("DATABASE_STATEMENT_CACHE_SIZE", _bounded(int, 0, None), 100),
-        secret_key=get("SECRET_KEY", str, "", lambda raw: "'***'"),
-        log_level=get("LOG_LEVEL", _log_level, "INFO"),
-        log_format=get("LOG_FORMAT", _log_format, DEFAULT_LOG_FORMAT),
+        database_url=get("DATABASE_URL", _database_url, show=lambda raw: repr(mask_url(raw))),
+        database_pool_size=get("DATABASE_POOL_SIZE", _bounded(int, 1, 100)),
+        database_pool_timeout=get("DATABASE_POOL_TIMEOUT", _positive),
+        database_statement_cache_size=get("DATABASE_STATEMENT_CACHE_SIZE", _bounded(int, 0, None)),
+        secret_key=get("SECRET_KEY", str, "", show=lambda raw: "'***'"),
+        log_level=get("LOG_LEVEL", _log_level),
+        log_format=get("LOG_FORMAT", _log_format),
         log_json=get("LOG_JSON", _boolean, production),
-        cors_origins=get("CORS_ORIGINS", _origins, ("http://localhost:3000",)),
-        cors_allow_credentials=get("CORS_ALLOW_CREDENTIALS", _boolean, True),
-        health_check_timeout=get("HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 30), 5.0),
-        database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60), 10.0),
+        cors_origins=get("CORS_ORIGINS", _origins),
+        cors_allow_credentials=get("CORS_ALLOW_CREDENTIALS", _boolean),
+        health_check_timeout=get("HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 30)),
+        database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60)),
         enable_docs=get("ENABLE_DOCS", _boolean, not production),
-        enable_metrics=get("ENABLE_METRICS", _boolean, True),
-    )  # fmt: skip
+        enable_metrics=get("ENABLE_METRICS", _boolean),
+        host=get("HOST", _non_empty),
+        port=get("PORT", _bounded(int, 1, 65535)),
+        web_concurrency=get("WEB_CONCURRENCY", _bounded(int, 1, 64)),
+        max_request_head_bytes=get("MAX_REQUEST_HEAD_BYTES", _bounded(int, 1024, 1048576)),
+        request_head_timeout=get("REQUEST_HEAD_TIMEOUT", _bounded(float, 1, 300)),
+        max_body_bytes=get("MAX_BODY_BYTES", _bounded(int, 1, 1073741824)),
+        shutdown_drain_seconds=get("SHUTDOWN_DRAIN_SECONDS", _bounded(float, 0, 120)),
+    )
     # A variable whose value was refused is not reported a second time as missing.
     reported = {_variable(p) for p in problems}
     problems += [p for p in _check_environment_rules(values) if _variable(p) not in reported]
@@ -227,7 +250,8 @@ def _database_url(raw: str) -> str:
 
 def _bounded(kind: Callable[[str], T], low: float, high: float | None) -> Callable[[str], T]:
     name = "an integer" if kind is int else "a number"
-    rule = f"must be {name} from {low:g} to {high:g}" if high is not None else f"must be {name} >= {low:g}"
+    shown = [str(int(x)) if x == int(x) else f"{x:g}" for x in (low, high) if x is not None]  # no 1.04858e+06
+    rule = f"must be {name} from {shown[0]} to {shown[1]}" if high is not None else f"must be {name} >= {shown[0]}"
 
     def parse(raw: str) -> T:
         try:

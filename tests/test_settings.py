@@ -36,6 +36,9 @@ def test_defaults_match_the_contract() -> None:
     assert s.cors_allow_credentials is True
     assert (s.health_check_timeout, s.database_health_check_timeout) == (5, 10)
     assert s.enable_docs is True
+    assert (s.host, s.port, s.web_concurrency) == ("127.0.0.1", 8000, 1)
+    assert (s.max_request_head_bytes, s.request_head_timeout, s.max_body_bytes) == (65536, 10, 1048576)
+    assert s.shutdown_drain_seconds == 5
 
 
 def test_development_generates_a_secret_key_when_unset() -> None:
@@ -159,6 +162,37 @@ def test_cors_wildcard_is_refused_with_credentials() -> None:
 def test_health_timeouts_are_bounded(name: str, raw: str, rule: str) -> None:
     """The health bounds keep a probe from being either instant-fail or endless."""
     assert problems({name: raw}) == [f"{name}={raw!r}: {rule}"]
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "rule"),
+    [
+        ("PORT", "0", "must be an integer from 1 to 65535"),
+        ("PORT", "65536", "must be an integer from 1 to 65535"),
+        ("WEB_CONCURRENCY", "0", "must be an integer from 1 to 64"),
+        ("WEB_CONCURRENCY", "65", "must be an integer from 1 to 64"),
+        ("MAX_REQUEST_HEAD_BYTES", "1023", "must be an integer from 1024 to 1048576"),
+        ("MAX_REQUEST_HEAD_BYTES", "1048577", "must be an integer from 1024 to 1048576"),
+        ("REQUEST_HEAD_TIMEOUT", "0.5", "must be a number from 1 to 300"),
+        ("REQUEST_HEAD_TIMEOUT", "301", "must be a number from 1 to 300"),
+        ("MAX_BODY_BYTES", "0", "must be an integer from 1 to 1073741824"),
+        ("MAX_BODY_BYTES", "1073741825", "must be an integer from 1 to 1073741824"),
+        ("SHUTDOWN_DRAIN_SECONDS", "-1", "must be a number from 0 to 120"),
+        ("SHUTDOWN_DRAIN_SECONDS", "121", "must be a number from 0 to 120"),
+        ("HOST", "", "must not be empty"),
+    ],
+)
+def test_server_settings_are_bounded(name: str, raw: str, rule: str) -> None:
+    """The server and edge-limit variables refuse values outside the contract's ranges, naming the rule."""
+    assert problems({name: raw}) == [f"{name}={raw!r}: {rule}"]
+
+
+def test_server_settings_accept_their_bounds() -> None:
+    """The ends of each range are valid values."""
+    s = load_settings({"PORT": "65535", "WEB_CONCURRENCY": "64", "MAX_REQUEST_HEAD_BYTES": "1024",
+                       "REQUEST_HEAD_TIMEOUT": "300", "MAX_BODY_BYTES": "1", "SHUTDOWN_DRAIN_SECONDS": "0"})  # fmt: skip
+    assert (s.port, s.web_concurrency, s.max_request_head_bytes) == (65535, 64, 1024)
+    assert (s.request_head_timeout, s.max_body_bytes, s.shutdown_drain_seconds) == (300, 1, 0)
 
 
 def test_production_refuses_debug() -> None:
