@@ -1,24 +1,27 @@
-"""The database: one lazily connecting asyncpg pool, the readiness probe, and migration status.
+"""The database: one lazily connecting asyncpg pool, a connection per request, the readiness probe.
 
-Handlers see `Database` and plain values; asyncpg's exceptions stop here.
+Handlers get connections from `Database.connection`, which turns the failures of the database
+itself into the envelope's 503 and 409; `python -m db ...` runs the migration command (migrate.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from pathlib import Path
+from typing import TypeAlias
 
 import asyncpg
 import msgspec
 
-from errors import DATABASE_RETRY_AFTER, DatabaseConnectionError
+from errors import DATABASE_RETRY_AFTER, ConflictError, DatabaseConnectionError
 from settings import Settings
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# What a handler holds; generic only for the type checker (asyncpg's stubs), so written as a string.
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 # One round trip answers both questions: the server is reachable, and which migrations it has.
 APPLIED_MIGRATIONS_SQL = "SELECT migration_id FROM _yoyo_migration"
 CLOSE_TIMEOUT = 10.0  # seconds to close the pool gracefully before terminating connections
@@ -52,12 +55,6 @@ def asyncpg_dsn(url: str) -> str:
     """The app accepts `postgresql+asyncpg://` (SQLAlchemy style); asyncpg itself does not."""
     scheme, _, rest = url.partition("://")
     return f"postgresql://{rest}" if scheme.lower() == "postgresql+asyncpg" else url
-
-
-def migrations_on_disk(directory: Path = MIGRATIONS_DIR) -> tuple[str, ...]:
-    """Migration ids as yoyo records them: file names without `.sql`, rollbacks excluded."""
-    names = (p.name for p in directory.glob("*.sql") if not p.name.endswith(".rollback.sql"))
-    return tuple(sorted(name.removesuffix(".sql") for name in names))
 
 
 class Database:
@@ -99,12 +96,14 @@ class Database:
         return self.pool.get_size()
 
     @asynccontextmanager
-    async def connection(
-        self, *, stateless: bool = False
-    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+    async def connection(self, *, stateless: bool = False) -> AsyncIterator[Connection]:
         """A pooled connection for a handler, waiting at most `DATABASE_POOL_TIMEOUT`.
 
-        A database that cannot be reached becomes `DatabaseConnectionError` (503).
+        Whatever the block raises, the connection goes back to the pool healthy (any open
+        transaction rolled back), except where it cannot be: on cancellation or a timeout it may
+        be mid-query, so it is closed. The database's own failures become the envelope's: not
+        reachable, or the connection lost mid-query, `DatabaseConnectionError` (503, Retry-After);
+        a unique key already taken, `ConflictError` (409).
         `stateless=True` promises that the block only reads outside any transaction, leaving
         nothing in the session (no SET, LISTEN, lock or cursor): release then skips the
         reset round trip.
@@ -118,13 +117,19 @@ class Database:
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         try:
             yield conn
-        except BaseException:
-            conn.terminate()  # mid-query on cancellation: a clean release could wait on the server
+        except (asyncio.CancelledError, TimeoutError):
+            _discard(conn)  # mid-query: a clean release could wait on the server
             raise
+        except _LOST_CONNECTION as exc:
+            _discard(conn)
+            message = "Database connection lost"
+            raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+        except asyncpg.UniqueViolationError as exc:
+            raise ConflictError(_conflict_message(exc)) from exc
         finally:
             token = _RELEASING_STATELESS.set(stateless)
             try:
-                await self.pool.release(conn)
+                await self.pool.release(conn)  # a terminated one only frees its place
             finally:
                 _RELEASING_STATELESS.reset(token)
 
@@ -172,7 +177,19 @@ async def _reset_session(conn: asyncpg.Connection) -> None:
         await conn.execute(conn.get_reset_query())
 
 
-async def applied_migrations(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> frozenset[str] | None:
+def _discard(conn: Connection) -> None:
+    """Close the connection now; one the server already closed has left the pool by itself."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
+def _conflict_message(exc: asyncpg.UniqueViolationError) -> str:
+    """Which key is taken, by constraint name only: the server's detail would echo the value."""
+    constraint = getattr(exc, "constraint_name", None)
+    return f"Already exists (unique constraint {constraint})" if constraint else "Already exists"
+
+
+async def applied_migrations(conn: Connection) -> frozenset[str] | None:
     """Ids of applied migrations; empty when none ever were, None when we may not look."""
     try:
         rows = await conn.fetch(APPLIED_MIGRATIONS_SQL)

@@ -24,8 +24,10 @@ CODES = {
     403: "AUTHORIZATION_ERROR",
     404: "NOT_FOUND_ERROR",
     405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT_ERROR",
     413: "PAYLOAD_TOO_LARGE",
     422: "VALIDATION_ERROR",
+    431: "REQUEST_HEADER_FIELDS_TOO_LARGE",
     500: "INTERNAL_SERVER_ERROR",
     503: "SERVICE_UNAVAILABLE",
     504: "TIMEOUT_ERROR",
@@ -36,14 +38,16 @@ MESSAGES = {
     403: "Not allowed",
     404: "Resource not found",
     405: "Method not allowed",
+    409: "Conflict with the current state of the resource",
     413: "Request body too large",
     422: "Request validation failed",
+    431: "Request header fields too large",
     500: "Internal server error",
     503: "Service temporarily unavailable",
     504: "The operation timed out",
 }
 DATABASE_RETRY_AFTER = 5  # seconds: long enough for a pool to reconnect after a restart
-_MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the problem is
 
 
 class FieldError(msgspec.Struct):
@@ -70,9 +74,12 @@ class ServiceError(Exception):
     status_code = 500
     code = "INTERNAL_SERVER_ERROR"
 
-    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, retry_after: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         self.message = message or MESSAGES.get(self.status_code, "Error")
         self.retry_after = retry_after
+        self.headers = headers
         super().__init__(self.message)
 
 
@@ -86,6 +93,20 @@ class AuthorizationError(ServiceError):
 
 class NotFoundError(ServiceError):
     status_code, code = 404, "NOT_FOUND_ERROR"
+
+
+class MalformedRequestError(ServiceError):
+    """The request cannot be read at all (a body that is not JSON); a readable but invalid one is a 422."""
+
+    status_code, code = 400, "VALIDATION_ERROR"
+
+
+class ConflictError(ServiceError):
+    status_code, code = 409, "CONFLICT_ERROR"
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code, code = 413, "PAYLOAD_TOO_LARGE"
 
 
 class ServiceUnavailableError(ServiceError):
@@ -106,6 +127,48 @@ class RequestValidationError(ServiceError):
     def __init__(self, errors: list[FieldError], message: str | None = None) -> None:
         super().__init__(message)
         self.errors = errors
+
+
+def validation_errors(
+    exc: msgspec.ValidationError,
+    document: Any,
+    *,
+    kind: type[msgspec.Struct] | None = None,
+    strict: bool = True,
+    prefix: str = "",
+) -> list[FieldError]:
+    """Every field's problem with `document` as `kind`, where msgspec stops at the first (`exc`).
+
+    Only on the error path: each field is converted on its own, missing and unknown ones named.
+    """
+    errors = []
+    if kind is not None and isinstance(document, dict):
+        known = set()
+        for field in msgspec.structs.fields(kind):
+            known.add(field.encode_name)
+            if field.encode_name not in document:
+                if field.required:
+                    errors.append(FieldError(field.encode_name, "Field required"))
+                continue
+            value = document[field.encode_name]
+            try:
+                msgspec.convert(value, field.type, strict=strict)
+            except msgspec.ValidationError as field_exc:
+                errors.append(_field_error(field_exc, value, field.encode_name))
+        if kind.__struct_config__.forbid_unknown_fields:
+            errors += [
+                FieldError(name, "Unknown field", value) for name, value in document.items() if name not in known
+            ]
+    return errors or [_field_error(exc, document, prefix)]
+
+
+def _field_error(exc: msgspec.ValidationError, value: Any, prefix: str) -> FieldError:
+    """msgspec's `Expected `int`, got `str` - at `$.a[0]`` as the field `prefix.a[0]` and its message."""
+    text = str(exc)
+    match = _MSGSPEC_PATH.search(text)
+    path = match.group(1) if match else ""
+    field = f"{prefix}.{path}" if prefix and path and not path.startswith("[") else prefix + path
+    return FieldError(field, text[: match.start()] if match else text, None if path else value)
 
 
 def error_response(
@@ -149,6 +212,7 @@ async def handle_service_error(request: Request, exc: Exception) -> Response:
         debug_detail=_detail(request, exc),
         validation_errors=errors,
         retry_after=exc.retry_after,
+        headers=exc.headers,
     )
 
 
@@ -163,17 +227,6 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         debug_detail=_detail(request, exc),
         headers=dict(exc.headers or {}),
     )
-
-
-async def handle_invalid_body(request: Request, exc: Exception) -> Response:
-    """msgspec raised while decoding a request: malformed (400) or invalid (422)."""
-    if isinstance(exc, msgspec.ValidationError):
-        text = str(exc)
-        match = _MSGSPEC_PATH.search(text)
-        field = match.group(1) if match else ""
-        message = text[: match.start()] if match else text
-        return error_response(422, "VALIDATION_ERROR", MESSAGES[422], validation_errors=[FieldError(field, message)])
-    return error_response(400, "VALIDATION_ERROR", "Malformed request body", debug_detail=_detail(request, exc))
 
 
 async def handle_timeout(request: Request, exc: Exception) -> Response:
@@ -198,7 +251,6 @@ _NOT_FOUND_DETAIL = {"type": type(_NOT_FOUND).__name__, "message": str(_NOT_FOUN
 EXCEPTION_HANDLERS = {
     HTTPException: handle_http_exception,
     ServiceError: handle_service_error,
-    msgspec.DecodeError: handle_invalid_body,
     TimeoutError: handle_timeout,
 }
 

@@ -1,25 +1,21 @@
-"""Logging and request IDs: text or JSON lines, a request ID on each, one access line per request."""
+"""Logging: text or JSON lines, the request ID on each, and the access line that middleware writes per request."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
 import msgspec
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from settings import Settings
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
-REQUEST_ID_HEADER = b"x-request-id"
-_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _HANDLER_NAME = "service"
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
 # Masks that turn 128 random bits into a version-4, RFC 9562-variant UUID.
@@ -139,13 +135,6 @@ def configure_logging(settings: Settings) -> None:
     uvicorn_access.disabled = True
 
 
-def _incoming_request_id(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == REQUEST_ID_HEADER:
-            return value if _VALID_REQUEST_ID.fullmatch(value) else None
-    return None
-
-
 def new_request_id() -> str:
     """A random (version 4) UUID, as `str(uuid.uuid4())` but without building a `uuid.UUID`."""
     bits = int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET
@@ -157,81 +146,33 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-class RequestContextMiddleware:
-    """Assigns the request ID, adds it (and `nosniff`) to the response, writes the access line.
-
-    Outermost of the service's middleware so that every response, CORS preflights included,
-    carries the ID and is logged exactly once.
-    """
-
-    def __init__(
-        self, app: ASGIApp, *, quiet_health: bool, observe: Callable[[Scope, int, float], None] | None = None
-    ) -> None:
-        self.app = app
-        # In production, probes succeed thousands of times a day; only their failures are news.
-        self.quiet_health = quiet_health
-        # Told (scope, status, seconds) of every request: metrics ride on this layer's timing
-        # and status instead of wrapping every response in a layer of their own.
-        self.observe = observe
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        incoming = _incoming_request_id(scope)
-        request_id = incoming.decode() if incoming else new_request_id()
-        raw_id = incoming or request_id.encode()
-        token = REQUEST_ID.set(request_id)
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", ()))
-                headers.append((REQUEST_ID_HEADER, raw_id))
-                headers.append((b"x-content-type-options", b"nosniff"))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            seconds = time.perf_counter() - started
-            if self.observe is not None:
-                self.observe(scope, status, seconds)
-            path: str = scope["path"]
-            if not (self.quiet_health and status < 400 and path.startswith("/health")):
-                self._log_access(scope, status, seconds, request_id)
-            REQUEST_ID.reset(token)
-
-    def _log_access(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
-        if not access_logger.isEnabledFor(logging.INFO):
-            return
-        duration_ms = round(seconds * 1000, 2)
-        client = scope.get("client")
-        client_text = f"{client[0]}:{client[1]}" if client else "-"
-        method, path = scope["method"], _printable(scope["path"])
-        fields = {
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": duration_ms,
-            "client": client_text,
-            "request_id": request_id,
-        }
-        # What `access_logger.info` does, minus its walk up the stack for the caller: always this function.
-        here = sys._getframe().f_code
-        record = access_logger.makeRecord(
-            access_logger.name,
-            logging.INFO,
-            here.co_filename,
-            here.co_firstlineno,
-            "%s %s %d %.2fms client=%s",
-            (method, path, status, duration_ms, client_text),
-            None,
-            here.co_name,
-            fields,
-        )
-        access_logger.handle(record)
+def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:
+    """The request's one access line: method, path, status, duration, client and request ID."""
+    if not access_logger.isEnabledFor(logging.INFO):
+        return
+    duration_ms = round(seconds * 1000, 2)
+    client = scope.get("client")
+    client_text = f"{client[0]}:{client[1]}" if client else "-"
+    method, path = scope["method"], _printable(scope["path"])
+    fields = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": duration_ms,
+        "client": client_text,
+        "request_id": request_id,
+    }
+    # What `access_logger.info` does, minus its walk up the stack for the caller: always this function.
+    here = sys._getframe().f_code
+    record = access_logger.makeRecord(
+        access_logger.name,
+        logging.INFO,
+        here.co_filename,
+        here.co_firstlineno,
+        "%s %s %d %.2fms client=%s",
+        (method, path, status, duration_ms, client_text),
+        None,
+        here.co_name,
+        fields,
+    )
+    access_logger.handle(record)

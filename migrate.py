@@ -1,15 +1,18 @@
-"""`python -m db migrate | rollback | status | unlock`: yoyo migrations with the app's DATABASE_URL.
+"""`python -m db new | migrate | rollback | status | unlock`: yoyo migrations with the app's DATABASE_URL.
 
-Only this command imports yoyo and its synchronous driver (psycopg 3); the app never does; it
-learns which migrations are applied through asyncpg (`db.applied_migrations`). Every failure is
-one line on stderr and a non-zero exit: 1 when the operation failed, 2 for a usage or
-configuration mistake.
+The migrations are the `.sql` files of `migrations/` plus those of each `--source DIR` (an
+application's own folder, e.g. `examples/migrations`), read together so that one may depend on
+another. Only the commands import yoyo and its synchronous driver (psycopg 3), when they run: the
+app imports this module for `migrations_on_disk` alone and learns which migrations are applied
+through asyncpg (`db.applied_migrations`). Every failure is one line on stderr and a non-zero
+exit: 1 when the operation failed, 2 for a usage or configuration mistake.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,13 +21,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import psycopg
-from yoyo import get_backend, read_migrations
-from yoyo.exceptions import BadMigration, LockTimeout, MigrationConflict
-
-from db import MIGRATIONS_DIR
 from settings import Settings, SettingsError, load_settings, mask_url, read_environment
 
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_NAME = re.compile(r"[a-z0-9_]{1,60}")
+_NUMBERED = re.compile(r"(\d{4})\.[^.]+\.sql")
 # Seconds a replica waits for another one's migrations before giving up: long enough for any
 # migration fit for a rolling deploy; a lock left by a killed process needs `unlock`.
 LOCK_TIMEOUT = 60.0
@@ -45,6 +46,24 @@ class CommandError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+
+def migrations_on_disk(*sources: Path) -> tuple[str, ...]:
+    """Migration ids as yoyo records them (file names without `.sql`, rollbacks excluded), sorted."""
+    directories = sources or (MIGRATIONS_DIR,)
+    names = (p.name for d in directories for p in d.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+    return tuple(sorted({name.removesuffix(".sql") for name in names}))
+
+
+def new(directory: Path, name: str, latest: str | None) -> tuple[Path, Path]:
+    """Write the next numbered migration and its rollback into `directory`, ready to edit."""
+    numbers = [int(m.group(1)) for p in directory.glob("*.sql") if (m := _NUMBERED.fullmatch(p.name))]
+    stem = f"{max(numbers, default=0) + 1:04d}.{name}"
+    forward, backward = directory / f"{stem}.sql", directory / f"{stem}.rollback.sql"
+    depends = f"-- depends: {latest}\n" if latest else ""
+    forward.write_text(f"-- {name}\n{depends}\n-- Write the change here, e.g. CREATE TABLE ...;\n")
+    backward.write_text(f"-- Undo {stem}: the exact reverse of {forward.name}, e.g. DROP TABLE ...;\n")
+    return forward, backward
 
 
 def yoyo_url(url: str) -> str:
@@ -82,8 +101,9 @@ def rollback(backend: Backend, migrations: Any, args: argparse.Namespace) -> int
         last = applied[-1][0]
         found = [m for m in migrations if m.id == last]
         if not found:
+            where = _names(args.sources)
             raise CommandError(
-                f"the last applied migration {last} is not in {args.dir}: roll back with the code that has it"
+                f"the last applied migration {last} is not in {where}: roll back with the code that has it"
             )
         print(f"rolling back {last}", flush=True)
         _run_step(backend.rollback_one, found[0])
@@ -101,7 +121,7 @@ def status(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
     on_disk = {m.id for m in migrations}
     for unknown, when in applied.items():
         if unknown not in on_disk:
-            print(f"applied  {unknown}  ({when:%Y-%m-%d %H:%M:%S} UTC, not in {args.dir})")
+            print(f"applied  {unknown}  ({when:%Y-%m-%d %H:%M:%S} UTC, not in {_names(args.sources)})")
     print(f"{len(migrations) - len(pending)} applied, {len(pending)} pending")
     return 1 if args.check and pending else 0
 
@@ -119,6 +139,14 @@ def unlock(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.sources = list(dict.fromkeys([MIGRATIONS_DIR, *args.source]))  # the foundation's first, each once
+    if args.name == "new":
+        return _new(args)
+    # Imported here, not at the top: the app imports this module and must not load either.
+    import psycopg
+    from yoyo import get_backend
+    from yoyo.exceptions import BadMigration, LockTimeout, MigrationConflict
+
     # Our own lines say what happened; yoyo's logging would add tracebacks for a bad migration.
     logging.getLogger("yoyo").propagate = False
     logging.getLogger("yoyo").addHandler(logging.NullHandler())
@@ -129,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings()
         url, secrets = settings.database_url, settings.secrets
         assert url is not None
-        migrations = _read(args.dir)
+        migrations = _read(args.sources)
         try:
             backend = get_backend(yoyo_url(url))
         except psycopg.Error as exc:
@@ -156,13 +184,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signum
 
 
+def _new(args: argparse.Namespace) -> int:
+    """`new NAME`: into the last `--source` (default `migrations/`), depending on the latest migration."""
+    directory: Path = args.sources[-1]
+    if not _NAME.fullmatch(args.migration_name):
+        _fail("new", f"{args.migration_name!r}: a name is 1 to 60 of a-z, 0-9 and _ (e.g. add_orders)", ())
+        return 2
+    if not directory.is_dir():
+        _fail("new", f"no migrations directory at {directory}", ())
+        return 2
+    # The latest of the target folder, else of the folders before it (the foundation's, whose
+    # uuid_generate_v7 a new table's key uses).
+    latest = next((ids[-1] for d in reversed(args.sources) if (ids := migrations_on_disk(d))), None)
+    for path in new(directory, args.migration_name, latest):
+        print(path)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m db", description="Database migrations (yoyo), using DATABASE_URL.")
-    parser.add_argument("--dir", type=Path, default=MIGRATIONS_DIR, help="migrations directory (default: %(default)s)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    for name, function in (("migrate", migrate), ("rollback", rollback), ("status", status), ("unlock", unlock)):
-        sub = commands.add_parser(name, help=(function.__doc__ or "").splitlines()[0])
+    source = f"also the migrations in DIR, besides {MIGRATIONS_DIR.name}/ (repeatable)"
+    new_help = "write the next numbered migration and its rollback, ready to edit"
+    for name, function in (("new", None), ("migrate", migrate), ("rollback", rollback), ("status", status),
+                           ("unlock", unlock)):  # fmt: skip
+        summary = new_help if function is None else (function.__doc__ or "").splitlines()[0]
+        sub = commands.add_parser(name, help=summary, description=summary)
         sub.set_defaults(command=function, name=name)
+        sub.add_argument("--source", type=Path, action="append", default=[], metavar="DIR", help=source)
+        if name == "new":
+            sub.add_argument("migration_name", metavar="NAME", help="what it does, e.g. add_orders")
         if name in ("migrate", "rollback"):
             wait = "wait this long for another process's migrations; 0 waits forever (default: %(default)g)"
             sub.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="SECONDS", help=wait)
@@ -185,14 +236,19 @@ def _settings() -> Settings:
         raise CommandError(exc.problems[0], status=2) from None
 
 
-def _read(directory: Path) -> Any:
-    if not directory.is_dir():
-        raise CommandError(f"no migrations directory at {directory}", status=2)
-    return read_migrations(str(directory))
+def _read(directories: list[Path]) -> Any:
+    from yoyo import read_migrations
+
+    for directory in directories:
+        if not directory.is_dir():
+            raise CommandError(f"no migrations directory at {directory}", status=2)
+    return read_migrations(*map(str, directories))
 
 
 def _applied(backend: Backend) -> list[tuple[str, datetime]]:
     """(id, applied at, UTC) in the order applied; empty when the tracking table does not exist."""
+    import psycopg
+
     try:
         return [(row[0], row[1]) for row in backend.execute(APPLIED_SQL).fetchall()]
     except psycopg.errors.UndefinedTable:
@@ -200,6 +256,8 @@ def _applied(backend: Backend) -> list[tuple[str, datetime]]:
 
 
 def _run_step(step: Callable[[Any], None], migration: Any) -> None:
+    import psycopg
+
     try:
         step(migration)
     except psycopg.Error as exc:
@@ -210,6 +268,10 @@ def _run_step(step: Callable[[Any], None], migration: Any) -> None:
         if context is not None:
             raise context from None
         raise CommandError(f"{migration.id} failed: {_one_line(exc)}") from exc
+
+
+def _names(directories: list[Path]) -> str:
+    return ", ".join(str(d) for d in directories)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from errors import ErrorBody
 from health import Liveness, Readiness
-from responses import ENCODER
+from responses import ENCODER, send_bytes
 from settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -43,11 +43,25 @@ class Reply(msgspec.Struct, frozen=True):
     media_type: str = "application/json"
 
 
+class Param(msgspec.Struct, frozen=True):
+    """A path or query parameter, with the JSON schema of its type."""
+
+    name: str
+    location: str  # "path" or "query"
+    schema: dict[str, Any]
+    required: bool
+
+
 class Operation(msgspec.Struct, frozen=True):
+    """A route's documentation: `replies` are its own; `errors` the shared error statuses it answers."""
+
     summary: str
     description: str
     tag: str
     replies: dict[int, Reply]
+    parameters: tuple[Param, ...] = ()
+    request_body: type[msgspec.Struct] | None = None
+    errors: frozenset[int] = frozenset()
 
 
 def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -67,9 +81,15 @@ _HTML = Reply("An HTML page", media_type="text/html")
 
 # Errors any route can answer: shared in `components.responses`, each one the error envelope.
 ERROR_REPLIES = {
+    400: Reply("The request cannot be read (a body that is not JSON)", ErrorBody,
+               {"malformed": _error("VALIDATION_ERROR", "Malformed request body: not valid JSON")}),
     404: Reply("No route matches the path", ErrorBody, {"not_found": _error("NOT_FOUND_ERROR", "Resource not found")}),
     405: Reply("The path exists, the method does not", ErrorBody,
                {"method_not_allowed": _error("METHOD_NOT_ALLOWED", "Method not allowed")}, ("Allow",)),
+    409: Reply("Conflicts with the current state (a unique key already taken)", ErrorBody,
+               {"conflict": _error("CONFLICT_ERROR", "Already exists (unique constraint items_name_key)")}),
+    413: Reply("The request body is larger than MAX_BODY_BYTES", ErrorBody,
+               {"too_large": _error("PAYLOAD_TOO_LARGE", "Request body too large: the limit is 1048576 bytes")}),
     422: Reply("The request is well formed but invalid", ErrorBody, {"invalid": _error(
         "VALIDATION_ERROR", "Request validation failed",
         validation_errors=[{"field": "name", "message": "Expected `str`, got `int`", "value": 1}])}),
@@ -78,8 +98,8 @@ ERROR_REPLIES = {
     503: Reply("A dependency is temporarily unavailable", ErrorBody, {"database": _error(
         "DATABASE_CONNECTION_ERROR", "Database temporarily unavailable", retry_after=5)}, ("Retry-After",)),
 }  # fmt: skip
-_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 422: "ValidationError", 500: "InternalServerError",
-          503: "ServiceUnavailable"}  # fmt: skip
+_NAMES = {400: "MalformedRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge",
+          422: "ValidationError", 500: "InternalServerError", 503: "ServiceUnavailable"}  # fmt: skip
 
 OPERATIONS = {
     "health": Operation("Liveness", "Whether this process can serve. No I/O: it never touches the database.",
@@ -109,6 +129,7 @@ _HEADERS = {
     "Cache-Control": {"description": "`no-store`: probes are never cached", "schema": {"type": "string"}},
     "Retry-After": {"description": "Seconds before a retry may succeed", "schema": {"type": "integer"}},
     "Allow": {"description": "The methods the path answers", "schema": {"type": "string"}},
+    "Location": {"description": "The path of the resource just created", "schema": {"type": "string"}},
 }
 _DESCRIPTION = (
     "Every route answers HEAD where it answers GET. Every error, for any path and method, is the "
@@ -118,11 +139,9 @@ _DESCRIPTION = (
 
 
 def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mapping[str, Operation]) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for `routes`; raises ValueError naming routes without an operation."""
-    undocumented = [r.path for r in routes if isinstance(r, Route) and r.name not in operations]
-    if undocumented:
-        raise ValueError(f"routes without an openapi.Operation: {', '.join(undocumented)}")
+    """The OpenAPI 3.1 document for `routes`, each described by the operation of its name."""
     bodies = {reply.body for op in operations.values() for reply in op.replies.values() if reply.body}
+    bodies |= {op.request_body for op in operations.values() if op.request_body}
     _, schemas = msgspec.json.schema_components(
         sorted([*bodies, ErrorBody], key=lambda t: t.__name__), ref_template=SCHEMA_REF
     )
@@ -145,11 +164,24 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
 
 def _operation(name: str, op: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {str(status): _response(reply) for status, reply in op.replies.items()}
-    responses["500"] = {"$ref": "#/components/responses/InternalServerError"}
+    for status in sorted(op.errors | {500}):
+        responses[str(status)] = {"$ref": f"#/components/responses/{_NAMES[status]}"}
     responses["default"] = {"description": "Any other error: see the shared error responses", "content": {
         "application/json": {"schema": {"$ref": SCHEMA_REF.format(name="ErrorBody")}}}}  # fmt: skip
-    return {"operationId": name, "summary": op.summary, "description": op.description, "tags": [op.tag],
-            "responses": responses}  # fmt: skip
+    operation: dict[str, Any] = {
+        "operationId": name,
+        "summary": op.summary,
+        "description": op.description,
+        "tags": [op.tag],
+    }
+    if op.parameters:
+        operation["parameters"] = [
+            {"name": p.name, "in": p.location, "required": p.required, "schema": p.schema} for p in op.parameters
+        ]
+    if op.request_body is not None:
+        schema = {"$ref": SCHEMA_REF.format(name=op.request_body.__name__)}
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return {**operation, "responses": responses}
 
 
 def _response(reply: Reply) -> dict[str, Any]:
@@ -167,12 +199,10 @@ class StaticBody:
 
     def __init__(self, body: bytes, media_type: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.body = body
-        self.headers = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
-        self.headers += extra_headers
+        self.headers = ((b"content-type", media_type.encode()), *extra_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
+        await send_bytes(scope, send, 200, self.body, self.headers)
 
 
 def _page(title: str, head: str, body: str, inline_script: str = "") -> StaticBody:

@@ -46,3 +46,16 @@ def database_url(cluster: Cluster) -> Iterator[str]:
     finally:
         cluster.ensure_running()
         cluster.drop_database(name)
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    """`database_url` with every migration applied: the foundation's and the reference resource's."""
+    from yoyo import get_backend, read_migrations
+
+    from migrate import MIGRATIONS_DIR, yoyo_url
+
+    examples = MIGRATIONS_DIR.parent / "examples" / "migrations"
+    with get_backend(yoyo_url(database_url)) as backend, backend.lock():
+        backend.apply_migrations(backend.to_apply(read_migrations(str(MIGRATIONS_DIR), str(examples))))
+    return database_url

@@ -29,13 +29,12 @@ def make_settings(**env: str) -> Settings:
 
 
 @asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    """A client for `app` with its lifespan run, as a server would run it."""
-    async with (
-        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as client,
-    ):
-        yield client
+async def serve(app: Starlette, root_path: str = "", timeout: float = 5) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for `app` with its lifespan run, as a server would run it (behind `root_path` if given)."""
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=timeout) as client:
+            yield client
 
 
 @asynccontextmanager

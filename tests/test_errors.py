@@ -11,10 +11,8 @@ import msgspec
 import pytest
 from service import make_settings, serve
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from api import Endpoints
 from app import create_app
 from errors import (
     AuthenticationError,
@@ -36,39 +34,47 @@ class Order(msgspec.Struct):
     quantity: int
 
 
-async def explode(request: Request) -> Response:
+class Done(msgspec.Struct):
+    ok: bool = True
+
+
+raising_routes = Endpoints(tag="test")
+
+
+@raising_routes.get("/explode", summary="A bug")
+async def explode() -> Done:
     raise RuntimeError("secret internals: table users has 42 rows")
 
 
-async def strict_body(request: Request) -> Response:
-    msgspec.json.decode(await request.body(), type=Order)
-    return Response(status_code=204)
+@raising_routes.post("/strict", summary="A typed body")
+async def strict_body(body: Order) -> None:
+    return None
 
 
-async def invalid_fields(request: Request) -> Response:
+@raising_routes.get("/invalid", summary="A handler's own validation error")
+async def invalid_fields() -> Done:
     raise RequestValidationError([FieldError("email", "must contain @", "nope")])
 
 
-async def database_down(request: Request) -> Response:
+@raising_routes.get("/db-down", summary="An unavailable database")
+async def database_down() -> Done:
     raise DatabaseConnectionError(retry_after=7)
 
 
-async def too_slow(request: Request) -> Response:
+@raising_routes.get("/slow", summary="A timeout")
+async def too_slow() -> Done:
     raise TimeoutError
+
+
+@raising_routes.get("/decode-bug", summary="A handler decoding its own data wrongly")
+async def decode_bug() -> Done:
+    msgspec.json.decode(b'{"quantity": "three"}', type=Order)  # e.g. a jsonb column of the wrong shape
+    return Done()
 
 
 @asynccontextmanager
 async def client_for(**env: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings(**env))
-    for path, endpoint in [
-        ("/explode", explode),
-        ("/strict", strict_body),
-        ("/invalid", invalid_fields),
-        ("/db-down", database_down),
-        ("/slow", too_slow),
-    ]:
-        app.router.routes.append(Route(path, endpoint, methods=["GET", "POST"]))
-    async with serve(app) as client:
+    async with serve(create_app(make_settings(**env), endpoints=[raising_routes])) as client:
         yield client
 
 
@@ -139,7 +145,7 @@ async def test_malformed_json_body_is_400_validation_error() -> None:
     """A body that is not JSON at all is a malformed request."""
     async with client_for() as client:
         response = await client.post("/strict", content=b"{not json")
-    assert assert_envelope(response, 400, "VALIDATION_ERROR")["message"] == "Malformed request body"
+    assert assert_envelope(response, 400, "VALIDATION_ERROR")["message"] == "Malformed request body: not valid JSON"
 
 
 async def test_invalid_json_body_is_422_with_validation_errors() -> None:
@@ -147,7 +153,17 @@ async def test_invalid_json_body_is_422_with_validation_errors() -> None:
     async with client_for() as client:
         response = await client.post("/strict", content=b'{"quantity": "three"}')
     body = assert_envelope(response, 422, "VALIDATION_ERROR")
-    assert body["validation_errors"] == [{"field": "quantity", "message": "Expected `int`, got `str`", "value": None}]
+    assert body["validation_errors"] == [
+        {"field": "quantity", "message": "Expected `int`, got `str`", "value": "three"}
+    ]
+
+
+async def test_a_handler_decoding_its_own_data_wrongly_is_a_500_not_the_clients_fault() -> None:
+    """Only request input maps to 400/422: msgspec failing on a handler's own data is a bug."""
+    async with client_for() as client:
+        response = await client.get("/decode-bug")
+    body = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+    assert "validation_errors" not in body
 
 
 async def test_request_validation_error_carries_field_message_and_value() -> None:
@@ -211,12 +227,13 @@ async def test_allowed_cors_preflight_and_request() -> None:
 async def test_every_status_of_the_contract_table_has_its_code(raised: Exception, status: int, code: str) -> None:
     """Each row of the contract's error table: the status and `error` code a handler's raise gives."""
 
-    async def raising(request: Request) -> Response:
+    group = Endpoints(tag="test")
+
+    @group.get("/raise", summary="Raises the exception under test")
+    async def raising() -> Done:
         raise raised
 
-    app = create_app(make_settings())
-    app.router.routes.append(Route("/raise", raising))
-    async with serve(app) as client:
+    async with serve(create_app(make_settings(), endpoints=[group])) as client:
         response = await client.get("/raise")
     body = assert_envelope(response, status, code)
     if isinstance(raised, NotFoundError):

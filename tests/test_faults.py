@@ -8,36 +8,37 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import msgspec
 import pytest
 from cluster import Cluster
 from service import make_settings, serve
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from api import Context, Endpoints
 from app import create_app
-from db import Database
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 TIMEOUT = 2  # DATABASE_HEALTH_CHECK_TIMEOUT for these tests, seconds
 SLACK = 1.5  # scheduling allowance on a loaded 2-core machine, seconds
 
 
-async def hold_connection(request: Request) -> Response:
-    """Test-only: keep a pooled connection busy in the server for `seconds`."""
-    database: Database = request.state.database
-    async with database.connection() as conn:
-        await conn.execute(f"SELECT pg_sleep({float(request.query_params['seconds'])})")
-    return Response(status_code=204)
+class Hold(msgspec.Struct):
+    seconds: float
+
+
+hold_routes = Endpoints(tag="test")
+
+
+@hold_routes.get("/hold", summary="Test only: keep a pooled connection busy in the server for `seconds`")
+async def hold_connection(ctx: Context, query: Hold) -> None:
+    async with ctx.connection() as conn:
+        await conn.execute("SELECT pg_sleep($1)", query.seconds)
 
 
 @asynccontextmanager
 async def service(database_url: str, **env: str) -> AsyncIterator[httpx.AsyncClient]:
     defaults = {"DATABASE_URL": database_url, "DATABASE_HEALTH_CHECK_TIMEOUT": str(TIMEOUT), "APP_NAME": "faults-test"}
     settings = make_settings(**{**defaults, **env})
-    app = create_app(settings)
-    app.router.routes.append(Route("/hold", hold_connection))
-    async with serve(app) as client:
+    async with serve(create_app(settings, endpoints=[hold_routes])) as client:
         yield client
 
 

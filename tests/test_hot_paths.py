@@ -11,16 +11,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import msgspec
 import pytest
-from asgi_lifespan import LifespanManager
+from service import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from app import CORSMiddleware, create_app
+from api import Endpoints
+from app import create_app
 from logs import JsonFormatter, _Redactor, configure_logging, new_request_id
+from middleware import RequestContext
 from settings import Settings
 
 ORIGIN = "http://localhost:3000"
@@ -30,14 +33,6 @@ TIMESTAMP_WITH_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 def production(**overrides: object) -> Settings:
     values: dict[str, object] = {"environment": "production", "log_json": True, "secret_key": "k" * 48}
     return Settings(**(values | overrides))  # type: ignore[arg-type]
-
-
-@asynccontextmanager
-async def serve(app: Starlette, root_path: str = "") -> AsyncIterator[httpx.AsyncClient]:
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, root_path=root_path)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 def access_lines(err: str) -> list[dict[str, object]]:
@@ -109,7 +104,7 @@ async def test_vary_origin_joins_a_vary_the_app_already_sent() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    app = CORSMiddleware(varying, allow_origins=[ORIGIN])
+    app = RequestContext(varying, quiet_health=False)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/")
@@ -169,7 +164,7 @@ async def test_access_line_in_text_format_names_its_real_source(capsys: pytest.C
     async with serve(create_app(settings)) as client:
         await client.get("/no-such-route")
     err = capsys.readouterr().err
-    assert "logs._log_access GET /no-such-route 404" in err
+    assert "logs.log_access GET /no-such-route 404" in err
 
 
 @pytest.mark.anyio
@@ -261,16 +256,27 @@ async def test_route_added_after_create_app_is_served() -> None:
         assert (await client.get("/late")).status_code == 204
 
 
+class Thing(msgspec.Struct):
+    id: int
+
+
+things = Endpoints(tag="things")
+
+
+@things.get("/things/{thing_id}", summary="One thing")
+async def get_thing(thing_id: int) -> Thing:
+    return Thing(thing_id)
+
+
 @pytest.mark.anyio
-async def test_a_parameterised_route_turns_the_shortcut_off() -> None:
-    """With a path parameter in play only the router can tell: it answers both route and 404."""
-    app = create_app(production(enable_docs=False))
-
-    async def item(request: Request) -> Response:
-        return Response(status_code=204)
-
-    app.router.routes.append(Route("/items/{item_id}", item))
+async def test_shortcut_holds_with_parameterised_routes_and_docs_mounted() -> None:
+    """Path parameters and the docs' mount still leave certain 404s to the shortcut, the rest to the router."""
+    app = create_app(production(enable_docs=True), endpoints=[things])
     async with counting_router_404s(app) as (client, seen):
-        assert (await client.get("/items/7")).status_code == 204
+        assert (await client.get("/things/7")).json() == {"id": 7}
         assert (await client.get("/nope")).status_code == 404
-    assert seen == ["/nope"]
+        assert (await client.get("/things/7/more")).status_code == 404
+        assert (await client.get("/things/7/", follow_redirects=False)).status_code == 307
+        assert (await client.get("/static", follow_redirects=False)).status_code == 307
+        assert (await client.get("/static/swagger-ui.css")).status_code == 200
+    assert seen == []

@@ -7,19 +7,26 @@ import logging
 import os
 import uuid
 
+import msgspec
 import pytest
 from service import make_settings, serve
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from api import Endpoints
 from app import create_app
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-Key-that-is-long-enough-for-prod-000"
 
 
-async def chatty(request: Request) -> Response:
+chatty_routes = Endpoints(tag="test")
+
+
+class Nothing(msgspec.Struct):
+    pass
+
+
+@chatty_routes.get("/chatty", summary="Logs, then fails")
+async def chatty() -> Nothing:
     logging.getLogger("orders").info("handling the order")
     logging.getLogger("orders").warning("leaking %s by mistake", SECRET)
     raise RuntimeError("boom")
@@ -27,8 +34,7 @@ async def chatty(request: Request) -> Response:
 
 async def run(env: dict[str, str], *requests: tuple[str, dict[bytes, bytes]]) -> list[str]:
     """Serve `requests` and return the response request IDs."""
-    app = create_app(make_settings(**env))
-    app.router.routes.append(Route("/chatty", chatty))
+    app = create_app(make_settings(**env), endpoints=[chatty_routes])
     ids = []
     async with serve(app) as client:
         for path, headers in requests:

@@ -14,8 +14,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from app import create_app
-from logs import RequestContextMiddleware
 from metrics import UNMATCHED, Metrics, MetricsEndpoint
+from middleware import RequestContext
 from settings import SettingsError, load_settings
 
 
@@ -82,7 +82,7 @@ async def test_routes_are_labelled_by_template_not_path() -> None:
 
     metrics = Metrics()
     app = Starlette(routes=[Route("/items/{item_id}", item), Route("/metrics", MetricsEndpoint(metrics))])
-    wrapped = RequestContextMiddleware(app, quiet_health=False, observe=metrics.record)
+    wrapped = RequestContext(app, quiet_health=False, observe=metrics.record)
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         await http.get("/items/1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +18,10 @@ import pytest
 from service import ROOT, free_port, make_settings, serve
 
 from app import create_app
-from db import MIGRATIONS_DIR, migrations_on_disk
+from migrate import MIGRATIONS_DIR, migrations_on_disk
 
 FIRST = "0001.uuidv7"
+EXAMPLE_MIGRATIONS = ROOT / "examples" / "migrations"
 COMMAND_TIMEOUT = 120  # seconds: bounds a wedged command, far above any real run
 
 
@@ -36,9 +36,9 @@ def run_db(url: str | None, *args: str, cwd: Path = ROOT) -> subprocess.Complete
 
 
 def migrations_with(tmp_path: Path, extra: dict[str, str]) -> Path:
-    """A copy of the repository's migrations plus the `extra` files (name: SQL)."""
+    """A second migrations folder holding the `extra` files (name: SQL), for `--source`."""
     directory = tmp_path / "migrations"
-    shutil.copytree(MIGRATIONS_DIR, directory, ignore=shutil.ignore_patterns("*.md"))
+    directory.mkdir()
     for name, text in extra.items():
         (directory / name).write_text(text)
     return directory
@@ -50,8 +50,10 @@ WIDGETS = {
 }
 
 
-async def health_db(url: str, migrations_dir: Path = MIGRATIONS_DIR) -> dict[str, object]:
-    async with serve(create_app(make_settings(DATABASE_URL=url), migrations_dir)) as client:
+async def health_db(url: str, source: Path | None = None) -> dict[str, object]:
+    """`/health/db` of the app built with the foundation's migrations, and `source`'s too."""
+    migrations = [MIGRATIONS_DIR] if source is None else [MIGRATIONS_DIR, source]
+    async with serve(create_app(make_settings(DATABASE_URL=url), migrations=migrations)) as client:
         response = await client.get("/health/db")
     assert response.status_code == 200
     body: dict[str, object] = response.json()
@@ -66,14 +68,16 @@ async def fetch(url: str, query: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-def test_every_migration_has_a_rollback_and_yoyo_sees_the_same_ids() -> None:
+@pytest.mark.parametrize("directory", [MIGRATIONS_DIR, EXAMPLE_MIGRATIONS], ids=["foundation", "examples"])
+def test_every_migration_has_a_rollback_and_yoyo_sees_the_same_ids(directory: Path) -> None:
     """What the app reads at start-up is exactly what yoyo applies, and each can be undone."""
     from yoyo import read_migrations
 
-    ids = migrations_on_disk()
-    assert FIRST in ids
-    assert all((MIGRATIONS_DIR / f"{m}.rollback.sql").is_file() for m in ids)
-    assert tuple(sorted(m.id for m in read_migrations(str(MIGRATIONS_DIR)))) == ids
+    ids = migrations_on_disk(directory)
+    assert ids
+    without_rollback = [f"{directory.name}/{m}.sql" for m in ids if not (directory / f"{m}.rollback.sql").is_file()]
+    assert without_rollback == [], "every migration needs its .rollback.sql"
+    assert tuple(sorted(m.id for m in read_migrations(str(directory)))) == ids
 
 
 @pytest.mark.anyio
@@ -120,40 +124,40 @@ async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str
     body = await health_db(database_url, directory)
     assert (body["status"], body["migration_status"]) == ("degraded", "pending")
     assert body["errors"] == ["1 pending migration(s): 0002.widgets"]
-    status = run_db(database_url, "--dir", str(directory), "status")
+    status = run_db(database_url, "status", "--source", str(directory))
     assert status.returncode == 0
     assert "pending  0002.widgets" in status.stdout.splitlines()
-    assert run_db(database_url, "--dir", str(directory), "status", "--check").returncode == 1
+    assert run_db(database_url, "status", "--source", str(directory), "--check").returncode == 1
 
-    assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
+    assert run_db(database_url, "migrate", "--source", str(directory)).returncode == 0
     assert (await health_db(database_url, directory))["migration_status"] == "up_to_date"
 
 
 @pytest.mark.anyio
 async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_path: Path) -> None:
     directory = migrations_with(tmp_path, WIDGETS)
-    assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
+    assert run_db(database_url, "migrate", "--source", str(directory)).returncode == 0
 
-    rolled = run_db(database_url, "--dir", str(directory), "rollback")
+    rolled = run_db(database_url, "rollback", "--source", str(directory))
     assert rolled.returncode == 0, rolled.stderr
     assert "rolled back 0002.widgets" in rolled.stdout
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'widgets'") == []
     assert await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") != []
 
-    assert run_db(database_url, "--dir", str(directory), "rollback").returncode == 0
+    assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
     assert await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") == []
     body = await health_db(database_url)
     assert (body["status"], body["migration_status"], body["errors"]) == (
         "degraded", "pending", [f"1 pending migration(s): {FIRST}"],
     )  # fmt: skip
-    assert run_db(database_url, "--dir", str(directory), "migrate").returncode == 0
+    assert run_db(database_url, "migrate", "--source", str(directory)).returncode == 0
     unknown = run_db(database_url, "rollback")  # the code at hand lacks 0002.widgets
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("rollback: the last applied migration 0002.widgets is not in ")
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'widgets'") != []
 
-    assert run_db(database_url, "--dir", str(directory), "rollback").returncode == 0
-    assert run_db(database_url, "--dir", str(directory), "rollback").returncode == 0
+    assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
+    assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
     nothing = run_db(database_url, "rollback")
     assert (nothing.returncode, nothing.stdout) == (0, "nothing to roll back: no migration is applied\n")
 
@@ -163,11 +167,11 @@ def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Pa
     directory = migrations_with(
         tmp_path, {"0002.broken.sql": "CREATE TABLEE oops ();\n", "0003.after.sql": "CREATE TABLE after (id int);\n"}
     )
-    migrated = run_db(database_url, "--dir", str(directory), "migrate")
+    migrated = run_db(database_url, "migrate", "--source", str(directory))
     assert migrated.returncode == 1
     assert migrated.stderr.startswith("migrate: 0002.broken failed: syntax error")
     assert migrated.stderr.count("\n") == 1
-    status = run_db(database_url, "--dir", str(directory), "status").stdout.splitlines()
+    status = run_db(database_url, "status", "--source", str(directory)).stdout.splitlines()
     assert [line.split()[:2] for line in status[:3]] == [
         ["applied", FIRST], ["pending", "0002.broken"], ["pending", "0003.after"],
     ]  # fmt: skip
@@ -176,7 +180,7 @@ def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Pa
 def test_unresolvable_dependency_fails_instead_of_being_skipped(database_url: str, tmp_path: Path) -> None:
     """yoyo's apply_migrations would skip a migration it cannot load; migrate must not."""
     directory = migrations_with(tmp_path, {"0002.orphan.sql": "-- depends: 0001.missing\nCREATE TABLE t (id int);\n"})
-    migrated = run_db(database_url, "--dir", str(directory), "migrate")
+    migrated = run_db(database_url, "migrate", "--source", str(directory))
     assert migrated.returncode == 1
     assert migrated.stderr.startswith("migrate: bad migration: ")
     assert "Traceback" not in migrated.stderr
@@ -192,7 +196,7 @@ def test_concurrent_migrates_apply_each_migration_exactly_once(database_url: str
          "0002.slow.rollback.sql": "DROP TABLE slow;\n"},
     )  # fmt: skip
     env = {**os.environ, "DATABASE_URL": database_url}
-    command = [sys.executable, "-m", "db", "--dir", str(directory), "migrate"]
+    command = [sys.executable, "-m", "db", "migrate", "--source", str(directory)]
     replicas = [
         subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(3)
@@ -234,7 +238,7 @@ def test_sigterm_mid_migration_releases_the_lock(database_url: str, tmp_path: Pa
     """A migrate stopped by SIGTERM (a deleted pod) leaves no lock and no half-recorded migration."""
     directory = migrations_with(tmp_path, {"0002.hang.sql": "DO $$ BEGIN PERFORM pg_sleep(60); END $$;\n"})
     env = {**os.environ, "DATABASE_URL": database_url}
-    command = [sys.executable, "-m", "db", "--dir", str(directory), "migrate"]
+    command = [sys.executable, "-m", "db", "migrate", "--source", str(directory)]
     migrating = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with psycopg.connect(database_url, autocommit=True) as conn:
         running = "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'DO $$ BEGIN PERFORM pg_sleep(60)%'"

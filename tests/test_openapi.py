@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from asgi_lifespan import LifespanManager
 from openapi_schema_validator import validate as validate_instance
 from openapi_spec_validator import validate as validate_spec
+from service import serve
 from starlette.routing import Route
 
 from app import create_app
@@ -22,11 +22,8 @@ from settings import load_settings
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(load_settings({}))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+    async with serve(create_app(load_settings({}))) as http:
+        yield http
 
 
 async def _spec(client: httpx.AsyncClient) -> dict[str, Any]:
@@ -80,11 +77,12 @@ async def test_openapi_health_responses_use_the_handlers_structs(client: httpx.A
 
 @pytest.mark.anyio
 async def test_openapi_lists_the_error_envelope_for_every_error_status(client: httpx.AsyncClient) -> None:
-    """404, 405, 422, 500 and 503 are shared responses with the ErrorBody schema; every operation has 500."""
+    """Every error status is a shared response with the ErrorBody schema; every operation has 500."""
     spec = await _spec(client)
     shared = spec["components"]["responses"]
     envelope = {"$ref": "#/components/schemas/ErrorBody"}
-    names = {"NotFound", "MethodNotAllowed", "ValidationError", "InternalServerError", "ServiceUnavailable"}
+    names = {"MalformedRequest", "NotFound", "MethodNotAllowed", "Conflict", "PayloadTooLarge", "ValidationError",
+             "InternalServerError", "ServiceUnavailable"}  # fmt: skip
     assert set(shared) == names
     assert all(shared[name]["content"]["application/json"]["schema"] == envelope for name in names)
     assert "Retry-After" in shared["ServiceUnavailable"]["headers"]
@@ -160,11 +158,8 @@ async def test_docs_are_off_when_disabled_and_in_production(environ: dict[str, s
     production = {"DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db", "SECRET_KEY": "k" * 40}
     settings = load_settings({**environ, **production} if "ENVIRONMENT" in environ else environ)
     assert settings.enable_docs is False
-    app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            for path in ("/openapi.json", "/docs", "/redoc", "/static/swagger-ui.css"):
-                response = await http.get(path)
-                assert response.status_code == 404
-                assert response.json()["error"] == "NOT_FOUND_ERROR"
+    async with serve(create_app(settings)) as http:
+        for path in ("/openapi.json", "/docs", "/redoc", "/static/swagger-ui.css"):
+            response = await http.get(path)
+            assert response.status_code == 404
+            assert response.json()["error"] == "NOT_FOUND_ERROR"

@@ -9,13 +9,14 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from cluster import Cluster
 from pgbouncer import BINARY, PgBouncer, running_pgbouncer
+from service import serve
 from yoyo import get_backend, read_migrations
 
 from app import create_app
-from db import MIGRATIONS_DIR, PREPARED_STATEMENT_LOST
+from db import PREPARED_STATEMENT_LOST
+from migrate import MIGRATIONS_DIR
 from settings import load_settings
 
 pytestmark = [
@@ -48,11 +49,8 @@ def migrated_database(database_url: str) -> str:
 
 async def _client(url: str, cache_size: str) -> AsyncIterator[httpx.AsyncClient]:
     settings = load_settings({"DATABASE_URL": url, "DATABASE_STATEMENT_CACHE_SIZE": cache_size})
-    app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
-            yield http
+    async with serve(create_app(settings), timeout=30) as http:
+        yield http
 
 
 async def _probe_concurrently(http: httpx.AsyncClient) -> list[httpx.Response]:

@@ -1,0 +1,273 @@
+"""Endpoints: how a module adds routes to the service, with typed input and their OpenAPI operation.
+
+A module declares a group, decorates its handlers, and hands the group to `create_app`:
+
+    items = Endpoints(tag="items")
+
+    @items.get("/items/{item_id}", summary="One item", errors=(404,))
+    async def get_item(ctx: Context, item_id: uuid.UUID) -> Item: ...
+
+    app = create_app(endpoints=[items])
+
+A handler's parameters say what it takes; each is decoded before it runs by a decoder built once,
+at start-up:
+  - annotated `Context`: the request, the settings and the database;
+  - named like a `{segment}` of the path: that segment, converted to its annotation (UUID, int, str);
+  - `query: SomeStruct`: the query string, one parameter per field (bounds from `msgspec.Meta`);
+  - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422).
+Its return annotation says what it answers: a Struct (200), `Created[Struct]` (201 and `Location`),
+or `None` (204). The route's OpenAPI operation is derived from the same declarations, so no
+endpoint can go undocumented.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypedDict, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.routing import Route, compile_path
+from starlette.types import Receive, Scope, Send
+
+from db import Connection, Database
+from errors import DatabaseConnectionError, MalformedRequestError, RequestValidationError, validation_errors
+from openapi import Operation, Param, Reply
+from responses import ENCODER, send_bytes
+from settings import Settings
+
+T = TypeVar("T")
+Handler = Callable[..., Awaitable[Any]]
+NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_Binder = Callable[[Request], Awaitable[Any]]
+
+
+class State(TypedDict):
+    """What the lifespan hands to every request as `scope["state"]`."""
+
+    database: Database | None
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Created(Generic[T]):
+    """A handler's answer for a new resource: `201`, the body, and its `Location`."""
+
+    body: T
+    location: str
+
+
+class Context:
+    """What a handler may need besides its input: the request, the settings, the database."""
+
+    __slots__ = ("request", "settings")
+
+    def __init__(self, request: Request, settings: Settings) -> None:
+        self.request = request
+        self.settings = settings
+
+    @property
+    def database(self) -> Database:
+        """The pool; a service without `DATABASE_URL` answers 503 to an endpoint that needs one."""
+        database: Database | None = self.request.scope.get("state", {}).get("database")
+        if database is None:
+            raise DatabaseConnectionError(NOT_CONFIGURED)
+        return database
+
+    @asynccontextmanager
+    async def connection(self, *, stateless: bool = False) -> AsyncIterator[Connection]:
+        """A pooled connection for the block: see `db.Database.connection`."""
+        async with self.database.connection(stateless=stateless) as conn:
+            yield conn
+
+
+@dataclass(frozen=True, slots=True)
+class _Declaration:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    description: str
+    errors: tuple[int, ...]
+
+
+class Endpoints:
+    """A group of routes with one OpenAPI tag; `create_app(endpoints=[...])` serves it."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.declarations: list[_Declaration] = []
+
+    def route(
+        self, method: str, path: str, *, summary: str, description: str = "", errors: Iterable[int] = ()
+    ) -> Callable[[Handler], Handler]:
+        """Declare `handler` as the answer to `method path`; `errors` are the statuses it raises itself."""
+        if method not in _METHODS:
+            raise ValueError(f"{method} {path}: the method must be one of {', '.join(_METHODS)}")
+
+        def declare(handler: Handler) -> Handler:
+            doc = description or inspect.getdoc(handler) or ""
+            self.declarations.append(_Declaration(method, path, handler, summary, doc, tuple(errors)))
+            return handler
+
+        return declare
+
+    def get(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route("GET", path, **options)
+
+    def post(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route("POST", path, **options)
+
+    def put(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route("PUT", path, **options)
+
+    def patch(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route("PATCH", path, **options)
+
+    def delete(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route("DELETE", path, **options)
+
+    def bind(self, settings: Settings) -> list[tuple[Route, Operation]]:
+        """The routes for `settings`, each with its operation; a handler that cannot be served raises."""
+        bound = []
+        for d in self.declarations:
+            endpoint = Endpoint(d, settings)
+            route = Route(d.path, endpoint, methods=[d.method], name=d.handler.__name__)
+            bound.append((route, endpoint.operation(self.tag)))
+        return bound
+
+
+class Endpoint:
+    """One handler as an ASGI app: decode its input, call it, encode its answer."""
+
+    def __init__(self, declaration: _Declaration, settings: Settings) -> None:
+        self.declaration = declaration
+        self.handler = declaration.handler
+        where = f"{declaration.method} {declaration.path} ({declaration.handler.__name__})"
+        hints = typing.get_type_hints(self.handler)
+        _, _, convertors = compile_path(declaration.path)
+        self.binders: list[tuple[str, _Binder]] = []
+        self.params: list[Param] = []
+        self.body_type: type[msgspec.Struct] | None = None
+        for name in inspect.signature(self.handler).parameters:
+            kind = hints.get(name)
+            if kind is None:
+                raise TypeError(f"{where}: parameter {name!r} needs a type annotation")
+            self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
+        self.status, self.reply_type = _answer(hints.get("return"), where)
+
+    def _binder(self, name: str, kind: Any, path_names: Iterable[str], settings: Settings, where: str) -> _Binder:
+        if kind is Context:
+
+            async def context(request: Request) -> Context:
+                return Context(request, settings)
+
+            return context
+        if name in path_names:
+            self.params.append(Param(name, "path", msgspec.json.schema(kind), required=True))
+            return _path_binder(name, kind)
+        if name == "query" and _is_struct(kind):
+            self.params += _query_params(kind)
+            return _query_binder(kind)
+        if name == "body" and _is_struct(kind):
+            self.body_type = kind
+            return _body_binder(kind)
+        raise TypeError(
+            f"{where}: cannot bind parameter {name!r}: expected a Context, a path segment, "
+            "`query: Struct` or `body: Struct`"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        kwargs = {name: await bind(request) for name, bind in self.binders}
+        result = await self.handler(**kwargs)
+        if result is None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        elif isinstance(result, Created):
+            location = (b"location", result.location.encode())
+            await send_bytes(scope, send, 201, ENCODER.encode(result.body), (_JSON, location))
+        else:
+            await send_bytes(scope, send, self.status, ENCODER.encode(result))
+
+    def operation(self, tag: str) -> Operation:
+        """The OpenAPI operation these declarations imply."""
+        d = self.declaration
+        headers = ("Location",) if self.status == 201 else ()
+        replies = {self.status: Reply(_STATUS_TEXT[self.status], self.reply_type, headers=headers)}
+        errors = set(d.errors) | {503}  # any endpoint may find its database unavailable
+        if self.params or self.body_type is not None:
+            errors |= {422}
+        if self.body_type is not None:
+            errors |= {400, 413}
+        return Operation(d.summary, d.description, tag, replies, tuple(self.params), self.body_type, frozenset(errors))
+
+
+_JSON = (b"content-type", b"application/json")
+_STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}
+
+
+def _is_struct(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+
+
+def _answer(kind: Any, where: str) -> tuple[int, type[msgspec.Struct] | None]:
+    """(status, body type) from a handler's return annotation."""
+    if kind is type(None):
+        return 204, None
+    if typing.get_origin(kind) is Created and _is_struct(typing.get_args(kind)[0]):
+        body: type[msgspec.Struct] = typing.get_args(kind)[0]
+        return 201, body
+    if _is_struct(kind):
+        return 200, kind
+    raise TypeError(f"{where}: the return annotation must be a msgspec Struct, Created[Struct] or None")
+
+
+def _path_binder(name: str, kind: Any) -> _Binder:
+    async def path(request: Request) -> Any:
+        raw = request.path_params[name]
+        try:
+            return msgspec.convert(raw, kind, strict=False)
+        except msgspec.ValidationError as exc:
+            raise RequestValidationError(validation_errors(exc, raw, prefix=name)) from None
+
+    return path
+
+
+def _query_params(kind: type[msgspec.Struct]) -> list[Param]:
+    _, components = msgspec.json.schema_components([kind])
+    schema = components[kind.__name__]
+    required = set(schema.get("required", ()))
+    return [Param(name, "query", prop, name in required) for name, prop in schema.get("properties", {}).items()]
+
+
+def _query_binder(kind: type[msgspec.Struct]) -> _Binder:
+    async def query(request: Request) -> Any:
+        values = dict(request.query_params)
+        try:
+            return msgspec.convert(values, kind, strict=False)
+        except msgspec.ValidationError as exc:
+            raise RequestValidationError(validation_errors(exc, values, kind=kind, strict=False)) from None
+
+    return query
+
+
+def _body_binder(kind: type[msgspec.Struct]) -> _Binder:
+    decoder = msgspec.json.Decoder(kind)  # built once per route
+
+    async def body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            document = msgspec.json.decode(raw)  # valid JSON: only its shape is wrong
+            raise RequestValidationError(validation_errors(exc, document, kind=kind)) from None
+        except msgspec.DecodeError:
+            raise MalformedRequestError("Malformed request body: not valid JSON") from None
+
+    return body

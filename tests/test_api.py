@@ -1,0 +1,138 @@
+"""The extension point (api.py): handlers are checked at start-up and get their input decoded."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+import msgspec
+import pytest
+from service import make_settings, serve
+
+from api import Context, Created, Endpoints
+from app import create_app
+
+
+class Pet(msgspec.Struct):
+    id: int
+    name: str
+
+
+class NewPet(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Filter(msgspec.Struct):
+    age: Annotated[int, msgspec.Meta(ge=0)] = 0
+    kind: str = "any"
+
+
+pets = Endpoints(tag="pets")
+
+
+@pets.get("/pets/{pet_id}", summary="One pet")
+async def get_pet(pet_id: int, query: Filter) -> Pet:
+    return Pet(pet_id, f"{query.kind}-{query.age}")
+
+
+@pets.post("/pets", summary="A new pet")
+async def add_pet(body: NewPet) -> Created[Pet]:
+    return Created(Pet(1, body.name), location="/pets/1")
+
+
+@pets.delete("/pets/{pet_id}", summary="Remove a pet")
+async def remove_pet(pet_id: uuid.UUID) -> None:
+    return None
+
+
+@pets.get("/pets-db", summary="Needs the database")
+async def count_pets(ctx: Context) -> Pet:
+    async with ctx.connection() as conn:
+        return Pet(await conn.fetchval("SELECT 1"), ctx.settings.app_name)
+
+
+@pytest.mark.anyio
+async def test_path_and_query_are_converted_to_their_annotations() -> None:
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get("/pets/7", params={"age": "3", "kind": "cat"})
+        head = await client.head("/pets/7")
+    assert (response.status_code, response.json()) == (200, {"id": 7, "name": "cat-3"})
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == response.headers["content-length"]
+
+
+@pytest.mark.anyio
+async def test_created_answers_201_with_location_and_none_answers_204() -> None:
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        created = await client.post("/pets", json={"name": "Rex"})
+        removed = await client.delete(f"/pets/{uuid.uuid4()}")
+    assert (created.status_code, created.headers["location"], created.json()) == (
+        201,
+        "/pets/1",
+        {"id": 1, "name": "Rex"},
+    )
+    assert (removed.status_code, removed.content) == (204, b"")
+
+
+@pytest.mark.anyio
+async def test_query_bounds_are_422_naming_the_parameter() -> None:
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get("/pets/7", params={"age": "-1"})
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["validation_errors"]] == ["age"]
+
+
+@pytest.mark.anyio
+async def test_an_endpoint_needing_the_database_is_503_when_none_is_configured() -> None:
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get("/pets-db")
+    assert response.status_code == 503
+    assert response.json()["error"] == "DATABASE_CONNECTION_ERROR"
+
+
+@pytest.mark.anyio
+async def test_context_gives_the_database_and_the_settings(database_url: str) -> None:
+    app = create_app(make_settings(DATABASE_URL=database_url, APP_NAME="pets"), endpoints=[pets])
+    async with serve(app) as client:
+        response = await client.get("/pets-db")
+    assert response.json() == {"id": 1, "name": "pets"}
+
+
+def test_a_parameter_that_cannot_be_bound_stops_start_up() -> None:
+    """An undecodable handler is a start-up error naming it, not a 500 at the first request."""
+    broken = Endpoints(tag="broken")
+
+    @broken.get("/broken/{item}", summary="Misspelt path parameter")
+    async def misspelt(itme: int) -> Pet:
+        return Pet(itme, "")
+
+    with pytest.raises(TypeError, match=r"GET /broken/\{item\} \(misspelt\): cannot bind parameter 'itme'"):
+        create_app(make_settings(), endpoints=[broken])
+
+
+def test_a_return_annotation_that_cannot_be_documented_stops_start_up() -> None:
+    broken = Endpoints(tag="broken")
+
+    @broken.get("/untyped", summary="Returns a dict")
+    async def untyped() -> dict[str, int]:
+        return {}
+
+    with pytest.raises(TypeError, match=r"the return annotation must be a msgspec Struct, Created\[Struct\] or None"):
+        create_app(make_settings(), endpoints=[broken])
+
+
+def test_two_handlers_of_one_name_stop_start_up() -> None:
+    """Names are the OpenAPI operation ids: a second `get_pet` is refused."""
+    again = Endpoints(tag="again")
+
+    @again.get("/other/{pet_id}", summary="Same name")
+    async def get_pet(pet_id: int) -> Pet:
+        return Pet(pet_id, "")
+
+    with pytest.raises(ValueError, match="two routes are named 'get_pet'"):
+        create_app(make_settings(), endpoints=[pets, again])
+
+
+def test_an_unknown_method_is_refused_at_declaration() -> None:
+    with pytest.raises(ValueError, match="the method must be one of GET, POST, PUT, PATCH, DELETE"):
+        Endpoints(tag="x").route("TRACE", "/x", summary="x")

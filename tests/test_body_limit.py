@@ -1,0 +1,102 @@
+"""MAX_BODY_BYTES: a larger body is the 413 envelope, refused without reading past the limit."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+import pytest
+from service import make_settings, running_uvicorn, serve
+from starlette.applications import Starlette
+
+from api import Endpoints
+from app import create_app
+
+LIMIT = 1000
+
+
+class Size(msgspec.Struct):
+    size: int
+
+
+class Blob(msgspec.Struct):
+    data: str
+
+
+sized = Endpoints(tag="test")
+
+
+@sized.post("/blobs", summary="Test only: how large the body was")
+async def measure(body: Blob) -> Size:
+    return Size(len(body.data))
+
+
+def limited_app() -> Starlette:
+    return create_app(make_settings(MAX_BODY_BYTES=str(LIMIT)), endpoints=[sized])
+
+
+def assert_413(response: httpx.Response) -> None:
+    body = response.json()
+    assert response.status_code == 413
+    assert body["error"] == "PAYLOAD_TOO_LARGE"
+    assert body["message"] == f"Request body too large: the limit is {LIMIT} bytes"
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert response.headers["connection"] == "close"
+
+
+@pytest.mark.anyio
+async def test_a_body_within_the_limit_is_served() -> None:
+    data = "x" * (LIMIT - len('{"data":""}'))
+    async with serve(limited_app()) as client:
+        response = await client.post("/blobs", json={"data": data})
+    assert (response.status_code, response.json()) == (200, {"size": len(data)})
+
+
+@pytest.mark.anyio
+async def test_content_length_over_the_limit_is_refused_before_the_handler() -> None:
+    async with serve(limited_app()) as client:
+        response = await client.post("/blobs", content=b"{" + b" " * LIMIT + b"}")
+    assert_413(response)
+
+
+@pytest.mark.anyio
+async def test_a_chunked_body_is_refused_as_soon_as_it_crosses_the_limit() -> None:
+    """The handler's read stops at the chunk that crosses the limit: the rest is never pulled."""
+    pulled = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(100):
+            pulled += 1
+            yield b" " * 400
+
+    async with serve(limited_app()) as client:
+        response = await client.post("/blobs", content=chunks())
+    assert_413(response)
+    assert pulled <= 4  # 3 chunks cross 1,000 bytes; httpx may read one ahead
+
+
+@pytest.mark.slow
+def test_uvicorn_refuses_a_declared_oversized_body_without_waiting_for_it() -> None:
+    """Under `uvicorn app:app`, a Content-Length over the limit is answered before any body byte is sent."""
+    with (
+        running_uvicorn({"MAX_BODY_BYTES": str(LIMIT)}) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        head = f"POST / HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {100 * 2**20}\r\n\r\n"
+        started = time.monotonic()
+        sock.sendall(head.encode())
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        elapsed = time.monotonic() - started
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large"
+    assert b'"error":"PAYLOAD_TOO_LARGE"' in rest
+    assert elapsed < 5
