@@ -320,3 +320,55 @@ async def test_uuid_generate_v7_makes_time_ordered_version_7_uuids(database_url:
     sequence = [uuid.UUID(bytes=r["u"].bytes) for r in made]
     assert sequence == sorted(sequence)
     assert len(set(sequence)) == 1000
+
+
+def test_new_writes_the_next_numbered_pair_depending_on_the_latest(tmp_path: Path) -> None:
+    """`python -m db new NAME --source DIR`: NNNN.NAME.sql and its rollback, paths printed, ready to edit."""
+    first = run_db(None, "new", "create_orders", "--source", str(tmp_path))
+    second = run_db(None, "new", "add_order_notes", "--source", str(tmp_path))
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    assert first.stdout.splitlines() == [
+        str(tmp_path / "0001.create_orders.sql"), str(tmp_path / "0001.create_orders.rollback.sql"),
+    ]  # fmt: skip
+    assert second.stdout.splitlines()[0] == str(tmp_path / "0002.add_order_notes.sql")
+    # An empty folder builds on the foundation's latest migration; the next on its own folder's latest.
+    assert f"-- depends: {FIRST}\n" in (tmp_path / "0001.create_orders.sql").read_text()
+    assert "-- depends: 0001.create_orders\n" in (tmp_path / "0002.add_order_notes.sql").read_text()
+    assert migrations_on_disk(tmp_path) == ("0001.create_orders", "0002.add_order_notes")
+
+
+def test_new_migrations_apply_in_order_with_the_foundations(database_url: str, tmp_path: Path) -> None:
+    """What `new` writes is valid for yoyo: filled in, both apply after 0001.uuidv7 and roll back."""
+    assert run_db(None, "new", "create_orders", "--source", str(tmp_path)).returncode == 0
+    (tmp_path / "0001.create_orders.sql").write_text(
+        f"-- depends: {FIRST}\nCREATE TABLE orders (id uuid PRIMARY KEY DEFAULT uuid_generate_v7());\n"
+    )
+    (tmp_path / "0001.create_orders.rollback.sql").write_text("DROP TABLE orders;\n")
+    migrated = run_db(database_url, "migrate", "--source", str(tmp_path))
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.splitlines()[:2] == [f"applying {FIRST}", "applying 0001.create_orders"]
+    rolled = run_db(database_url, "rollback", "--source", str(tmp_path))
+    assert rolled.stdout.splitlines()[-1] == "rolled back 0001.create_orders"
+
+
+@pytest.mark.parametrize("name", ["Orders", "add orders", "", "x" * 61, "../escape"])
+def test_new_refuses_a_name_that_is_not_a_plain_identifier(tmp_path: Path, name: str) -> None:
+    result = run_db(None, "new", name, "--source", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"new: {name!r}: a name is 1 to 60 of a-z, 0-9 and _")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_the_examples_migrations_apply_with_the_source_option(database_url: str) -> None:
+    """The contract's command for the reference resource: migrate, status, rollback with --source."""
+    source = str(EXAMPLE_MIGRATIONS)
+    assert run_db(database_url, "migrate", "--source", source).returncode == 0
+    status = run_db(database_url, "status", "--source", source, "--check")
+    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "2 applied, 0 pending")
+    assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'items'") != []
+    body = await health_db(database_url, EXAMPLE_MIGRATIONS)
+    assert (body["status"], body["migration_status"]) == ("healthy", "up_to_date")
+    rolled = run_db(database_url, "rollback", "--source", source)
+    assert rolled.stdout.splitlines()[-1] == "rolled back 0001.create_items"
+    assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'items'") == []
