@@ -34,17 +34,16 @@ from starlette.requests import Request
 from starlette.routing import Route, compile_path
 from starlette.types import Receive, Scope, Send
 
-from db import Connection, Database
-from errors import DatabaseConnectionError, MalformedRequestError, RequestValidationError, validation_errors
+from db import NOT_CONFIGURED, Connection, Database
+from errors import DatabaseConnectionError
+from inputs import Binder, body_binder, path_binder, query_binder, query_params
 from openapi import Operation, Param, Reply
 from responses import ENCODER, send_bytes
 from settings import Settings
 
 T = TypeVar("T")
 Handler = Callable[..., Awaitable[Any]]
-NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-_Binder = Callable[[Request], Awaitable[Any]]
 
 
 class State(TypedDict):
@@ -151,7 +150,7 @@ class Endpoint:
         where = f"{declaration.method} {declaration.path} ({declaration.handler.__name__})"
         hints = typing.get_type_hints(self.handler)
         _, _, convertors = compile_path(declaration.path)
-        self.binders: list[tuple[str, _Binder]] = []
+        self.binders: list[tuple[str, Binder]] = []
         self.params: list[Param] = []
         self.body_type: type[msgspec.Struct] | None = None
         for name in inspect.signature(self.handler).parameters:
@@ -161,7 +160,7 @@ class Endpoint:
             self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
         self.status, self.reply_type = _answer(hints.get("return"), where)
 
-    def _binder(self, name: str, kind: Any, path_names: Iterable[str], settings: Settings, where: str) -> _Binder:
+    def _binder(self, name: str, kind: Any, path_names: Iterable[str], settings: Settings, where: str) -> Binder:
         if kind is Context:
 
             async def context(request: Request) -> Context:
@@ -170,13 +169,13 @@ class Endpoint:
             return context
         if name in path_names:
             self.params.append(Param(name, "path", msgspec.json.schema(kind), required=True))
-            return _path_binder(name, kind)
+            return path_binder(name, kind)
         if name == "query" and _is_struct(kind):
-            self.params += _query_params(kind)
-            return _query_binder(kind)
+            self.params += query_params(kind)
+            return query_binder(kind)
         if name == "body" and _is_struct(kind):
             self.body_type = kind
-            return _body_binder(kind)
+            return body_binder(kind)
         raise TypeError(
             f"{where}: cannot bind parameter {name!r}: expected a Context, a path segment, "
             "`query: Struct` or `body: Struct`"
@@ -226,48 +225,3 @@ def _answer(kind: Any, where: str) -> tuple[int, type[msgspec.Struct] | None]:
     if _is_struct(kind):
         return 200, kind
     raise TypeError(f"{where}: the return annotation must be a msgspec Struct, Created[Struct] or None")
-
-
-def _path_binder(name: str, kind: Any) -> _Binder:
-    async def path(request: Request) -> Any:
-        raw = request.path_params[name]
-        try:
-            return msgspec.convert(raw, kind, strict=False)
-        except msgspec.ValidationError as exc:
-            raise RequestValidationError(validation_errors(exc, raw, prefix=name)) from None
-
-    return path
-
-
-def _query_params(kind: type[msgspec.Struct]) -> list[Param]:
-    _, components = msgspec.json.schema_components([kind])
-    schema = components[kind.__name__]
-    required = set(schema.get("required", ()))
-    return [Param(name, "query", prop, name in required) for name, prop in schema.get("properties", {}).items()]
-
-
-def _query_binder(kind: type[msgspec.Struct]) -> _Binder:
-    async def query(request: Request) -> Any:
-        values = dict(request.query_params)
-        try:
-            return msgspec.convert(values, kind, strict=False)
-        except msgspec.ValidationError as exc:
-            raise RequestValidationError(validation_errors(exc, values, kind=kind, strict=False)) from None
-
-    return query
-
-
-def _body_binder(kind: type[msgspec.Struct]) -> _Binder:
-    decoder = msgspec.json.Decoder(kind)  # built once per route
-
-    async def body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            document = msgspec.json.decode(raw)  # valid JSON: only its shape is wrong
-            raise RequestValidationError(validation_errors(exc, document, kind=kind)) from None
-        except msgspec.DecodeError:
-            raise MalformedRequestError("Malformed request body: not valid JSON") from None
-
-    return body

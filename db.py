@@ -24,6 +24,7 @@ from settings import Settings
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 # One round trip answers both questions: the server is reachable, and which migrations it has.
 APPLIED_MIGRATIONS_SQL = "SELECT migration_id FROM _yoyo_migration"
+NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
 CLOSE_TIMEOUT = 10.0  # seconds to close the pool gracefully before terminating connections
 PREPARED_STATEMENT_LOST = (
     "Database lost a prepared statement (behind PgBouncer in transaction mode? set DATABASE_STATEMENT_CACHE_SIZE=0)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 from typing import Any
 
@@ -47,7 +46,6 @@ MESSAGES = {
     504: "The operation timed out",
 }
 DATABASE_RETRY_AFTER = 5  # seconds: long enough for a pool to reconnect after a restart
-_MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the problem is
 
 
 class FieldError(msgspec.Struct):
@@ -127,48 +125,6 @@ class RequestValidationError(ServiceError):
     def __init__(self, errors: list[FieldError], message: str | None = None) -> None:
         super().__init__(message)
         self.errors = errors
-
-
-def validation_errors(
-    exc: msgspec.ValidationError,
-    document: Any,
-    *,
-    kind: type[msgspec.Struct] | None = None,
-    strict: bool = True,
-    prefix: str = "",
-) -> list[FieldError]:
-    """Every field's problem with `document` as `kind`, where msgspec stops at the first (`exc`).
-
-    Only on the error path: each field is converted on its own, missing and unknown ones named.
-    """
-    errors = []
-    if kind is not None and isinstance(document, dict):
-        known = set()
-        for field in msgspec.structs.fields(kind):
-            known.add(field.encode_name)
-            if field.encode_name not in document:
-                if field.required:
-                    errors.append(FieldError(field.encode_name, "Field required"))
-                continue
-            value = document[field.encode_name]
-            try:
-                msgspec.convert(value, field.type, strict=strict)
-            except msgspec.ValidationError as field_exc:
-                errors.append(_field_error(field_exc, value, field.encode_name))
-        if kind.__struct_config__.forbid_unknown_fields:
-            errors += [
-                FieldError(name, "Unknown field", value) for name, value in document.items() if name not in known
-            ]
-    return errors or [_field_error(exc, document, prefix)]
-
-
-def _field_error(exc: msgspec.ValidationError, value: Any, prefix: str) -> FieldError:
-    """msgspec's `Expected `int`, got `str` - at `$.a[0]`` as the field `prefix.a[0]` and its message."""
-    text = str(exc)
-    match = _MSGSPEC_PATH.search(text)
-    path = match.group(1) if match else ""
-    field = f"{prefix}.{path}" if prefix and path and not path.startswith("[") else prefix + path
-    return FieldError(field, text[: match.start()] if match else text, None if path else value)
 
 
 def error_response(

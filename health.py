@@ -12,13 +12,12 @@ from typing import Literal
 import msgspec
 from starlette.types import Receive, Scope, Send
 
-from db import Database, PoolUsage
+from db import NOT_CONFIGURED, Database, PoolUsage
 from responses import ENCODER, JSON_HEADERS, send_bytes, utc_timestamp
 from settings import Settings
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 MigrationStatus = Literal["up_to_date", "pending", "unknown"]
-NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
 _HEADERS = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 
 

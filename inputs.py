@@ -1,0 +1,108 @@
+"""Request input: path segments, the query string and the JSON body, decoded into their annotations.
+
+Each decoder is built once per route, at start-up. Only what the client sent maps to the client's
+errors: a body that is not JSON is a 400, input of the wrong shape a 422 naming every field that
+is wrong (msgspec reports the first; the error path looks at each field on its own).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+
+from errors import FieldError, MalformedRequestError, RequestValidationError
+from openapi import Param
+
+Binder = Callable[[Request], Awaitable[Any]]
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the problem is
+
+
+def path_binder(name: str, kind: Any) -> Binder:
+    async def path(request: Request) -> Any:
+        raw = request.path_params[name]
+        try:
+            return msgspec.convert(raw, kind, strict=False)
+        except msgspec.ValidationError as exc:
+            raise RequestValidationError(validation_errors(exc, raw, prefix=name)) from None
+
+    return path
+
+
+def query_params(kind: type[msgspec.Struct]) -> list[Param]:
+    _, components = msgspec.json.schema_components([kind])
+    schema = components[kind.__name__]
+    required = set(schema.get("required", ()))
+    return [Param(name, "query", prop, name in required) for name, prop in schema.get("properties", {}).items()]
+
+
+def query_binder(kind: type[msgspec.Struct]) -> Binder:
+    async def query(request: Request) -> Any:
+        values = dict(request.query_params)
+        try:
+            return msgspec.convert(values, kind, strict=False)
+        except msgspec.ValidationError as exc:
+            raise RequestValidationError(validation_errors(exc, values, kind=kind, strict=False)) from None
+
+    return query
+
+
+def body_binder(kind: type[msgspec.Struct]) -> Binder:
+    decoder = msgspec.json.Decoder(kind)  # built once per route
+
+    async def body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            document = msgspec.json.decode(raw)  # valid JSON: only its shape is wrong
+            raise RequestValidationError(validation_errors(exc, document, kind=kind)) from None
+        except msgspec.DecodeError:
+            raise MalformedRequestError("Malformed request body: not valid JSON") from None
+
+    return body
+
+
+def validation_errors(
+    exc: msgspec.ValidationError,
+    document: Any,
+    *,
+    kind: type[msgspec.Struct] | None = None,
+    strict: bool = True,
+    prefix: str = "",
+) -> list[FieldError]:
+    """Every field's problem with `document` as `kind`, where msgspec stops at the first (`exc`).
+
+    Only on the error path: each field is converted on its own, missing and unknown ones named.
+    """
+    errors = []
+    if kind is not None and isinstance(document, dict):
+        known = set()
+        for field in msgspec.structs.fields(kind):
+            known.add(field.encode_name)
+            if field.encode_name not in document:
+                if field.required:
+                    errors.append(FieldError(field.encode_name, "Field required"))
+                continue
+            value = document[field.encode_name]
+            try:
+                msgspec.convert(value, field.type, strict=strict)
+            except msgspec.ValidationError as field_exc:
+                errors.append(_field_error(field_exc, value, field.encode_name))
+        if kind.__struct_config__.forbid_unknown_fields:
+            errors += [
+                FieldError(name, "Unknown field", value) for name, value in document.items() if name not in known
+            ]
+    return errors or [_field_error(exc, document, prefix)]
+
+
+def _field_error(exc: msgspec.ValidationError, value: Any, prefix: str) -> FieldError:
+    """msgspec's `Expected `int`, got `str` - at `$.a[0]`` as the field `prefix.a[0]` and its message."""
+    text = str(exc)
+    match = _MSGSPEC_PATH.search(text)
+    path = match.group(1) if match else ""
+    field = f"{prefix}.{path}" if prefix and path and not path.startswith("[") else prefix + path
+    return FieldError(field, text[: match.start()] if match else text, None if path else value)
