@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import traceback
@@ -18,9 +17,6 @@ from settings import Settings
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 _HANDLER_NAME = "service"
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
-# Masks that turn 128 random bits into a version-4, RFC 9562-variant UUID.
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 access_logger = logging.getLogger("service.access")
 
 
@@ -133,13 +129,6 @@ def configure_logging(settings: Settings) -> None:
     uvicorn_access.handlers.clear()
     uvicorn_access.propagate = False
     uvicorn_access.disabled = True
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID, as `str(uuid.uuid4())` but without building a `uuid.UUID`."""
-    bits = int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET
-    text = bits.to_bytes(16).hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _printable(text: str) -> str:

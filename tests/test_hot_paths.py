@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 
 from api import Endpoints
 from app import create_app
-from logs import JsonFormatter, _Redactor, configure_logging, new_request_id
-from middleware import RequestContext
+from logs import JsonFormatter, _Redactor, configure_logging
+from middleware import RequestContext, new_request_id
 from settings import Settings
 
 ORIGIN = "http://localhost:3000"
