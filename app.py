@@ -155,4 +155,10 @@ def create_app(
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> Service:
+    """`app`, built from the environment (and `.env`) when first asked for: what `uvicorn app:app`
+    serves. Importing `create_app` from here builds nothing (PEP 562 module `__getattr__`)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = globals()["app"] = create_app()
+    return built

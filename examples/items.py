@@ -92,4 +92,9 @@ def create_items_app(settings: Settings | None = None) -> Starlette:
     return create_app(settings, endpoints=[items], migrations=[MIGRATIONS_DIR, MIGRATIONS])
 
 
-app = create_items_app()
+def __getattr__(name: str) -> Starlette:
+    """`app` for `uvicorn examples.items:app`, built when first asked for (as in app.py)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = globals()["app"] = create_items_app()
+    return built

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
 import pytest
-from service import make_settings, serve
+from service import ROOT, make_settings, serve
 
 from api import Context, Created, Endpoints
 from app import create_app
@@ -136,3 +141,16 @@ def test_two_handlers_of_one_name_stop_start_up() -> None:
 def test_an_unknown_method_is_refused_at_declaration() -> None:
     with pytest.raises(ValueError, match="the method must be one of GET, POST, PUT, PATCH, DELETE"):
         Endpoints(tag="x").route("TRACE", "/x", summary="x")
+
+
+def test_importing_a_module_builds_no_app_until_app_is_asked_for(tmp_path: Path) -> None:
+    """`from app import create_app` reads no environment; `app.app` builds (and checks) it once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SECRET_KEY")}
+    env.update(ENVIRONMENT="production", PYTHONPATH=str(ROOT))  # invalid: no DATABASE_URL, no SECRET_KEY
+    run = functools.partial(subprocess.run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    for module in ("app", "examples.items"):
+        imported = run([sys.executable, "-c", f"import {module} as m; print('app' in vars(m))"])
+        assert (imported.returncode, imported.stdout) == (0, "False\n"), imported.stderr
+        asked = run([sys.executable, "-c", f"import {module} as m; m.app"])
+        assert asked.returncode == 2
+        assert asked.stderr.startswith("Invalid settings (2 problem(s)):")
