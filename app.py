@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db import MIGRATIONS_DIR, Database, migrations_on_disk
 from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, error_response, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
-from logs import RequestContextMiddleware, configure_logging
+from logs import RequestContextMiddleware, configure_logging, finish_logs
 from metrics import Metrics, MetricsEndpoint
 from openapi import OPERATIONS, Operation, Reply, docs_routes
 from responses import StructResponse
@@ -186,6 +186,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
             await database.close()
         if metrics is not None:
             metrics.close()
+        finish_logs()  # every line on the stream before the process ends, uvicorn's last ones included
 
 
 def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIONS_DIR) -> Service:

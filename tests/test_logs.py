@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app import create_app
+from logs import BufferedHandler
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-Key-that-is-long-enough-for-prod-000"
@@ -134,3 +136,38 @@ async def test_custom_log_format_can_still_print_process_and_thread(capsys: pyte
     await run({"LOG_FORMAT": "%(process)d %(processName)s %(threadName)s %(message)s"}, ("/nope", {}))
     [line] = [line for line in capsys.readouterr().err.splitlines() if "GET /nope 404" in line]
     assert line.startswith(f"{os.getpid()} MainProcess MainThread GET /nope 404 ")
+
+
+def test_a_stream_that_stops_draining_drops_and_counts_instead_of_blocking() -> None:
+    """Logging into a full, unread pipe returns at once; reading it again brings one line with the count."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):  # the pipe full before the first line, as a stuck reader leaves it
+        while True:
+            filler += os.write(write_end, b"#" * 4096)
+    os.set_blocking(write_end, True)
+    handler = BufferedHandler(os.fdopen(write_end, "w"), capacity=4096)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for i in range(5000):  # 13 bytes each: far more than the handler's buffer
+            handler.handle(logging.makeLogRecord({"msg": f"line {i:07d}"}))
+        assert handler.dropped > 0
+        received = b""
+        while b"were dropped" not in received:
+            received += os.read(read_end, 1 << 16)
+        assert handler.drain(5)
+        os.set_blocking(read_end, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 1 << 16):
+                received += chunk
+    finally:
+        handler.close()
+        os.close(read_end)
+    lines = received[filler:].decode().splitlines()
+    reports = [line for line in lines if "were dropped" in line]
+    written = [line for line in lines if line.startswith("line ")]
+    assert all(r.endswith(" log lines were dropped: the log stream was not draining") for r in reports)
+    assert sum(int(r.split()[0]) for r in reports) == handler.dropped
+    assert len(written) + handler.dropped == 5000
+    assert written == sorted(written)  # what is written keeps its order
