@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, TextIO
@@ -141,6 +142,12 @@ class BufferedHandler(logging.Handler):
         self._idle = False  # the writer waits for a notify
         self._closed = False
         self.write_through = False  # each line written before emit returns: set when the process stops
+        self._start_writer()
+        # A forked child has no writer thread: it starts its own, leaving the parent's lines to the parent.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _restart_after_fork(ref()))
+
+    def _start_writer(self) -> None:
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -213,6 +220,12 @@ class BufferedHandler(logging.Handler):
         record.request_id = None
         record.log_lines_dropped = count
         return self.format(record) + "\n"
+
+
+def _restart_after_fork(handler: BufferedHandler | None) -> None:
+    if handler is not None and not handler._closed:
+        handler._pending, handler._pending_chars, handler._writing, handler._idle = [], 0, False, False
+        handler._start_writer()
 
 
 def _writer(stream: TextIO) -> Callable[[str], bool]:

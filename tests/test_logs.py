@@ -171,3 +171,25 @@ def test_a_stream_that_stops_draining_drops_and_counts_instead_of_blocking() -> 
     assert sum(int(r.split()[0]) for r in reports) == handler.dropped
     assert len(written) + handler.dropped == 5000
     assert written == sorted(written)  # what is written keeps its order
+
+
+def test_a_forked_child_writes_its_own_lines() -> None:
+    """A server that forks workers after configuring logging still gets every worker's lines."""
+    read_end, write_end = os.pipe()
+    handler = BufferedHandler(os.fdopen(write_end, "w"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its writer thread was started by the fork hook
+            handler.handle(logging.makeLogRecord({"msg": "from the child"}))
+            os._exit(0 if handler.drain(5) else 1)
+        handler.handle(logging.makeLogRecord({"msg": "from the parent"}))
+        assert os.waitpid(pid, 0)[1] == 0
+        assert handler.drain(5)
+    finally:
+        handler.close()
+    received = b""
+    while received.count(b"\n") < 2:
+        received += os.read(read_end, 1 << 16)
+    os.close(read_end)
+    assert sorted(received.decode().splitlines()) == ["from the child", "from the parent"]
