@@ -7,6 +7,8 @@
   both with the production JSON formatter, writing to a pipe that `cat` drains to /dev/null
   and to a file. "thread" is CPU time of the logging thread per line (what the event loop
   pays); "wall" is elapsed time per line until every line is written (the writer included).
+- write_access_line: the same line through `logs.write_access_line` (no LogRecord), the
+  buffered handler being the root's only one, as in production.
 - metrics: one request recorded with prometheus-client's labelled Counter and Histogram
   children (before) and with `metrics.Metrics.record` (after).
 
@@ -32,11 +34,15 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402 - after the path is set
 
-from logs import BufferedHandler, JsonFormatter, _Redactor  # noqa: E402
+from logs import BufferedHandler, JsonFormatter, _Redactor, write_access_line  # noqa: E402
 from metrics import BUCKETS, Metrics  # noqa: E402
 
+REQUEST_ID = "550e8400-e29b-41d4-a716-446655440000"
 FIELDS = {"method": "GET", "path": "/no-such-route", "status": 404, "duration_ms": 0.31,
-          "client": "127.0.0.1:50412", "request_id": "550e8400-e29b-41d4-a716-446655440000"}  # fmt: skip
+          "client": "127.0.0.1:50412", "request_id": REQUEST_ID}  # fmt: skip
+
+
+Runner = Callable[[logging.Handler, int], tuple[float, float]]
 
 
 def log_lines(handler: logging.Handler, count: int) -> tuple[float, float]:
@@ -58,13 +64,32 @@ def log_lines(handler: logging.Handler, count: int) -> tuple[float, float]:
     return cpu / count * 1e6, wall / count * 1e6
 
 
-def to_pipe(make: Callable[[TextIO], logging.Handler], count: int) -> tuple[float, float]:
+def direct_lines(handler: logging.Handler, count: int) -> tuple[float, float]:
+    """As `log_lines`, through `logs.write_access_line` with `handler` the root's only handler."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(count):
+            write_access_line("GET", "/no-such-route", 404, 0.31, "127.0.0.1:50412", REQUEST_ID)
+        cpu = time.thread_time() - cpu
+        assert isinstance(handler, BufferedHandler)
+        handler.drain(60)
+        wall = time.perf_counter() - wall
+    finally:
+        root.handlers[:] = saved
+    return cpu / count * 1e6, wall / count * 1e6
+
+
+def to_pipe(make: Callable[[TextIO], logging.Handler], count: int, run: Runner = log_lines) -> tuple[float, float]:
     reader = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert reader.stdin is not None
     stream = open(reader.stdin.fileno(), "w", closefd=False)  # noqa: SIM115 - closed below, after the handler
     handler = make(stream)
     try:
-        return log_lines(handler, count)
+        return run(handler, count)
     finally:
         handler.close()
         stream.close()
@@ -72,11 +97,11 @@ def to_pipe(make: Callable[[TextIO], logging.Handler], count: int) -> tuple[floa
         reader.wait()
 
 
-def to_file(make: Callable[[TextIO], logging.Handler], count: int) -> tuple[float, float]:
+def to_file(make: Callable[[TextIO], logging.Handler], count: int, run: Runner = log_lines) -> tuple[float, float]:
     with tempfile.TemporaryFile("w") as stream:
         handler = make(stream)
         try:
-            return log_lines(handler, count)
+            return run(handler, count)
         finally:
             handler.close()
 
@@ -126,13 +151,16 @@ def main() -> None:
 
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # as configure_logging does
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}; {options.count} lines x {options.rounds}")
-    print("| figure | before: thread µs | before: wall µs | after: thread µs | after: wall µs |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| figure | before: thread µs | before: wall µs | after: thread µs | after: wall µs "
+          "| write_access_line: thread µs | wall µs |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, sink in (("access line to a drained pipe", to_pipe), ("access line to a file", to_file)):
         before = [sink(synchronous, options.count) for _ in range(options.rounds)]
         after = [sink(buffered, options.count) for _ in range(options.rounds)]
+        direct = [sink(buffered, options.count, direct_lines) for _ in range(options.rounds)]
         print(f"| {name} | {min(b[0] for b in before):.2f} | {min(b[1] for b in before):.2f} "
-              f"| {min(a[0] for a in after):.2f} | {min(a[1] for a in after):.2f} |")  # fmt: skip
+              f"| {min(a[0] for a in after):.2f} | {min(a[1] for a in after):.2f} "
+              f"| {min(d[0] for d in direct):.2f} | {min(d[1] for d in direct):.2f} |")  # fmt: skip
     old = min(metrics_before(options.count) for _ in range(options.rounds))
     new = min(metrics_after(options.count) for _ in range(options.rounds))
     print(f"| metrics, one request | {old:.2f} | | {new:.2f} | |")

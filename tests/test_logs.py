@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 from service import make_settings, serve
@@ -15,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app import create_app
-from logs import BufferedHandler
+from logs import BufferedHandler, access_logger, configure_logging, write_access_line
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-Key-that-is-long-enough-for-prod-000"
@@ -193,3 +194,40 @@ def test_a_forked_child_writes_its_own_lines() -> None:
         received += os.read(read_end, 1 << 16)
     os.close(read_end)
     assert sorted(received.decode().splitlines()) == ["from the child", "from the parent"]
+
+
+def test_write_access_line_writes_what_logging_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct path's JSON line has the same keys and values as the record's, timestamp aside."""
+    configure_logging(make_settings(LOG_JSON="true", SECRET_KEY=SECRET))
+    [ours] = [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]
+    with (tmp_path / "log").open("w") as stream:
+        handler = BufferedHandler(stream)
+        handler.setFormatter(ours.formatter)
+        monkeypatch.setattr(logging.getLogger(), "handlers", [handler])  # as in production: nothing else listens
+        with monkeypatch.context() as direct_only:  # the direct path makes no record at all
+            direct_only.setattr(access_logger, "makeRecord", None)
+            write_access_line("GET", f"/direct/{SECRET}", 404, 0.31, "127.0.0.1:5", "req-1")
+        fields = {"method": "GET", "path": f"/direct/{SECRET}", "status": 404, "duration_ms": 0.31,
+                  "client": "127.0.0.1:5", "request_id": "req-1"}  # fmt: skip
+        args = ("GET", f"/direct/{SECRET}", 404, 0.31, "127.0.0.1:5")
+        record = access_logger.makeRecord(access_logger.name, logging.INFO, "f", 0, "%s %s %d %.2fms client=%s",
+                                          args, None, "f", fields)  # fmt: skip
+        access_logger.handle(record)
+        assert handler.drain(5)
+        handler.close()
+    direct, logged = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert direct.pop("timestamp")[:19] == logged.pop("timestamp")[:19]
+    assert direct == logged
+    assert direct["message"] == "GET /direct/*** 404 0.31ms client=127.0.0.1:5"  # redacted as any line
+
+
+def test_write_access_line_goes_through_logging_when_something_else_listens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With another handler (here pytest's capture) the record is made, so that handler sees it too."""
+    configure_logging(make_settings(LOG_JSON="true"))
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        write_access_line("POST", "/x", 201, 1.5, "127.0.0.1:5", "req-2")
+    [record] = [r for r in caplog.records if r.name == "service.access"]
+    assert record.getMessage() == "POST /x 201 1.50ms client=127.0.0.1:5"
+    assert (record.__dict__["status"], record.__dict__["request_id"]) == (201, "req-2")
