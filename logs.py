@@ -93,17 +93,18 @@ class JsonFormatter(logging.Formatter):
         self.redact = redact
         # Built once: msgspec reuses the encoder's buffer between lines.
         self.encoder = msgspec.json.Encoder()
-        # The date and time to the second, formatted once per second of `record.created`.
-        self._second = -1
-        self._stamp = ""
+        # The date and time to the second, formatted once per second of `record.created`; one
+        # tuple, swapped whole, as lines may be formatted on more than one thread.
+        self._stamp = (-1, "")
 
     def timestamp(self, created: float) -> str:
         """RFC 3339 UTC to the millisecond, as `logging` counts them (`LogRecord.msecs`)."""
         seconds = int(created)
-        if seconds != self._second:  # under load, most lines share their second with the previous one
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-            self._second = seconds
-        return f"{self._stamp}.{int((created - seconds) * 1000):03d}Z"
+        second, stamp = self._stamp
+        if seconds != second:  # under load, most lines share their second with the previous one
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            self._stamp = (seconds, stamp)
+        return f"{stamp}.{int((created - seconds) * 1000):03d}Z"
 
     def access_line(self, created: float, message: str, request_id: str, fields: dict[str, Any]) -> str:
         """The line `format` gives an access record with these fields, without the record."""
