@@ -185,7 +185,8 @@ class BufferedHandler(logging.Handler):
         self._pending_chars += len(line)
         if self.write_through:
             self._ready.notify_all()
-            self._ready.wait_for(lambda: not (self._pending or self._writing), FLUSH_TIMEOUT)
+            # A stream that stopped draining gets one wait, not one per line: exit stays bounded.
+            self.write_through = self._ready.wait_for(lambda: not (self._pending or self._writing), FLUSH_TIMEOUT)
         elif self._idle:  # at most one notify per batch: the writer lingers, then takes all
             self._idle = False
             self._ready.notify()
@@ -327,10 +328,11 @@ def finish_logs(timeout: float = FLUSH_TIMEOUT) -> bool:
     SIGTERM after its graceful shutdown, which skips `atexit`, and its last lines come after the
     lifespan's. Returns False if the stream did not take the buffered lines within `timeout`.
     """
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]
-    for handler in handlers:
-        handler.write_through = True
-    return all(h.drain(timeout) for h in handlers)
+    drained = True
+    for handler in [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]:
+        handler.write_through = handler.drain(timeout)  # a stuck stream is not waited for line by line
+        drained = drained and handler.write_through
+    return drained
 
 
 def configure_logging(settings: Settings) -> None:

@@ -137,3 +137,20 @@ def test_every_access_line_is_written_before_a_graceful_stop(tmp_path: Path) -> 
     assert len(access_lines(text)) == responses + 3000
     assert DROPPED_LINE not in text
     assert "Finished server process" in text.splitlines()[-1]  # uvicorn's own last line, after the lifespan's
+
+
+def test_a_graceful_stop_with_a_stuck_log_stream_still_ends(database_url: str) -> None:
+    """SIGTERM while nobody reads the pipe: the wait for the stream is bounded and the exit graceful."""
+    read_end, write_end = os.pipe()
+    try:
+        with uvicorn({"DATABASE_URL": database_url}, write_end) as (process, url):
+            os.close(write_end)
+            write_end = -1
+            wait_ready(url)
+            flood(url, 6000)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(40) in (0, -signal.SIGTERM)  # the flush waits at most FLUSH_TIMEOUT, once
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
