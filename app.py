@@ -26,7 +26,7 @@ from api import Context, Endpoints, State
 from db import Database
 from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
-from logs import configure_logging
+from logs import configure_logging, finish_logs
 from metrics import Metrics, MetricsEndpoint
 from middleware import CORS, BodyLimit, HotPaths, RequestContext
 from migrate import MIGRATIONS_DIR, migrations_on_disk
@@ -91,6 +91,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
             await database.close()
         if metrics is not None:
             metrics.close()
+        finish_logs()  # every line on the stream before the process ends, uvicorn's last ones included
 
 
 def create_app(

@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def render(summary: dict[str, dict[str, float]], subjects: list[str], routes: li
             f"| {name} | {f['startup_ms']:.0f} | {startup} | {f['rss_idle_mib']:.1f} | {f['rss_loaded_mib']:.1f} "
             f"| {rss} | {f['db_connections']:.0f} |"
         )
-    for name in subjects:
+    for name in (s for s in subjects if s in ("service", "compare")):  # the peers have no targets
         lines += ["", f"| target ({name}) | goal | measured | met |", "| --- | --- | ---: | --- |"]
         for figure, key, op, goal in TARGETS:
             bound = float(pool_size) if goal is None else goal
@@ -88,6 +88,55 @@ def render(summary: dict[str, dict[str, float]], subjects: list[str], routes: li
             met = value >= bound if op == ">=" else value <= bound
             shown = f"{op} {pool_size} (pool size)" if goal is None else f"{op} {goal}"
             lines.append(f"| {figure} | {shown} | {value:.2f} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines)
+
+
+def render_side_by_side(
+    sections: Sequence[tuple[tuple[int, int] | None, dict[str, dict[str, float]]]],
+    subjects: list[str],
+    routes: list[str],
+) -> str:
+    """One table: every server on every route, with its ratios to the ceiling of the same round.
+
+    `sections` pairs each summary with its (connections, workers), or None for the default run.
+    """
+    scaled = sections[0][0] is not None
+    head = "| connections | workers " if scaled else ""
+    lines = [
+        f"{head}| route | server | requests/s | ratio | p99 ms | p99 ratio | RSS after load MiB | start-up ms |",
+        "| ---: | ---: " * scaled + "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for config, summary in sections:
+        cells = f"| {config[0]} | {config[1]} " if config is not None else ""
+        for route in routes:
+            for name in [*subjects, "baseline"]:
+                f = summary[name]
+                ceiling = name == "baseline"
+                ratio = "1.00 (ceiling)" if ceiling else f"{f[f'rps_ratio:{route}']:.2f}"
+                p99 = "" if ceiling else f"{f[f'p99_ratio:{route}']:.2f}x"
+                lines.append(
+                    f"{cells}| {route} | {name} | {f[f'rps:{route}']:.0f} | {ratio} | {f[f'p99_ms:{route}']:.2f} "
+                    f"| {p99} | {f['rss_loaded_mib']:.1f} | {f['startup_ms']:.0f} |"
+                )
+    if scaled:
+        lines += ["", _workers_gain(sections, subjects, routes)]
+    return "\n".join(lines)
+
+
+def _workers_gain(
+    sections: Sequence[tuple[tuple[int, int] | None, dict[str, dict[str, float]]]],
+    subjects: list[str],
+    routes: list[str],
+) -> str:
+    """Requests/s with 2 workers over 1, at the same connections: what a second process buys."""
+    by_config = dict(sections)
+    lines = ["| server | route | 2 workers / 1 worker, 64 connections |", "| --- | --- | ---: |"]
+    one, two = by_config.get((64, 1)), by_config.get((64, 2))
+    if one is None or two is None:
+        return ""
+    for name in [*subjects, "baseline"]:
+        for route in routes:
+            lines.append(f"| {name} | {route} | {two[name][f'rps:{route}'] / one[name][f'rps:{route}']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -103,6 +152,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "wrk": wrk_version.strip(),
+        "load": " ".join(f"{n:.2f}" for n in os.getloadavg()),  # other work on the machine skews every figure
     }
 
 

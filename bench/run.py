@@ -4,6 +4,9 @@
     uv run python bench/run.py --smoke                # seconds, for CI: it runs, it answers
     uv run python bench/run.py --compare "CMD {port}" # any other server next to ours
     uv run python bench/run.py --soak                 # 200k mixed requests, memory throughout
+    uv run python bench/run.py --peers                # FastAPI, Litestar, Starlette, BlackSheep too
+    uv run python bench/run.py --scale                # 1, 64 and 512 connections; 2 workers against 1
+    uv run python bench/run.py --app examples.items:app --server python-m-app
 
 A throwaway PostgreSQL (tests/cluster.py) gets the migrations; each server is started under
 uvicorn with one worker, uvloop and httptools, pinned to one core while wrk runs on the
@@ -26,15 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import machine, render, render_soak, summarise
-from servers import ROOT, Postgres, Running, Server
+from report import machine, render, render_side_by_side, render_soak, summarise
+from servers import ROOT, SERVER_CORE, Postgres, Running, Server
+from venvs import peer_pins, peer_python
 
 RESULTS = ROOT / "bench" / "results"
 LOAD_CORE = "1"  # the servers get the other one
 ROUTES = {"/health": "/health", "/health/db": "/health/db", "404": "/no-such-route"}
+SCALE_ROUTES = {"/health": "/health", "/health/db": "/health/db"}
+SCALE = [(1, 1), (64, 1), (512, 1), (64, 2)]  # (connections, workers) of each --scale table
 EXPECTED_STATUS = {"/health": 200, "/health/db": 200, "404": 404}
 SETTLE = 0.5  # seconds of quiet before reading idle or after-load memory
-UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "uvloop", "--http", "httptools"]
+UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
 SOAK_SCRIPT = """
 local paths = {"/health", "/health/db", "/no-such-route"}
 local sent = 0
@@ -79,7 +85,9 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def measure_round(order: list[Server], postgres: Postgres, args: argparse.Namespace, number: int) -> dict[str, Any]:
+def measure_round(
+    order: list[Server], postgres: Postgres, args: argparse.Namespace, number: int, routes: dict[str, str]
+) -> dict[str, Any]:
     """One round: every server started, then each route loaded on each server back to back.
 
     Pairs of runs that are compared sit seconds apart, so a burst of load from elsewhere on
@@ -94,7 +102,7 @@ def measure_round(order: list[Server], postgres: Postgres, args: argparse.Namesp
         time.sleep(SETTLE)
         for name, live in running.items():
             results[name] = {"startup_ms": live.startup_ms, "rss_idle_mib": live.rss_mib(), "routes": {}}
-        for route, path in ROUTES.items():
+        for route, path in routes.items():
             for name, live in running.items():
                 status, body = live.get(path)
                 with postgres.counting_connections() as opened:
@@ -158,7 +166,11 @@ def soak(server: Server, args: argparse.Namespace, log: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- main
 
 
-def servers(postgres: Postgres, args: argparse.Namespace) -> tuple[list[Server], Server]:
+def servers(postgres: Postgres, args: argparse.Namespace, workers: int = 1) -> tuple[list[Server], Server]:
+    """The service, the peers and `--compare` if asked for, and the ceiling, each with `workers` processes.
+
+    One worker is pinned to one core (wrk has the other); several share both cores with wrk.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "PG"))}
     env |= {
         "DATABASE_URL": postgres.url,
@@ -168,15 +180,38 @@ def servers(postgres: Postgres, args: argparse.Namespace) -> tuple[list[Server],
         "LOG_JSON": "true",
         "LOG_LEVEL": "INFO",
     }
+    cores = SERVER_CORE if workers == 1 else "0,1"
     python = sys.executable
-    # The service's own access line is on (and uvicorn's off, by the service); the baseline logs nothing.
-    service = Server("service", [python, *UVICORN, "--port", "{port}", "app:app"], env)
-    baseline_argv = [python, *UVICORN, "--port", "{port}", "--no-access-log", "--app-dir", "bench", "baseline:app"]
-    baseline = Server("baseline", baseline_argv, env)
+    uvicorn = [*UVICORN, "--workers", str(workers), "--port", "{port}"]
+    # The service's own access line is on (and uvicorn's off, by the service); the others log nothing.
+    if args.server == "python-m-app":  # the production server: HOST, PORT and WEB_CONCURRENCY from the environment
+        production = env | {"HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers)}
+        service = Server("service", [python, "-m", "app"], production, cores)
+    else:
+        service = Server("service", [python, *uvicorn, args.app], env, cores)
+    baseline = Server(
+        "baseline", [python, *uvicorn, "--no-access-log", "--app-dir", "bench", "baseline:app"], env, cores
+    )
     subjects = [service]
+    if args.peers:
+        for name, pins in peer_pins().items():
+            argv = [str(peer_python(name, pins)), *uvicorn, "--no-access-log", "--app-dir", "bench/peers"]
+            subjects.append(Server(name, [*argv, f"{name}_app:app"], env, cores))
     if args.compare:
-        subjects.append(Server("compare", ["sh", "-c", f"exec {args.compare}"], env))
+        subjects.append(Server("compare", ["sh", "-c", f"exec {args.compare}"], env, cores))
     return subjects, baseline
+
+
+def measure(postgres: Postgres, args: argparse.Namespace, routes: dict[str, str], workers: int = 1) -> dict[str, Any]:
+    """`args.rounds` rounds of every server, the order turning each round; medians and ratios."""
+    subjects, baseline = servers(postgres, args, workers)
+    rounds = []
+    for number in range(args.rounds):
+        order = [*subjects, baseline]
+        order = order[number % len(order) :] + order[: number % len(order)]  # alternate who goes first
+        rounds.append(measure_round(order, postgres, args, number + 1, routes))
+    names = [s.name for s in subjects]
+    return {"names": names, "rounds": rounds, "summary": summarise(rounds, names, list(routes))}
 
 
 def main() -> int:
@@ -186,6 +221,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up load per route (default 2)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--pool-size", type=int, default=10, help="DATABASE_POOL_SIZE for every server (default 10)")
+    parser.add_argument("--app", default="app:app", help="the service as an import string (default app:app)")
+    parser.add_argument("--server", choices=["uvicorn", "python-m-app"], default="uvicorn",
+                        help="run the service under `uvicorn --app` (default) or as `python -m app`")  # fmt: skip
+    parser.add_argument("--peers", action="store_true", help="also FastAPI, Litestar, Starlette and BlackSheep")
+    parser.add_argument("--scale", action="store_true", help="instead: 1, 64, 512 connections, and 2 workers")
     parser.add_argument("--compare", metavar="COMMAND", help='another server, e.g. "uvicorn other:app --port {port}"')
     parser.add_argument("--soak", action="store_true", help="instead: mixed requests, memory sampled throughout")
     parser.add_argument("--soak-requests", type=int, default=200_000, help="requests in the soak (default 200000)")
@@ -198,33 +238,39 @@ def main() -> int:
     report: dict[str, Any] = {"machine": machine(), "arguments": vars(args)}
     postgres = Postgres()
     try:
-        subjects, baseline = servers(postgres, args)
-        names = [s.name for s in subjects]
         if args.soak:
+            subjects, _ = servers(postgres, args)
             report["soak"] = {s.name: soak(s, args, RESULTS / "logs" / f"{s.name}-soak.log") for s in subjects}
             text = render_soak(report["soak"])
+        elif args.scale:
+            report["scale"], sections = [], []
+            for connections, workers in SCALE:
+                args.connections = connections
+                result = measure(postgres, args, SCALE_ROUTES, workers)
+                report["scale"].append({"connections": connections, "workers": workers, **result})
+                sections.append(((connections, workers), result["summary"]))
+            text = render_side_by_side(sections, result["names"], list(SCALE_ROUTES))
         else:
-            rounds = []
-            for number in range(args.rounds):
-                order = [*subjects, baseline]
-                order = order[number % len(order) :] + order[: number % len(order)]  # alternate who goes first
-                rounds.append(measure_round(order, postgres, args, number + 1))
-            report["rounds"] = rounds
-            report["summary"] = summarise(rounds, names, list(ROUTES))
-            text = render(report["summary"], names, list(ROUTES), args.pool_size)
+            result = measure(postgres, args, ROUTES)
+            report |= {"rounds": result["rounds"], "summary": result["summary"]}
+            text = render(result["summary"], result["names"], list(ROUTES), args.pool_size)
+            if args.peers:
+                text = render_side_by_side([(None, result["summary"])], result["names"], list(ROUTES)) + "\n\n" + text
     finally:
         postgres.destroy()
-    kind = "smoke" if args.smoke else "soak" if args.soak else "bench"
+    kind = "smoke" if args.smoke else "soak" if args.soak else "scale" if args.scale else "bench"
     (RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(report, indent=2))
     (RESULTS / f"{kind}-latest.md").write_text(text + "\n")
+    print(f"load average before: {report['machine']['load']}; after: {os.getloadavg()[0]:.2f}")
     print(text)
-    return _problems(report, names)
+    rounds = report.get("rounds", []) + [r for s in report.get("scale", []) for r in s["rounds"]]
+    return _problems(rounds)
 
 
-def _problems(report: dict[str, Any], names: list[str]) -> int:
+def _problems(rounds: list[dict[str, Any]]) -> int:
     """Non-zero when our own servers answered wrongly: a benchmark of errors measures nothing."""
     problems = []
-    for number, results in enumerate(report.get("rounds", []), 1):
+    for number, results in enumerate(rounds, 1):
         for name in ("service", "baseline"):
             for route, figures in results[name]["routes"].items():
                 if figures["status"] != EXPECTED_STATUS[route]:

@@ -29,8 +29,8 @@ STOP_TIMEOUT = 20.0  # seconds for a graceful shutdown before SIGKILL
 class Server:
     """A command that serves HTTP on `{port}`; started fresh for every round."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.name, self.argv, self.env = name, argv, env
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cores: str = SERVER_CORE) -> None:
+        self.name, self.argv, self.env, self.cores = name, argv, env, cores
 
 
 class Running:
@@ -38,7 +38,7 @@ class Running:
 
     def __init__(self, server: Server, log: Path) -> None:
         self.port = _free_port()
-        argv = ["taskset", "-c", SERVER_CORE, *(arg.replace("{port}", str(self.port)) for arg in server.argv)]
+        argv = ["taskset", "-c", server.cores, *(arg.replace("{port}", str(self.port)) for arg in server.argv)]
         env = {**server.env, "PORT": str(self.port)}
         self.log = log.open("wb")
         started = time.perf_counter()
@@ -131,7 +131,7 @@ class Postgres:
         """Counts backends authorised for the bench database while the block runs."""
         start = self.log.stat().st_size
         marker = f"connection authorized: user={self.cluster.user} database={DATABASE} "
-        yield lambda: sum(marker in line for line in _read_from(self.log, start).splitlines())
+        yield lambda: sum(marker in line + " " for line in _read_from(self.log, start).splitlines())
 
     def destroy(self) -> None:
         self.cluster.destroy()

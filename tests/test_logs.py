@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import uuid
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -13,6 +15,7 @@ from service import make_settings, serve
 
 from api import Endpoints
 from app import create_app
+from logs import BufferedHandler, access_logger, configure_logging, write_access_line
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-Key-that-is-long-enough-for-prod-000"
@@ -140,3 +143,97 @@ async def test_custom_log_format_can_still_print_process_and_thread(capsys: pyte
     await run({"LOG_FORMAT": "%(process)d %(processName)s %(threadName)s %(message)s"}, ("/nope", {}))
     [line] = [line for line in capsys.readouterr().err.splitlines() if "GET /nope 404" in line]
     assert line.startswith(f"{os.getpid()} MainProcess MainThread GET /nope 404 ")
+
+
+def test_a_stream_that_stops_draining_drops_and_counts_instead_of_blocking() -> None:
+    """Logging into a full, unread pipe returns at once; reading it again brings one line with the count."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):  # the pipe full before the first line, as a stuck reader leaves it
+        while True:
+            filler += os.write(write_end, b"#" * 4096)
+    os.set_blocking(write_end, True)
+    handler = BufferedHandler(os.fdopen(write_end, "w"), capacity=4096)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for i in range(5000):  # 13 bytes each: far more than the handler's buffer
+            handler.handle(logging.makeLogRecord({"msg": f"line {i:07d}"}))
+        assert handler.dropped > 0
+        received = b""
+        while b"were dropped" not in received:
+            received += os.read(read_end, 1 << 16)
+        assert handler.drain(5)
+        os.set_blocking(read_end, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 1 << 16):
+                received += chunk
+    finally:
+        handler.close()
+        os.close(read_end)
+    lines = received[filler:].decode().splitlines()
+    reports = [line for line in lines if "were dropped" in line]
+    written = [line for line in lines if line.startswith("line ")]
+    assert all(r.endswith(" log lines were dropped: the log stream was not draining") for r in reports)
+    assert sum(int(r.split()[0]) for r in reports) == handler.dropped
+    assert len(written) + handler.dropped == 5000
+    assert written == sorted(written)  # what is written keeps its order
+
+
+def test_a_forked_child_writes_its_own_lines() -> None:
+    """A server that forks workers after configuring logging still gets every worker's lines."""
+    read_end, write_end = os.pipe()
+    handler = BufferedHandler(os.fdopen(write_end, "w"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its writer thread was started by the fork hook
+            handler.handle(logging.makeLogRecord({"msg": "from the child"}))
+            os._exit(0 if handler.drain(5) else 1)
+        handler.handle(logging.makeLogRecord({"msg": "from the parent"}))
+        assert os.waitpid(pid, 0)[1] == 0
+        assert handler.drain(5)
+    finally:
+        handler.close()
+    received = b""
+    while received.count(b"\n") < 2:
+        received += os.read(read_end, 1 << 16)
+    os.close(read_end)
+    assert sorted(received.decode().splitlines()) == ["from the child", "from the parent"]
+
+
+def test_write_access_line_writes_what_logging_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct path's JSON line has the same keys and values as the record's, timestamp aside."""
+    configure_logging(make_settings(LOG_JSON="true", SECRET_KEY=SECRET))
+    [ours] = [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]
+    with (tmp_path / "log").open("w") as stream:
+        handler = BufferedHandler(stream)
+        handler.setFormatter(ours.formatter)
+        monkeypatch.setattr(logging.getLogger(), "handlers", [handler])  # as in production: nothing else listens
+        with monkeypatch.context() as direct_only:  # the direct path makes no record at all
+            direct_only.setattr(access_logger, "makeRecord", None)
+            write_access_line("GET", f"/direct/{SECRET}", 404, 0.31, "127.0.0.1:5", "req-1")
+        fields = {"method": "GET", "path": f"/direct/{SECRET}", "status": 404, "duration_ms": 0.31,
+                  "client": "127.0.0.1:5", "request_id": "req-1"}  # fmt: skip
+        args = ("GET", f"/direct/{SECRET}", 404, 0.31, "127.0.0.1:5")
+        record = access_logger.makeRecord(access_logger.name, logging.INFO, "f", 0, "%s %s %d %.2fms client=%s",
+                                          args, None, "f", fields)  # fmt: skip
+        access_logger.handle(record)
+        assert handler.drain(5)
+        handler.close()
+    direct, logged = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert direct.pop("timestamp")[:19] == logged.pop("timestamp")[:19]
+    assert direct == logged
+    assert direct["message"] == "GET /direct/*** 404 0.31ms client=127.0.0.1:5"  # redacted as any line
+
+
+def test_write_access_line_goes_through_logging_when_something_else_listens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With another handler (here pytest's capture) the record is made, so that handler sees it too."""
+    configure_logging(make_settings(LOG_JSON="true"))
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        write_access_line("POST", "/x", 201, 1.5, "127.0.0.1:5", "req-2")
+    [record] = [r for r in caplog.records if r.name == "service.access"]
+    assert record.getMessage() == "POST /x 201 1.50ms client=127.0.0.1:5"
+    assert (record.__dict__["status"], record.__dict__["request_id"]) == (201, "req-2")

@@ -14,6 +14,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from app import create_app
+from logs import dropped_log_lines
 from metrics import UNMATCHED, Metrics, MetricsEndpoint
 from middleware import RequestContext
 from settings import SettingsError, load_settings
@@ -131,3 +132,20 @@ def test_enable_metrics_must_be_a_boolean() -> None:
     """A typo in ENABLE_METRICS stops start-up with the rule, rather than silently picking a side."""
     with pytest.raises(SettingsError, match=r"ENABLE_METRICS='maybe': must be a boolean"):
         load_settings({"ENABLE_METRICS": "maybe"})
+
+
+def test_durations_land_in_the_first_bucket_whose_bound_holds_them() -> None:
+    """Bounds are inclusive (`le`), buckets cumulative, and what exceeds the last lands in +Inf only."""
+    metrics = Metrics()
+    for seconds in (0.0005, 0.003, 0.003, 20.0):
+        metrics.observe("GET", "/x", 200, seconds)
+    metrics.observe("GET", "/x", 500, 0.2)  # another status: same histogram, its own counter
+    text = metrics.exposition().decode()
+    bucket = {le: value(text, "http_request_duration_seconds_bucket", method="GET", route="/x", le=le)
+              for le in ("0.0005", "0.0025", "0.005", "0.25", "10.0", "+Inf")}  # fmt: skip
+    assert bucket == {"0.0005": 1, "0.0025": 1, "0.005": 3, "0.25": 4, "10.0": 4, "+Inf": 5}
+    assert value(text, "http_request_duration_seconds_count", method="GET", route="/x") == 5
+    assert value(text, "http_request_duration_seconds_sum", method="GET", route="/x") == pytest.approx(20.2065)
+    assert value(text, "http_requests_total", method="GET", route="/x", status="200") == 4
+    assert value(text, "http_requests_total", method="GET", route="/x", status="500") == 1
+    assert value(text, "log_lines_dropped_total") == dropped_log_lines()  # the process's own count, whatever it is

@@ -1,0 +1,156 @@
+"""A log stream that stops draining never stalls the service, and a graceful stop loses no line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+from service import _SERVICE_VARIABLES, ROOT, free_port
+from test_metrics import value
+
+pytestmark = pytest.mark.slow
+PIPE_BUFFER = 65536  # Linux's default pipe capacity, in bytes
+FLOOD = 12000  # 404 access lines of about 330 bytes: far more than the pipe and the handler's buffer hold
+DROPPED_LINE = "log lines were dropped"
+
+
+@contextmanager
+def uvicorn(env: dict[str, str], stderr: int | IO[bytes]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`uvicorn app:app` with its stderr where the test says; SIGTERM afterwards, killed if it hangs."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--loop", "uvloop"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**clean, "LOG_JSON": "true", **env}, stdout=subprocess.DEVNULL, stderr=stderr
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def wait_ready(url: str) -> int:
+    """Polls /health until it answers 200; returns how many responses that took (each is a line)."""
+    answered = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            answered += 1
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return answered
+        except httpx.TransportError:
+            answered -= 1
+            time.sleep(0.05)
+    raise AssertionError("uvicorn did not answer /health within 30 s")
+
+
+def flood(url: str, count: int, batch: int = 200) -> None:
+    """`count` 404s pipelined on one keep-alive connection, read back in batches: many lines, fast."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sent = 0
+        while sent < count:
+            n = min(batch, count - sent)
+            sock.sendall(b"".join(b"GET /flood/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (sent + i) for i in range(n)))
+            received = b""
+            while received.count(b"HTTP/1.1 404 ") < n:
+                chunk = sock.recv(1 << 16)
+                assert chunk, "the server closed the connection mid-flood"
+                received += chunk
+            sent += n
+
+
+def access_lines(text: str) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [e for e in entries if e["logger"] == "service.access"]
+
+
+def test_requests_and_probes_are_answered_while_nobody_reads_the_log_pipe(database_url: str) -> None:
+    """Past a full pipe, lines are dropped and counted; once read again one line gives the count."""
+    read_end, write_end = os.pipe()
+    try:
+        with uvicorn({"DATABASE_URL": database_url}, write_end) as (process, url):
+            os.close(write_end)
+            write_end = -1
+            responses = wait_ready(url)
+            flood(url, FLOOD)  # with a synchronous handler this stalled after about 220 lines
+            responses += FLOOD
+            for _ in range(3):
+                assert httpx.get(f"{url}/health", timeout=2).status_code == 200
+                assert httpx.get(f"{url}/health/db", timeout=5).status_code == 200  # degraded: migrations pending
+                responses += 2
+
+            output: list[bytes] = []
+            reader = threading.Thread(target=lambda: output.extend(iter(lambda: os.read(read_end, 1 << 16), b"")))
+            reader.start()
+            deadline = time.monotonic() + 20
+            while DROPPED_LINE.encode() not in b"".join(output):
+                assert time.monotonic() < deadline, "no line reported the dropped lines once the pipe drained"
+                time.sleep(0.05)
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            dropped = value(text, "log_lines_dropped_total")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its shutdown
+            reader.join(10)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    log = b"".join(output).decode()
+    reports = [json.loads(line) for line in log.splitlines() if DROPPED_LINE in line]
+    assert dropped is not None
+    assert dropped * 330 > PIPE_BUFFER  # far more was dropped than fits in a pipe: the test bit
+    assert sum(int(r["log_lines_dropped"]) for r in reports) == dropped
+    assert len(access_lines(log)) + dropped == responses + 1  # every line written or counted; +1: /metrics
+
+
+def test_every_access_line_is_written_before_a_graceful_stop(tmp_path: Path) -> None:
+    """A flood then SIGTERM at once: one line per request in the file, and none dropped."""
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log, uvicorn({}, log) as (process, url):
+        responses = wait_ready(url)
+        flood(url, 3000)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its shutdown
+    text = log_path.read_text()
+    flooded = [line for line in access_lines(text) if str(line["path"]).startswith("/flood/")]
+    assert sorted(int(str(line["path"]).rsplit("/", 1)[1]) for line in flooded) == list(range(3000))
+    assert len(access_lines(text)) == responses + 3000
+    assert DROPPED_LINE not in text
+    assert "Finished server process" in text.splitlines()[-1]  # uvicorn's own last line, after the lifespan's
+
+
+def test_a_graceful_stop_with_a_stuck_log_stream_still_ends(database_url: str) -> None:
+    """SIGTERM while nobody reads the pipe: the wait for the stream is bounded and the exit graceful."""
+    read_end, write_end = os.pipe()
+    try:
+        with uvicorn({"DATABASE_URL": database_url}, write_end) as (process, url):
+            os.close(write_end)
+            write_end = -1
+            wait_ready(url)
+            flood(url, 6000)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(40) in (0, -signal.SIGTERM)  # the flush waits at most FLUSH_TIMEOUT, once
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
