@@ -44,7 +44,9 @@ def test_tests_pass_with_a_bad_dotenv_in_the_checkout_and_variables_exported(tmp
     shutil.copytree(
         ROOT,
         checkout,
-        ignore=shutil.ignore_patterns(".git", ".venv", ".env", "__pycache__", ".*_cache", ".hypothesis"),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".env", "__pycache__", ".*_cache", ".hypothesis", ".coverage*", "htmlcov"
+        ),
     )
     (checkout / ".env").write_text(HOSTILE_DOTENV)
     env = {k: v for k, v in os.environ.items() if k != "PYTHON_DOTENV_DISABLED"}
