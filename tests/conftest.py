@@ -11,13 +11,17 @@ server, or a ``.env`` copied from ``.env.example``, must never reach it.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cluster import Cluster
 
 from settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # What the service reads besides its settings (prometheus-client's multiprocess directory), and
 # libpq's variables, which would redirect or alter the tests' own connections.
@@ -70,3 +74,17 @@ def database_url(cluster: Cluster) -> Iterator[str]:
     finally:
         cluster.ensure_running()
         cluster.drop_database(name)
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the repository's files to change freely: no .git, virtualenv, caches or `.env`."""
+    copy = tmp_path / "checkout"
+    shutil.copytree(
+        ROOT,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".env", "__pycache__", ".*_cache", ".hypothesis", ".coverage*", "htmlcov"
+        ),
+    )
+    return copy

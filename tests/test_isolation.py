@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from service import ROOT
 
 # Tests that read settings in process, in a uvicorn subprocess, in `python -m db` and from a
 # real cluster: each broke, or would break, when the developer's environment leaked in.
@@ -38,16 +36,8 @@ RUN_TIMEOUT = 300  # seconds: bounds a wedged run, far above a normal one
 
 
 @pytest.mark.slow
-def test_tests_pass_with_a_bad_dotenv_in_the_checkout_and_variables_exported(tmp_path: Path) -> None:
+def test_tests_pass_with_a_bad_dotenv_in_the_checkout_and_variables_exported(checkout: Path) -> None:
     """A copy of the checkout with a bad `.env` and service variables exported still passes its sensitive tests."""
-    checkout = tmp_path / "checkout"
-    shutil.copytree(
-        ROOT,
-        checkout,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", ".env", "__pycache__", ".*_cache", ".hypothesis", ".coverage*", "htmlcov"
-        ),
-    )
     (checkout / ".env").write_text(HOSTILE_DOTENV)
     env = {k: v for k, v in os.environ.items() if k != "PYTHON_DOTENV_DISABLED"}
     env.update(HOSTILE_SHELL)
