@@ -16,6 +16,7 @@ import kubernetes_validate
 import msgspec
 import pytest
 import yaml
+from dotenv import dotenv_values
 from service import ROOT, free_port
 
 from app import create_app
@@ -186,3 +187,10 @@ def test_kubernetes_schema_check_catches_a_misspelt_probe_field() -> None:
     probe["httpGet"]["prot"] = probe["httpGet"].pop("port")
     with pytest.raises(kubernetes_validate.ValidationError, match="prot"):
         kubernetes_validate.validate(deployment, OLDEST_KUBERNETES, strict=True)
+
+
+def test_env_example_leaves_the_images_address_alone() -> None:
+    """`docker run --env-file .env` with a copy of `.env.example` keeps the image's HOST=0.0.0.0."""
+    values = dotenv_values(ROOT / ".env.example")
+    assert "HOST" not in values
+    assert values.get("PORT", _env()["PORT"]) == _env()["PORT"]
