@@ -21,6 +21,7 @@ from cluster import Cluster
 
 from settings import Settings
 
+# As in service.py, which cannot be imported here: it imports app.py before pytest_configure runs.
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the service reads besides its settings (prometheus-client's multiprocess directory), and

@@ -257,7 +257,7 @@ def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     """`.env` is only a fallback: a real variable always wins."""
     env_file = tmp_path / ".env"
     env_file.write_text("APP_NAME=from-dotenv\nAPP_VERSION=9.9.9\n")
-    monkeypatch.delenv("PYTHON_DOTENV_DISABLED")  # set by conftest for the suite
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)  # conftest sets it for the suite
     monkeypatch.setenv("APP_NAME", "from-environment")
     values = read_environment(env_file)
     assert (values["APP_NAME"], values["APP_VERSION"]) == ("from-environment", "9.9.9")
