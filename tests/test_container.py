@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -118,7 +117,7 @@ def test_image_serves_health_as_a_non_root_user_and_its_health_check_passes(imag
 
 
 def test_docker_stop_ends_the_server_cleanly_within_the_drain(image: str) -> None:
-    """`docker stop` returns before its SIGKILL deadline and the server's exit is a clean one."""
+    """`docker stop` returns before its SIGKILL deadline and the server exits with status 0."""
     with running(image) as container:
         started = time.monotonic()
         stopped = docker("stop", "--time", str(STOP_GRACE), container.name)
@@ -126,8 +125,9 @@ def test_docker_stop_ends_the_server_cleanly_within_the_drain(image: str) -> Non
         assert stopped.returncode == 0, stopped.stderr
         assert elapsed < STOP_GRACE, f"took {elapsed:.1f} s: docker had to SIGKILL it"
         state = json.loads(container.inspect("{{json .State}}"))
-        # 0 from `python -m app`; uvicorn re-raises SIGTERM after a graceful shutdown (128 + 15).
-        assert state["ExitCode"] in (0, 128 + signal.SIGTERM), container.logs()
+        # uvicorn re-raises SIGTERM after a graceful shutdown, but as PID 1 without a handler left
+        # the kernel ignores it: a clean stop is status 0 in a container.
+        assert state["ExitCode"] == 0, container.logs()
         assert not state["OOMKilled"]
         assert "Application shutdown complete" in container.logs()
 
