@@ -1,4 +1,6 @@
 # The service image: `docker build -t service .` then `docker run -p 8000:8000 --env-file .env service`.
+# Without access to Docker Hub: `bash .ci/build-image`, which builds this same file on a local
+# stand-in for the base image (PYTHON_IMAGE, the only thing it changes).
 # Two stages: uv resolves and installs the runtime dependencies (exactly the versions pinned in
 # pyproject.toml's constraint-dependencies) into a virtualenv; the final image gets only that
 # virtualenv and the service's files, and runs as an unprivileged user.
@@ -21,10 +23,12 @@ COPY --from=build /app/.venv /app/.venv
 COPY *.py ./
 COPY migrations/ migrations/
 COPY static/ static/
-ENV PATH=/app/.venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# HOST and PORT are the server's address; `docker run -e PORT=...` moves it, health check included.
+ENV PATH=/app/.venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOST=0.0.0.0 PORT=8000
 USER 10001:10001
 EXPOSE 8000
 # No curl in a slim image: the interpreter is already there. Exit 0 only on a 200 from /health.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
-CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]
+    CMD ["python", "-c", "import os, sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:%s/health' % os.environ['PORT'], timeout=4).status != 200)"]
+# exec: uvicorn is PID 1 and gets docker's SIGTERM itself.
+CMD ["sh", "-c", "exec uvicorn app:app --host \"$HOST\" --port \"$PORT\""]

@@ -100,8 +100,12 @@ class SettingsError(Exception):
 
 
 def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
-    """The process environment over the `.env` file: real variables always win."""
-    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    """The process environment over the `.env` file: real variables always win.
+
+    `PYTHON_DOTENV_DISABLED=1`, python-dotenv's own switch, leaves the file out (the tests set it).
+    """
+    disabled = os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y")
+    values = {} if disabled else {k: v for k, v in dotenv_values(env_file).items() if v is not None}
     values.update(os.environ)
     return values
 

@@ -2,16 +2,45 @@
 
 Set ``TEST_DATABASE_URL`` to run against an existing server instead of a
 throwaway cluster; tests that need to break the server are then skipped.
+
+The suite runs in a clean environment whatever the developer's shell and ``.env`` say: every
+test passes the settings it means explicitly, so a ``DATABASE_URL`` exported for a local
+server, or a ``.env`` copied from ``.env.example``, must never reach it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cluster import Cluster
+
+from settings import Settings
+
+# As in service.py, which cannot be imported here: it imports app.py before pytest_configure runs.
+ROOT = Path(__file__).resolve().parent.parent
+
+# What the service reads besides its settings (prometheus-client's multiprocess directory), and
+# libpq's variables, which would redirect or alter the tests' own connections.
+_OTHER_SERVICE_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR",)
+_LIBPQ_PREFIX = "PG"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Leave the developer's service variables and `.env` out of the whole run, subprocesses included.
+
+    A hook, not a fixture: collecting the tests imports app.py, whose `app = create_app()`
+    reads the environment and `.env` before any fixture could run.
+    """
+    names = {field.upper() for field in Settings.__struct_fields__} | set(_OTHER_SERVICE_VARIABLES)
+    for name in list(os.environ):
+        if name in names or name.startswith(_LIBPQ_PREFIX):
+            del os.environ[name]
+    os.environ["PYTHON_DOTENV_DISABLED"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +88,17 @@ def migrated_url(database_url: str) -> str:
     with get_backend(yoyo_url(database_url)) as backend, backend.lock():
         backend.apply_migrations(backend.to_apply(read_migrations(str(MIGRATIONS_DIR), str(examples))))
     return database_url
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the repository's files to change freely: no .git, virtualenv, caches or `.env`."""
+    copy = tmp_path / "checkout"
+    shutil.copytree(
+        ROOT,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".env", "__pycache__", ".*_cache", ".hypothesis", ".coverage*", "htmlcov"
+        ),
+    )
+    return copy

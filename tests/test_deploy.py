@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kubernetes_validate
 import msgspec
 import pytest
 import yaml
+from dotenv import dotenv_values
 from service import ROOT, free_port
 
 from app import create_app
@@ -22,6 +24,10 @@ from settings import load_settings
 
 DOCKERFILE = ROOT / "Dockerfile"
 MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
+# The oldest Kubernetes the README promises the manifest works on; also checked against the newest
+# schemas kubernetes-validate ships. Its schemas are files inside the package: no network.
+OLDEST_KUBERNETES = "1.25"
+NEWEST_KUBERNETES = ".".join(kubernetes_validate.latest_version().split(".")[:2])
 PRODUCTION = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db", "SECRET_KEY": "k" * 48}
 
 
@@ -41,6 +47,19 @@ def _exec_form(args: str) -> list[str]:
     return command
 
 
+def _env() -> dict[str, str]:
+    """The image's ENV values, except those built from another variable ($PATH)."""
+    return dict(kv.split("=", 1) for args in _args("ENV") for kv in shlex.split(args) if "$" not in kv)
+
+
+def _serves_host_and_port_from_the_environment(command: list[str]) -> bool:
+    """`python -m app` reads HOST and PORT itself; a shell form must pass both to uvicorn and exec it."""
+    if command == ["python", "-m", "app"]:
+        return True
+    script = command[2] if command[:2] == ["sh", "-c"] else ""
+    return script.startswith("exec uvicorn app:app ") and '--host "$HOST"' in script and '--port "$PORT"' in script
+
+
 def _deployment() -> dict[str, Any]:
     documents = list(yaml.safe_load_all(MANIFEST.read_text()))
     deployment: dict[str, Any] = next(d for d in documents if d["kind"] == "Deployment")
@@ -58,16 +77,18 @@ def test_dockerfile_copies_only_files_that_exist_and_the_context_keeps() -> None
     assert set(ROOT.glob("*.py")) >= {ROOT / "app.py", ROOT / "metrics.py", ROOT / "openapi.py"}
 
 
-def test_dockerfile_runs_uvicorn_as_a_non_root_user_with_a_python_health_check() -> None:
-    """Slim base, dev tools left out, `uvicorn app:app` as a non-root user, no curl anywhere."""
+def test_dockerfile_runs_the_app_as_a_non_root_user_with_a_python_health_check() -> None:
+    """Slim base, dev tools left out, the app on HOST:PORT as a non-root user, no curl anywhere."""
     assert all("slim" in args for args in _args("ARG") if args.startswith("PYTHON_IMAGE="))
     assert any("uv sync --no-dev" in args for args in _args("RUN"))
     user = _args("USER")[-1]
     assert user.split(":")[0] not in ("0", "root")
-    assert _exec_form(_args("CMD")[-1])[:2] == ["uvicorn", "app:app"]
+    assert _serves_host_and_port_from_the_environment(_exec_form(_args("CMD")[-1]))
+    assert (_env()["HOST"], _env()["PORT"]) == ("0.0.0.0", "8000")  # noqa: S104 - every interface of the container
     healthcheck = _args("HEALTHCHECK")[-1]
     assert _exec_form(healthcheck.split("CMD", 1)[1])[0] == "python"
     assert "/health'" in healthcheck
+    assert "os.environ['PORT']" in healthcheck  # follows the server when PORT moves it
     commands = " ".join(args for _, args in instructions())
     assert "curl" not in commands
     assert "wget" not in commands
@@ -83,18 +104,16 @@ def test_dockerfile_command_and_health_check_work_from_a_clean_install(tmp_path:
                     copy = shutil.copytree if path.is_dir() else shutil.copy
                     copy(path, tmp_path / path.name)
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}  # keep uv's index and TLS settings
-    env.update(dict(kv.split("=", 1) for args in _args("ENV") for kv in shlex.split(args) if "$" not in kv))
+    env.update(_env())
     env["UV_PROJECT_ENVIRONMENT"] = str(tmp_path / ".venv")
     sync = next(shlex.split(args) for args in _args("RUN") if args.startswith("uv sync"))
     sync = [arg for arg in sync if arg != "--no-cache"]  # the local cache keeps the suite off the network
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     done = subprocess.run(sync, cwd=tmp_path, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
-    port = str(free_port())
-    local = {"8000": port, "0.0.0.0": "127.0.0.1"}  # noqa: S104 - the Dockerfile's address, replaced
-    command = [local.get(arg, arg) for arg in _exec_form(_args("CMD")[-1])]
+    env.update(HOST="127.0.0.1", PORT=str(free_port()))  # as `docker run --network host -e ...` would
+    command = _exec_form(_args("CMD")[-1])
     check = _exec_form(_args("HEALTHCHECK")[-1].split("CMD", 1)[1])
-    check = [arg.replace(":8000/", f":{port}/") for arg in check]
     env["PATH"] = f"{tmp_path / '.venv' / 'bin'}:{env['PATH']}"
     server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -117,8 +136,7 @@ async def test_kubernetes_probes_hit_real_routes_on_the_container_port() -> None
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8000}
-    command = _exec_form(_args("CMD")[-1])
-    assert command[command.index("--port") + 1] == "8000"
+    assert _env()["PORT"] == "8000"
     assert _args("EXPOSE") == ["8000"]
     probes = {name: container[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert probes["livenessProbe"]["path"] == "/health"
@@ -151,3 +169,28 @@ def test_kubernetes_drains_before_sigterm_and_reads_settings_from_a_secret() -> 
     service = next(d for d in yaml.safe_load_all(MANIFEST.read_text()) if d["kind"] == "Service")
     assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+@pytest.mark.parametrize("version", [OLDEST_KUBERNETES, NEWEST_KUBERNETES])
+def test_kubernetes_manifest_is_valid_for_the_oldest_and_newest_supported_versions(version: str) -> None:
+    """Every document passes Kubernetes' own schema for that version, strictly: no unknown or misplaced field."""
+    documents = list(yaml.safe_load_all(MANIFEST.read_text()))
+    assert {d["kind"] for d in documents} == {"Deployment", "Service"}
+    for document in documents:
+        assert kubernetes_validate.validate(document, version, strict=True) == version
+
+
+def test_kubernetes_schema_check_catches_a_misspelt_probe_field() -> None:
+    """The same check fails on a manifest with one typo, so a pass above means something."""
+    deployment = _deployment()
+    probe = deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    probe["httpGet"]["prot"] = probe["httpGet"].pop("port")
+    with pytest.raises(kubernetes_validate.ValidationError, match="prot"):
+        kubernetes_validate.validate(deployment, OLDEST_KUBERNETES, strict=True)
+
+
+def test_env_example_leaves_the_images_address_alone() -> None:
+    """`docker run --env-file .env` with a copy of `.env.example` keeps the image's HOST=0.0.0.0."""
+    values = dotenv_values(ROOT / ".env.example")
+    assert "HOST" not in values
+    assert values.get("PORT", _env()["PORT"]) == _env()["PORT"]

@@ -257,9 +257,21 @@ def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     """`.env` is only a fallback: a real variable always wins."""
     env_file = tmp_path / ".env"
     env_file.write_text("APP_NAME=from-dotenv\nAPP_VERSION=9.9.9\n")
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)  # conftest sets it for the suite
     monkeypatch.setenv("APP_NAME", "from-environment")
     values = read_environment(env_file)
     assert (values["APP_NAME"], values["APP_VERSION"]) == ("from-environment", "9.9.9")
+
+
+def test_python_dotenv_disabled_leaves_dotenv_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`PYTHON_DOTENV_DISABLED=1` ignores `.env` entirely; the real environment still counts."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("APP_NAME=from-dotenv\nAPP_VERSION=9.9.9\n")
+    monkeypatch.setenv("PYTHON_DOTENV_DISABLED", "1")
+    monkeypatch.setenv("APP_NAME", "from-environment")
+    values = read_environment(env_file)
+    assert values["APP_NAME"] == "from-environment"
+    assert "APP_VERSION" not in values
 
 
 def test_repr_masks_the_secret_key_and_database_password() -> None:
