@@ -21,9 +21,11 @@ from typing import Any, TextIO
 import msgspec
 from starlette.types import Scope
 
-from settings import Settings
+from settings import Redactor, Settings
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The W3C trace ID of the caller's `traceparent`, when it sent a valid one: logs join its traces.
+TRACE_ID: ContextVar[str | None] = ContextVar("trace_id", default=None)
 _HANDLER_NAME = "service"
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client", "log_lines_dropped")
 # Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
@@ -37,42 +39,32 @@ _service_logger = logging.getLogger("service")
 
 
 class _RequestIdFilter(logging.Filter):
-    """Stamps each record with the ID of the request being handled when it was logged."""
+    """Stamps each record with the request ID (and trace ID) of the request being handled when it was logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get()
+        if not hasattr(record, "trace_id"):
+            record.trace_id = TRACE_ID.get()
         return True
-
-
-class _Redactor:
-    """Replaces secrets in a finished line: a backstop for messages we do not control."""
-
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        # Very short values would redact ordinary words; such a secret is refused in production.
-        self.secrets = tuple(s for s in secrets if len(s) >= 6)
-
-    def __call__(self, line: str) -> str:
-        for secret in self.secrets:
-            if secret in line:
-                line = line.replace(secret, "***")
-        return line
 
 
 class TextFormatter(logging.Formatter):
     """`LOG_FORMAT` lines, with the request ID appended when the format does not place it."""
 
-    def __init__(self, fmt: str, redact: _Redactor) -> None:
+    def __init__(self, fmt: str, redact: Redactor) -> None:
         super().__init__(fmt)
         self.redact = redact
         self.places_request_id = "%(request_id)" in fmt
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        # Here rather than in format(): the ID belongs on the message line, before any traceback.
+        # Here rather than in format(): the IDs belong on the message line, before any traceback.
         line = super().formatMessage(record)
         request_id = getattr(record, "request_id", None)
         if request_id and not self.places_request_id:
-            line = f"{line} [request_id={request_id}]"
+            trace_id = getattr(record, "trace_id", None)
+            trace = f" trace_id={trace_id}" if trace_id else ""
+            line = f"{line} [request_id={request_id}{trace}]"
         return line
 
     def format(self, record: logging.LogRecord) -> str:
@@ -82,7 +74,7 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; access lines carry their fields as keys."""
 
-    def __init__(self, redact: _Redactor) -> None:
+    def __init__(self, redact: Redactor) -> None:
         super().__init__()
         self.redact = redact
         # Built once: msgspec reuses the encoder's buffer between lines.
@@ -104,6 +96,8 @@ class JsonFormatter(logging.Formatter):
         """The line `format` gives an access record with these fields, without the record."""
         entry = {"timestamp": self.timestamp(created), "level": "INFO", "logger": access_logger.name,
                  "message": self.redact(message), "request_id": request_id, **fields}  # fmt: skip
+        if trace_id := TRACE_ID.get():
+            entry["trace_id"] = trace_id
         return self.encoder.encode(entry).decode()
 
     def format(self, record: logging.LogRecord) -> str:
@@ -116,6 +110,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id:
             entry["request_id"] = request_id
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            entry["trace_id"] = trace_id
         for field in _ACCESS_FIELDS:
             if (value := record.__dict__.get(field)) is not None:
                 entry[field] = value
@@ -334,7 +331,7 @@ def configure_logging(settings: Settings) -> None:
 
     Idempotent: it replaces only the handler it installed before, after writing out its lines.
     """
-    redact = _Redactor(settings.secrets)
+    redact = Redactor(settings.secrets)
     handler = BufferedHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(_RequestIdFilter())

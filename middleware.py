@@ -22,11 +22,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import MESSAGES, PayloadTooLargeError, error_response, not_found
-from logs import REQUEST_ID, log_access
+from logs import REQUEST_ID, TRACE_ID, log_access
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
+# W3C Trace Context, version 00: the trace ID (not all zeros) and the parent ID (not all zeros).
+_TRACEPARENT = re.compile(rb"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _VARY_ORIGIN = (b"vary", b"Origin")
 # Masks that turn 128 random bits into a version-4, RFC 9562-variant UUID.
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
@@ -36,7 +38,8 @@ _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 class RequestContext:
     """Outermost, so that every response (CORS preflights, 500s) carries the ID and is logged once.
 
-    The request ID is the caller's `X-Request-ID` when it is well formed, else a new UUID. A
+    The request ID is the caller's `X-Request-ID` when it is well formed, else a new UUID; a
+    valid W3C `traceparent` puts its trace ID on every log line of the request. A
     request without `Origin` gets `Vary: Origin` here: Starlette's CORS layer sends nothing to
     those, and a cache must not serve their answer to a cross-origin caller.
     """
@@ -56,14 +59,18 @@ class RequestContext:
         started = time.perf_counter()
         incoming = None
         has_origin = False
-        for name, value in scope["headers"]:  # one pass over the headers for both questions
+        trace_id = None
+        for name, value in scope["headers"]:  # one pass over the headers for every question
             if name == REQUEST_ID_HEADER:
                 incoming = value if _VALID_REQUEST_ID.fullmatch(value) else None
             elif name == b"origin":
                 has_origin = True
+            elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value)):
+                trace_id = trace[1].decode()
         request_id = incoming.decode() if incoming else new_request_id()
         own_headers = [(REQUEST_ID_HEADER, incoming or request_id.encode()), _NOSNIFF]
         token = REQUEST_ID.set(request_id)
+        trace_token = TRACE_ID.set(trace_id)
         status = 500
 
         async def send_with_context(message: Message) -> None:
@@ -85,6 +92,7 @@ class RequestContext:
             if not (self.quiet_health and status < 400 and scope["path"].startswith("/health")):
                 log_access(scope, status, seconds, request_id)
             REQUEST_ID.reset(token)
+            TRACE_ID.reset(trace_token)
 
 
 def new_request_id() -> str:

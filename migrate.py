@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from settings import Settings, SettingsError, load_settings, mask_url, read_environment
+from settings import Redactor, Settings, SettingsError, load_settings, mask_url, read_environment
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"[a-z0-9_]{1,60}")
@@ -285,6 +285,4 @@ def _one_line(exc: BaseException) -> str:
 
 def _fail(command: str, message: str, secrets: Sequence[str]) -> None:
     """One line on stderr; no secret in it even if a driver message quoted one."""
-    for secret in secrets:
-        message = message.replace(secret, "***")
-    print(f"{command}: {message}", file=sys.stderr, flush=True)
+    print(f"{command}: {Redactor(secrets)(message)}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -85,6 +85,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 # Each field's default, written once (in the Struct above); the environment-dependent ones are given in `load_settings`.
 _DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(Settings) if f.default is not msgspec.NODEFAULT}
 _UNSET: Any = object()
+
+
+class Redactor:
+    """Replaces secrets in a finished line or message: a backstop for text we do not control."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Very short values would redact ordinary words; such a secret is refused in production.
+        self.secrets = tuple(s for s in secrets if len(s) >= 6)
+
+    def __call__(self, line: str) -> str:
+        for secret in self.secrets:
+            if secret in line:
+                line = line.replace(secret, "***")
+        return line
 
 
 class SettingsError(Exception):

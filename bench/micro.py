@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402 - after the path is set
 
-from logs import BufferedHandler, JsonFormatter, _Redactor, write_access_line  # noqa: E402
+from logs import BufferedHandler, JsonFormatter, write_access_line  # noqa: E402
 from metrics import BUCKETS, Metrics  # noqa: E402
+from settings import Redactor  # noqa: E402
 
 REQUEST_ID = "550e8400-e29b-41d4-a716-446655440000"
 FIELDS = {"method": "GET", "path": "/no-such-route", "status": 404, "duration_ms": 0.31,
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    formatter = JsonFormatter(_Redactor(()))
+    formatter = JsonFormatter(Redactor(()))
 
     def synchronous(stream: TextIO) -> logging.Handler:
         handler = logging.StreamHandler(stream)

@@ -22,9 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from api import Endpoints
 from app import create_app
-from logs import JsonFormatter, _Redactor, configure_logging
+from logs import JsonFormatter, configure_logging
 from middleware import RequestContext, new_request_id
-from settings import Settings
+from settings import Redactor, Settings
 
 ORIGIN = "http://localhost:3000"
 TIMESTAMP_WITH_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -179,7 +179,7 @@ async def test_production_logs_failed_probes_only(capsys: pytest.CaptureFixture[
 
 def test_json_timestamp_follows_each_record_across_seconds() -> None:
     """The per-second cache never hands a line the previous second's time."""
-    formatter = JsonFormatter(_Redactor(()))
+    formatter = JsonFormatter(Redactor(()))
     start = float(int(time.time()))
     for created in (start + 0.25, start + 0.75, start + 1.5, start + 1.999, start + 3.0):
         record = logging.makeLogRecord({"msg": "x", "created": created, "msecs": (created % 1) * 1000})

@@ -106,6 +106,53 @@ async def test_json_logs_are_one_object_per_line_with_request_id_and_traceback(
     assert access["client"] == "127.0.0.1:123"
 
 
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_a_valid_traceparent_puts_its_trace_id_on_every_line_of_the_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """W3C `traceparent`: the handler's lines, the exception and the access line carry `trace_id`."""
+    headers = {b"X-Request-ID": b"req-trace", b"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01".encode()}
+    await run({"LOG_JSON": "true"}, ("/chatty", headers), ("/health", {}))
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    traced = [e for e in entries if e.get("request_id") == "req-trace"]
+    assert len(traced) == 4
+    assert all(e["trace_id"] == TRACE for e in traced)
+    assert not [e for e in entries if "trace_id" in e and e.get("request_id") != "req-trace"]  # not the next request
+
+
+async def test_text_lines_name_the_trace_beside_the_request(capsys: pytest.CaptureFixture[str]) -> None:
+    await run({}, ("/chatty", {b"X-Request-ID": b"req-t", b"traceparent": f"00-{TRACE}-00f067aa0ba902b7-00".encode()}))
+    access = [line for line in capsys.readouterr().err.splitlines() if " - service.access - " in line]
+    assert access[0].endswith(f"[request_id=req-t trace_id={TRACE}]")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",  # all-zero trace ID
+        f"00-{TRACE}-{'0' * 16}-01",  # all-zero parent ID
+        f"00-{TRACE.upper()}-00f067aa0ba902b7-01",  # upper-case hex
+        f"ff-{TRACE}-00f067aa0ba902b7-01",  # not version 00
+        f"00-{TRACE[:-1]}-00f067aa0ba902b7-01",  # short
+        f"00-{TRACE}-00f067aa0ba902b7-01\r\nX-Evil: 1",  # more than a traceparent
+        f"00-{TRACE}-00f067aa0ba902b7-01-extra",
+    ],
+)
+async def test_an_invalid_traceparent_is_ignored_and_never_echoed(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    app = create_app(make_settings(LOG_JSON="true"), endpoints=[chatty_routes])
+    async with serve(app) as client:
+        response = await client.get("/health", headers={"traceparent": value})
+    err = capsys.readouterr().err
+    assert response.status_code == 200
+    assert "trace_id" not in err
+    assert value not in err
+    assert value not in str(response.headers)
+
+
 async def test_production_skips_successful_probes_but_logs_failed_ones(capsys: pytest.CaptureFixture[str]) -> None:
     """Probe noise is dropped in production; a failing probe is always logged."""
     env = {"ENVIRONMENT": "production", "SECRET_KEY": SECRET, "DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/x"}
