@@ -48,6 +48,7 @@ class State(TypedDict):
 
     database: Database | None
     started_at: float
+    shutting_down: bool  # set by the production server (server.py) when SIGTERM starts its drain
 
 
 class RootInfo(msgspec.Struct):
@@ -176,7 +177,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
     if metrics is not None and metrics.multiprocess:
         refresher = asyncio.create_task(metrics.refresh_pool_gauges(database))
     try:
-        yield {"database": database, "started_at": time.monotonic()}
+        yield {"database": database, "started_at": time.monotonic(), "shutting_down": False}
     finally:
         if refresher is not None:
             refresher.cancel()
@@ -242,4 +243,9 @@ def create_app(settings: Settings | None = None, migrations_dir: Path = MIGRATIO
     return app
 
 
-app = create_app()
+if __name__ == "__main__":  # `python -m app`: the production server builds the app itself
+    import server
+
+    server.main(create_app)
+elif __name__ != "__mp_main__":  # not in a worker's re-run of `__main__`: it imports `app` for that
+    app = create_app()

@@ -1,0 +1,260 @@
+"""The production server, `python -m app`: uvicorn with every connection bounded, and a drain.
+
+- `EdgeProtocol` is uvicorn's httptools protocol with the request head bounded where its bytes
+  arrive: a head over `MAX_REQUEST_HEAD_BYTES` gets the 431 envelope and the connection is
+  closed, and nothing past the limit is ever handed to the parser (so nothing is buffered).
+- `DrainingServer` is uvicorn's server that, every half second, closes connections still
+  without a complete head `REQUEST_HEAD_TIMEOUT` after they opened (or after their previous
+  response), and that drains on SIGTERM: readiness answers 503 for `SHUTDOWN_DRAIN_SECONDS`
+  while everything is still served, then the usual graceful shutdown. A second signal ends
+  the drain at once. It exits 0 rather than re-raising the signal.
+- `WEB_CONCURRENCY` > 1: a small supervisor binds the socket, runs one `DrainingServer` per
+  worker process, forwards every SIGTERM/SIGINT to each, replaces a worker that dies, and gives
+  the workers a private `PROMETHEUS_MULTIPROC_DIR` when the operator set none.
+
+The request hot path pays only a few attribute updates per request; the timeout costs one
+sweep of the open connections per half second, not a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from types import FrameType
+from typing import Any
+
+import httptools
+import uvicorn
+from starlette.types import ASGIApp
+from uvicorn._subprocess import get_subprocess
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from errors import CODES, MESSAGES, ErrorBody
+from logs import configure_logging, new_request_id
+from responses import ENCODER, utc_timestamp
+from settings import Settings, load_settings_or_exit, read_environment
+
+logger = logging.getLogger("service.server")
+SWEEP_TICKS = 5  # uvicorn ticks every 0.1 s: slow heads are looked for every 0.5 s
+
+
+class EdgeConfig(uvicorn.Config):
+    """uvicorn's configuration plus the edge settings; picklable, so workers get it too."""
+
+    def __init__(self, app: ASGIApp | str, settings: Settings) -> None:
+        super().__init__(
+            app,
+            host=settings.host,
+            port=settings.port,
+            http=EdgeProtocol,
+            lifespan="on",
+            log_config=None,  # logs.configure_logging owns every handler and format
+            access_log=False,  # the app writes its own access line, with the request ID
+        )
+        self.max_head_bytes = settings.max_request_head_bytes
+        self.head_timeout = settings.request_head_timeout
+        self.drain_seconds = settings.shutdown_drain_seconds
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request head bounded in size and in time.
+
+    Size: bytes are counted per chunk from the chunk after the one a head began in, so the
+    count never exceeds the head's real size (no false 431) and stops the parser at most one
+    read past the limit. A head that completes is measured exactly only when its chunks could
+    have held more than the limit, which ordinary requests never reach.
+    """
+
+    def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.max_head_bytes = config.max_head_bytes
+        self.awaiting_head_since: float | None = None  # monotonic; None while a request is served
+        self._head_bytes: int | None = None  # counted bytes of the head being parsed, None outside one
+        self._head_slack = 0  # length of the chunk the head began in (an upper bound of its share)
+        self._chunk = 0
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.awaiting_head_since = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's own, with the head limit around the parser.
+        self._unset_keepalive_if_required()
+        self._chunk = len(data)
+        if self._head_bytes is not None:
+            self._head_bytes += self._chunk
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._refused:
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
+            self.refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._head_slack = self._chunk
+
+    def on_headers_complete(self) -> None:
+        counted = self._head_bytes or 0
+        self._head_bytes = None
+        self.awaiting_head_since = None
+        if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
+            self.refuse_head()
+            raise _HeadRefused  # stops the parser; data_received knows it was answered
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # idle, waiting for the next request's head
+            self.awaiting_head_since = time.monotonic()
+
+    def _head_size(self) -> int:
+        """The head's size as sent, give or take optional whitespace."""
+        request_line = len(self.parser.get_method()) + len(self.url) + len(b"  HTTP/1.1\r\n")
+        return request_line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
+
+    def refuse_head(self) -> None:
+        """Answer 431 with the error envelope and close; nothing more is read or parsed."""
+        self._refused = True
+        self._head_bytes = None
+        self.awaiting_head_since = None
+        body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), new_request_id()))
+        head = [
+            STATUS_LINE[431],
+            *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-content-type-options: nosniff\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+class _HeadRefused(Exception):
+    """Raised inside a parser callback: the head was refused and answered."""
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the head timeout sweep and the readiness drain on SIGTERM."""
+
+    config: EdgeConfig
+
+    def __init__(self, config: EdgeConfig) -> None:
+        super().__init__(config)
+        self.drain_ends: float | None = None
+        self._drain_announced = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs as a signal handler: only flags here; on_tick does the rest (and the logging).
+        if self.drain_ends is None and self.started and self.config.drain_seconds > 0:
+            self.drain_ends = time.monotonic() + self.config.drain_seconds
+            self.lifespan.state["shutting_down"] = True  # read by health.ReadinessEndpoint
+            return
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True  # uvicorn's handler would also re-raise the signal at exit: we exit 0
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_ends is not None and not self.should_exit:
+            if not self._drain_announced:
+                self._drain_announced = True
+                logger.info("Draining: /health/db answers 503 for %g s, then shutdown", self.config.drain_seconds)
+            if time.monotonic() >= self.drain_ends:
+                self.should_exit = True
+        if counter % SWEEP_TICKS == 0:
+            self.close_slow_heads()
+        return await super().on_tick(counter)
+
+    def close_slow_heads(self) -> None:
+        """Close every connection that has been waiting longer than the head timeout for a head."""
+        cutoff = time.monotonic() - self.config.head_timeout
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, EdgeProtocol):
+                since = connection.awaiting_head_since
+                if since is not None and since < cutoff:
+                    connection.awaiting_head_since = None
+                    connection.transport.close()
+
+
+def main(create_app: Callable[[Settings], ASGIApp]) -> None:
+    """Run the production server; `create_app` builds the app in a single process."""
+    settings = load_settings_or_exit(read_environment())  # exits 2, before binding, when invalid
+    if settings.web_concurrency == 1:
+        DrainingServer(EdgeConfig(create_app(settings), settings)).run()
+        return
+    configure_logging(settings)
+    raise SystemExit(supervise(EdgeConfig("app:app", settings), settings.web_concurrency))
+
+
+def supervise(config: EdgeConfig, workers: int) -> int:
+    """Run `workers` processes on one socket until a signal; returns the exit status."""
+    private_metrics = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        private_metrics = tempfile.mkdtemp(prefix="prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
+    received: list[int] = []
+    for handled in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(handled, lambda number, frame: received.append(number))
+    sockets = [config.bind_socket()]
+    logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
+    processes = [_start_worker(config, sockets) for _ in range(workers)]
+    status, forwarded = 0, 0
+    try:
+        while any(process.is_alive() for process in processes):
+            wait([process.sentinel for process in processes], timeout=0.1)
+            for sig in received[forwarded:]:  # each one: the first starts the drain, the next ends it
+                for process in processes:
+                    if process.pid is not None and process.is_alive():
+                        os.kill(process.pid, sig)
+            forwarded = len(received)
+            if received:
+                continue
+            for index, process in enumerate(processes):
+                if process.exitcode == STARTUP_FAILURE:
+                    logger.error("Worker [%s] failed to start: stopping", process.pid)
+                    status = STARTUP_FAILURE
+                    received.append(signal.SIGTERM)
+                elif process.exitcode is not None and status == 0:
+                    logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
+                    processes[index] = _start_worker(config, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+        if private_metrics is not None:
+            shutil.rmtree(private_metrics, ignore_errors=True)
+    logger.info("Supervisor [%d] stopped", os.getpid())
+    return status
+
+
+def _start_worker(config: EdgeConfig, sockets: list[socket.socket]) -> multiprocessing.process.BaseProcess:
+    process = get_subprocess(config, functools.partial(_run_worker, config), sockets)
+    process.start()
+    return process
+
+
+def _run_worker(config: EdgeConfig, sockets: list[socket.socket]) -> None:
+    DrainingServer(config).run(sockets)
