@@ -91,6 +91,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's own, with the head limit around the parser.
+        if self._refused:  # only the answer to what came before is still to be sent
+            return
         self._unset_keepalive_if_required()
         self._chunk = len(data)
         if self._head_bytes is not None:
@@ -127,6 +129,10 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
+        if self._refused and not self.pipeline:  # the refused head came after this response
+            self.server_state.total_requests += 1
+            self._send_431()
+            return
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:  # idle, waiting for the next request's head
             self.awaiting_head_since = time.monotonic()
@@ -137,10 +143,21 @@ class EdgeProtocol(HttpToolsProtocol):
         return request_line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
 
     def refuse_head(self) -> None:
-        """Answer 431 with the error envelope and close; nothing more is read or parsed."""
+        """Answer 431 with the error envelope and close; nothing more is read or parsed.
+
+        A head pipelined behind requests still being answered gets its 431 after their responses.
+        """
         self._refused = True
         self._head_bytes = None
         self.awaiting_head_since = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.flow.pause_reading()
+            return
+        self._send_431()
+
+    def _send_431(self) -> None:
+        if self.transport.is_closing():
+            return
         body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), new_request_id()))
         head = [
             STATUS_LINE[431],

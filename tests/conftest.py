@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from cluster import Cluster
+from service import SERVER_COMMANDS
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,10 @@ def database_url(cluster: Cluster) -> Iterator[str]:
     finally:
         cluster.ensure_running()
         cluster.drop_database(name)
+
+
+@pytest.fixture(params=SERVER_COMMANDS)
+def server_command(request: pytest.FixtureRequest) -> str:
+    """Each end-to-end promise is checked under both commands: `uvicorn app:app` and `python -m app`."""
+    command: str = request.param
+    return command
