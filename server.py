@@ -233,6 +233,7 @@ def supervise(config: EdgeConfig, workers: int) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         private_metrics = tempfile.mkdtemp(prefix="prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
+        logger.info("Workers merge their metrics in %s (removed at exit)", private_metrics)
     received: list[int] = []
     for handled in (signal.SIGINT, signal.SIGTERM):
         signal.signal(handled, lambda number, frame: received.append(number))

@@ -1,14 +1,16 @@
-"""`uvicorn app:app --workers 2`: both workers serve, `/metrics` merges them, SIGTERM stops cleanly."""
+"""Two workers, under `uvicorn app:app --workers 2` and `python -m app`: both serve, `/metrics` merges them."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from service import running_uvicorn
+from service import UvicornProcess, running_uvicorn
 from test_metrics import value
+from test_server import production
 
 pytestmark = pytest.mark.slow
 
@@ -40,3 +42,28 @@ def test_two_workers_serve_and_share_metrics(database_url: str, tmp_path: Path) 
         assert len({p.name.rsplit("_", 1)[1] for p in shared.glob("counter_*.db")}) == 2  # one file per worker
         assert server.terminate() == 0
     assert not list(shared.glob("gauge_livesum_*.db"))  # stopped workers left the live sums
+
+
+def test_python_m_app_workers_log_only_json_and_count_every_request(database_url: str, tmp_path: Path) -> None:
+    """WEB_CONCURRENCY=2 in production: every line of every process is JSON; /metrics counts all 20 requests."""
+    env = production(database_url, WEB_CONCURRENCY="2", DATABASE_POOL_SIZE="3", SHUTDOWN_DRAIN_SECONDS="0")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        for _ in range(20):
+            with httpx.Client(timeout=5) as fresh:  # a new connection each time, so both workers answer
+                assert fresh.get(f"{server.url}/").status_code == 200
+        assert value(_metrics(server.url), "http_requests_total", method="GET", route="/", status="200") == 20
+        deadline = time.monotonic() + 20
+        while value(_metrics(server.url), "db_pool_connections_max") != 6:  # both workers' pools, merged
+            assert time.monotonic() < deadline, "the second worker never published its pool"
+            time.sleep(0.2)
+    finally:
+        assert server.terminate() == 0
+    entries = [json.loads(line) for line in server.output().splitlines()]  # fails on any line that is not JSON
+    assert {e["logger"] for e in entries} >= {"service.server", "uvicorn.error", "service.access"}
+    assert len({e["message"] for e in entries if e["message"].startswith("Started server process")}) == 2
+    shared = next(e["message"] for e in entries if e["message"].startswith("Workers merge their metrics in "))
+    assert not Path(shared.split(" in ", 1)[1].split(" ", 1)[0]).exists()  # the private directory is gone
