@@ -87,10 +87,16 @@ def test_raw_invalid_utf8_bytes_in_the_path_are_refused_or_enveloped(server: Uvi
 
 
 def test_oversized_headers_do_not_crash_the_server(server: UvicornProcess) -> None:
-    """A megabyte of headers: uvicorn app:app answers it, python -m app refuses it (431); both keep serving."""
+    """A megabyte of headers: uvicorn app:app answers it, python -m app refuses it; both keep serving."""
     headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"a" * 8000) for i in range(128))
-    response = send_raw(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
-    assert status_of(response) in (200, 431)
+    try:
+        response = send_raw(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
+    except ConnectionResetError:  # refused while it was still arriving: the unread rest resets the connection
+        response = b""
+    if server.command == "python -m app":
+        assert response == b"" or status_of(response) == 431
+    else:
+        assert status_of(response) == 200
     assert_still_serving(server)
 
 
