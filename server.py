@@ -71,9 +71,10 @@ class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the request head bounded in size and in time.
 
     Size: bytes are counted per chunk from the chunk after the one a head began in, so the
-    count never exceeds the head's real size (no false 431) and stops the parser at most one
-    read past the limit. A head that completes is measured exactly only when its chunks could
-    have held more than the limit, which ordinary requests never reach.
+    count never exceeds the head's real size (no false 431), and the parser is stopped with at
+    most two reads (256 KiB each under uvloop) past the limit. A head that completes is measured
+    exactly only when its chunks could have held more than the limit, which ordinary requests
+    never reach. Time: `awaiting_head_since`, read by `DrainingServer.close_slow_heads`.
     """
 
     def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
