@@ -6,6 +6,7 @@ A real process runs either command an operator runs: `uvicorn app:app` (developm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -80,7 +81,9 @@ class UvicornProcess:
         else:
             raise ValueError(f"unknown server command {command!r} with options {args}")
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, cwd=ROOT, env={**clean, **env}, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, env={**clean, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -101,8 +104,10 @@ class UvicornProcess:
         return self.process.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL to the whole process group: workers of a killed supervisor must not outlive the test."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
-            self.process.kill()
             self.process.wait(10)
 
     def output(self) -> str:
