@@ -2,15 +2,13 @@
 
 - `EdgeProtocol` is uvicorn's httptools protocol with the request head bounded where its bytes
   arrive: a head over `MAX_REQUEST_HEAD_BYTES` gets the 431 envelope and the connection is
-  closed, and nothing past the limit is ever handed to the parser (so nothing is buffered).
+  closed; the parser stops at most two reads past the limit, so nothing large is buffered.
 - `DrainingServer` is uvicorn's server that, every half second, closes connections still
   without a complete head `REQUEST_HEAD_TIMEOUT` after they opened (or after their previous
   response), and that drains on SIGTERM: readiness answers 503 for `SHUTDOWN_DRAIN_SECONDS`
   while everything is still served, then the usual graceful shutdown. A second signal ends
   the drain at once. It exits 0 rather than re-raising the signal.
-- `WEB_CONCURRENCY` > 1: a small supervisor binds the socket, runs one `DrainingServer` per
-  worker process, forwards every SIGTERM/SIGINT to each, replaces a worker that dies, and gives
-  the workers a private `PROMETHEUS_MULTIPROC_DIR` when the operator set none.
+- `WEB_CONCURRENCY` > 1: `workers.supervise` runs one `DrainingServer` per worker process.
 
 The request hot path pays only a few attribute updates per request; the timeout costs one
 sweep of the open connections per half second, not a timer per request.
@@ -21,29 +19,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import multiprocessing
-import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
 
 import httptools
 import uvicorn
 from starlette.types import ASGIApp
-from uvicorn._subprocess import get_subprocess
-from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from errors import CODES, MESSAGES, ErrorBody
 from logs import configure_logging, new_request_id
 from responses import ENCODER, utc_timestamp
 from settings import Settings, load_settings_or_exit, read_environment
+from workers import supervise
 
 logger = logging.getLogger("service.server")
 SWEEP_TICKS = 5  # uvicorn ticks every 0.1 s: slow heads are looked for every 0.5 s
@@ -225,55 +217,11 @@ def main(create_app: Callable[[Settings], ASGIApp]) -> None:
         DrainingServer(EdgeConfig(create_app(settings), settings)).run()
         return
     configure_logging(settings)
-    raise SystemExit(supervise(EdgeConfig("app:app", settings), settings.web_concurrency))
+    # Each worker imports `app` and builds the app from the environment, once.
+    config = EdgeConfig("app:app", settings)
+    raise SystemExit(supervise(config, settings.web_concurrency, functools.partial(run_worker, config)))
 
 
-def supervise(config: EdgeConfig, workers: int) -> int:
-    """Run `workers` processes on one socket until a signal; returns the exit status."""
-    private_metrics = None
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        private_metrics = tempfile.mkdtemp(prefix="prometheus-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
-        logger.info("Workers merge their metrics in %s (removed at exit)", private_metrics)
-    received: list[int] = []
-    for handled in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(handled, lambda number, frame: received.append(number))
-    sockets = [config.bind_socket()]
-    logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
-    processes = [_start_worker(config, sockets) for _ in range(workers)]
-    status, forwarded = 0, 0
-    try:
-        while any(process.is_alive() for process in processes):
-            wait([process.sentinel for process in processes], timeout=0.1)
-            for sig in received[forwarded:]:  # each one: the first starts the drain, the next ends it
-                for process in processes:
-                    if process.pid is not None and process.is_alive():
-                        os.kill(process.pid, sig)
-            forwarded = len(received)
-            if received:
-                continue
-            for index, process in enumerate(processes):
-                if process.exitcode == STARTUP_FAILURE:
-                    logger.error("Worker [%s] failed to start: stopping", process.pid)
-                    status = STARTUP_FAILURE
-                    received.append(signal.SIGTERM)
-                elif process.exitcode is not None and status == 0:
-                    logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
-                    processes[index] = _start_worker(config, sockets)
-    finally:
-        for sock in sockets:
-            sock.close()
-        if private_metrics is not None:
-            shutil.rmtree(private_metrics, ignore_errors=True)
-    logger.info("Supervisor [%d] stopped", os.getpid())
-    return status
-
-
-def _start_worker(config: EdgeConfig, sockets: list[socket.socket]) -> multiprocessing.process.BaseProcess:
-    process = get_subprocess(config, functools.partial(_run_worker, config), sockets)
-    process.start()
-    return process
-
-
-def _run_worker(config: EdgeConfig, sockets: list[socket.socket]) -> None:
+def run_worker(config: EdgeConfig, sockets: list[socket.socket]) -> None:
+    """One worker process's server, on the supervisor's socket."""
     DrainingServer(config).run(sockets)
