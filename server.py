@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import socket
 import time
@@ -173,8 +174,9 @@ class DrainingServer(uvicorn.Server):
 
     config: EdgeConfig
 
-    def __init__(self, config: EdgeConfig) -> None:
+    def __init__(self, config: EdgeConfig, supervisor: int | None = None) -> None:
         super().__init__(config)
+        self.supervisor = supervisor  # a worker's parent: if it dies, the worker shuts down too
         self.drain_ends: float | None = None
         self._drain_announced = False
 
@@ -197,6 +199,9 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
         if counter % SWEEP_TICKS == 0:
             self.close_slow_heads()
+            if self.supervisor is not None and os.getppid() != self.supervisor and not self.should_exit:
+                logger.error("Supervisor [%d] is gone: shutting down", self.supervisor)
+                self.should_exit = True
         return await super().on_tick(counter)
 
     def close_slow_heads(self) -> None:
@@ -224,4 +229,4 @@ def main(create_app: Callable[[Settings], ASGIApp]) -> None:
 
 def run_worker(config: EdgeConfig, sockets: list[socket.socket]) -> None:
     """One worker process's server, on the supervisor's socket."""
-    DrainingServer(config).run(sockets)
+    DrainingServer(config, supervisor=os.getppid()).run(sockets)

@@ -67,3 +67,38 @@ def test_python_m_app_workers_log_only_json_and_count_every_request(database_url
     assert len({e["message"] for e in entries if e["message"].startswith("Started server process")}) == 2
     shared = next(e["message"] for e in entries if e["message"].startswith("Workers merge their metrics in "))
     assert not Path(shared.split(" in ", 1)[1].split(" ", 1)[0]).exists()  # the private directory is gone
+
+
+def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (an OOM kill): its workers notice within a second and exit."""
+    env = {"WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        pids = [
+            int(e["message"].split("[")[1].rstrip("]"))
+            for e in _entries(server)
+            if "Started server process" in e["message"]
+        ]
+        server.process.kill()
+        server.process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            time.sleep(0.1)
+    finally:
+        server.kill()
+    assert _entries(server)[-1]["message"].startswith("Finished server process")
+
+
+def _entries(server: UvicornProcess) -> list[dict[str, str]]:
+    return [json.loads(line) for line in server.output().splitlines()]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
