@@ -30,5 +30,7 @@ EXPOSE 8000
 # No curl in a slim image: the interpreter is already there. Exit 0 only on a 200 from /health.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:%s/health' % os.environ['PORT'], timeout=4).status != 200)"]
-# exec: uvicorn is PID 1 and gets docker's SIGTERM itself.
-CMD ["sh", "-c", "exec uvicorn app:app --host \"$HOST\" --port \"$PORT\""]
+# The production server (PID 1, so it gets docker's SIGTERM itself): HOST:PORT from the
+# environment, the edge limits, and the readiness drain (SHUTDOWN_DRAIN_SECONDS, within
+# `docker stop`'s default 10 s grace).
+CMD ["python", "-m", "app"]

@@ -51,6 +51,7 @@ class State(TypedDict):
 
     database: Database | None
     started_at: float
+    shutting_down: bool  # set by the production server (server.py) when SIGTERM starts its drain
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,7 +81,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
     if metrics is not None and metrics.multiprocess:
         refresher = asyncio.create_task(metrics.refresh_pool_gauges(database))
     try:
-        yield {"database": database, "started_at": time.monotonic()}
+        yield {"database": database, "started_at": time.monotonic(), "shutting_down": False}
     finally:
         if refresher is not None:
             refresher.cancel()
@@ -163,3 +163,9 @@ def __getattr__(name: str) -> Service:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     built = globals()["app"] = create_app()
     return built
+
+
+if __name__ == "__main__":  # `python -m app`: the production server builds the app itself
+    import server
+
+    server.main(create_app)

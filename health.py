@@ -6,6 +6,7 @@ little more than the server's own work.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Literal
 
@@ -18,7 +19,9 @@ from settings import Settings
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 MigrationStatus = Literal["up_to_date", "pending", "unknown"]
+SHUTTING_DOWN = "Service is shutting down"
 _HEADERS = (*JSON_HEADERS, (b"cache-control", b"no-store"))
+logger = logging.getLogger("service.health")
 
 
 class Liveness(msgspec.Struct, omit_defaults=True):
@@ -56,16 +59,26 @@ class LivenessEndpoint:
 
 
 class ReadinessEndpoint:
-    """`/health/db`: one bounded probe through the pool, and the migration status it implies."""
+    """`/health/db`: one bounded probe through the pool, and the migration status it implies.
+
+    While the production server drains (`state["shutting_down"]`, set on SIGTERM) it answers 503
+    without probing, so balancers take the instance out before it stops listening. Each change
+    of status is logged once, with its reason; the probes in between are not.
+    """
 
     def __init__(self, settings: Settings, migrations: tuple[str, ...]) -> None:
         self.timeout = settings.database_health_check_timeout
         self.pool_size = settings.database_pool_size
         self.migrations = migrations
+        self.last_status: HealthStatus | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        database: Database | None = scope.get("state", {}).get("database")
-        if database is None:
+        state = scope.get("state", {})
+        database: Database | None = state.get("database")
+        if state.get("shutting_down"):
+            usage = database.usage() if database is not None else PoolUsage(0, self.pool_size)
+            body = self._unhealthy(usage, SHUTTING_DOWN)
+        elif database is None:
             body = self._unhealthy(PoolUsage(0, self.pool_size), NOT_CONFIGURED)
         else:
             probe = await database.probe(self.timeout)
@@ -73,7 +86,15 @@ class ReadinessEndpoint:
                 body = self._unhealthy(probe.pool, probe.error or "Database unavailable")
             else:
                 body = self._reachable(probe.response_time_ms, probe.pool, probe.applied_migrations)
+        if body.status != self.last_status:
+            self._log_change(body)
         await send_bytes(scope, send, 503 if body.status == "unhealthy" else 200, ENCODER.encode(body), _HEADERS)
+
+    def _log_change(self, body: Readiness) -> None:
+        before, self.last_status = self.last_status, body.status
+        reason = f": {'; '.join(body.errors)}" if body.errors else ""
+        level = logging.INFO if body.status == "healthy" else logging.WARNING
+        logger.log(level, "Readiness %s -> %s%s", before or "unknown", body.status, reason)
 
     def _unhealthy(self, pool: PoolUsage, error: str) -> Readiness:
         return Readiness("unhealthy", utc_timestamp(), False, None, pool, "unknown", [error])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cluster import Cluster
+from service import SERVER_COMMANDS
 
 from settings import Settings
 
@@ -102,3 +103,10 @@ def checkout(tmp_path: Path) -> Path:
         ),
     )
     return copy
+
+
+@pytest.fixture(params=SERVER_COMMANDS)
+def server_command(request: pytest.FixtureRequest) -> str:
+    """Each end-to-end promise is checked under both commands: `uvicorn app:app` and `python -m app`."""
+    command: str = request.param
+    return command

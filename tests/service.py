@@ -1,7 +1,12 @@
-"""Two ways to run the service in tests: in-process over ASGI, or as a real uvicorn process."""
+"""Two ways to run the service in tests: in-process over ASGI, or as a real server process.
+
+A real process runs either command an operator runs: `uvicorn app:app` (development) or
+`python -m app` (production); end-to-end tests take `server_command` (conftest.py) to run both.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +26,7 @@ from app import create_app
 from settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVER_COMMANDS = ("uvicorn app:app", "python -m app")
 
 
 def make_settings(**env: str) -> Settings:
@@ -51,17 +57,31 @@ def free_port() -> int:
 
 
 class UvicornProcess:
-    """`python -m uvicorn app:app` in a clean environment: exactly what an operator runs."""
+    """`uvicorn app:app` or `python -m app` in a clean environment: exactly what an operator runs.
 
-    def __init__(self, env: Mapping[str, str], *args: str, log_path: Path) -> None:
-        self.port = free_port()
+    `args` are uvicorn's options (`uvicorn app:app` only); `python -m app` takes its port from `PORT`.
+    `port` reuses a port (a replacement instance); by default a free one is picked.
+    """
+
+    def __init__(
+        self, env: Mapping[str, str], *args: str, log_path: Path, command: str = "uvicorn app:app", port: int = 0
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.command = command
         clean = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
-        command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port), *args]
+        if command == "uvicorn app:app":
+            argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port), *args]
+        elif command == "python -m app" and not args:
+            argv = [sys.executable, "-m", "app"]
+            clean["PORT"] = str(self.port)
+            clean["SHUTDOWN_DRAIN_SECONDS"] = "1"  # the drain runs in every test, shortened; `env` may change it
+        else:
+            raise ValueError(f"unknown server command {command!r} with options {args}")
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env={**clean, **env}, stdout=log, stderr=subprocess.STDOUT
+                argv, cwd=ROOT, env={**clean, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -83,8 +103,10 @@ class UvicornProcess:
         return self.process.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL to the whole process group: workers of a killed supervisor must not outlive the test."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
-            self.process.kill()
             self.process.wait(10)
 
     def output(self) -> str:
@@ -92,10 +114,10 @@ class UvicornProcess:
 
 
 @contextmanager
-def running_uvicorn(env: Mapping[str, str], *args: str) -> Iterator[UvicornProcess]:
-    """A ready uvicorn for the block, stopped with SIGTERM afterwards (killed if it will not stop)."""
+def running_uvicorn(env: Mapping[str, str], *args: str, command: str = "uvicorn app:app") -> Iterator[UvicornProcess]:
+    """A ready server for the block, stopped with SIGTERM afterwards (killed if it will not stop)."""
     with tempfile.TemporaryDirectory(prefix="uvicorn-") as tmp:
-        server = UvicornProcess(env, *args, log_path=Path(tmp) / "out.log")
+        server = UvicornProcess(env, *args, log_path=Path(tmp) / "out.log", command=command)
         try:
             server.wait_ready()
             yield server

@@ -20,6 +20,7 @@ from dotenv import dotenv_values
 from service import ROOT, free_port
 
 from app import create_app
+from db import CLOSE_TIMEOUT
 from settings import load_settings
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -152,15 +153,19 @@ async def test_kubernetes_probes_hit_real_routes_on_the_container_port() -> None
     assert any(getattr(route, "path", None) == annotations["prometheus.io/path"] for route in app.routes)
 
 
-def test_kubernetes_drains_before_sigterm_and_reads_settings_from_a_secret() -> None:
-    """preStop sleeps within the grace period; settings come from a Secret; resources are set."""
+def test_kubernetes_runs_the_production_server_and_reads_settings_from_a_secret() -> None:
+    """`python -m app` drains within the grace period; settings come from a Secret; resources are set."""
     deployment = _deployment()
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert sleep[0] == "sleep"
+    assert container["command"] == ["python", "-m", "app"]
+    assert "lifecycle" not in container  # the server's own drain replaces a preStop sleep
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HOST"] == "0.0.0.0"  # noqa: S104 - the container must listen beyond its loopback
+    assert int(env["PORT"]) == 8000
     readiness_timeout = container["readinessProbe"]["timeoutSeconds"]
-    assert int(sleep[1]) + readiness_timeout < pod["terminationGracePeriodSeconds"]
+    drain = float(env["SHUTDOWN_DRAIN_SECONDS"])
+    assert drain + readiness_timeout + CLOSE_TIMEOUT < pod["terminationGracePeriodSeconds"]
     assert readiness_timeout > 10  # longer than DATABASE_HEALTH_CHECK_TIMEOUT's default
     assert container["envFrom"] == [{"secretRef": {"name": "service-settings"}}]
     assert container["resources"]["requests"]

@@ -23,7 +23,7 @@ from cluster import Cluster
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import shutdown_lifespans
-from service import ROOT, make_settings, running_uvicorn
+from service import ROOT, SERVER_COMMANDS, make_settings, running_uvicorn
 
 from app import create_app
 
@@ -78,13 +78,13 @@ def _migrate(url: str) -> None:
     subprocess.run([sys.executable, "-m", "db", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module", params=["migrated", "unconfigured", "stopped", "uvicorn"])
+@pytest.fixture(scope="module", params=["migrated", "unconfigured", "stopped", "uvicorn app:app", "python -m app"])
 def target(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[Target]:
-    """The in-process service (its lifespan run by schemathesis) for a database state, or a real uvicorn."""
+    """The in-process service (its lifespan run by schemathesis) for a database state, or a real server."""
     state: str = request.param
     config = schemathesis.Config.from_dict(CONFIG)
-    if state == "uvicorn":
-        with running_uvicorn({}) as server:  # no database: /health/db is its 503
+    if state in SERVER_COMMANDS:
+        with running_uvicorn({}, command=state) as server:  # no database: /health/db is its 503
             yield Target(schemathesis.openapi.from_url(f"{server.url}/openapi.json", config=config), 503, True)
         return
     env = {"DATABASE_HEALTH_CHECK_TIMEOUT": "2"}  # a stopped server refuses at once; this bounds it anyway

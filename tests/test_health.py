@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import asyncpg
 import httpx
 import pytest
+from cluster import Cluster
 from service import make_settings, serve_settings
 
 from app import create_app
@@ -153,3 +155,25 @@ async def test_liveness_is_503_before_the_lifespan_has_started() -> None:
     assert body["status"] == "unhealthy"
     assert body["errors"] == ["Application start-up has not completed"]
     assert body["uptime_seconds"] == 0
+
+
+async def test_readiness_changes_are_logged_once_each_never_per_probe(
+    cluster: Cluster, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Healthy to unhealthy (with the reason) and back: one line per change, whatever the number of probes."""
+    caplog.set_level(logging.INFO, logger="service.health")
+    async with serve_settings(DATABASE_URL=database_url, DATABASE_HEALTH_CHECK_TIMEOUT="2") as client:
+        statuses = [(await client.get("/health/db")).status_code for _ in range(3)]
+        cluster.stop()
+        try:
+            statuses += [(await client.get("/health/db")).status_code for _ in range(3)]
+        finally:
+            cluster.ensure_running()
+        statuses += [(await client.get("/health/db")).status_code for _ in range(3)]
+    assert statuses == [200] * 3 + [503] * 3 + [200] * 3
+    changes = [r.getMessage() for r in caplog.records if r.name == "service.health"]
+    assert changes == [
+        "Readiness unknown -> degraded: 1 pending migration(s): 0001.uuidv7",
+        "Readiness degraded -> unhealthy: Database is unreachable: connection refused",
+        "Readiness unhealthy -> degraded: 1 pending migration(s): 0001.uuidv7",
+    ]

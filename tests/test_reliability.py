@@ -29,10 +29,10 @@ def production(database_url: str, **extra: str) -> dict[str, str]:
 
 
 def test_restart_under_load_gives_503s_in_time_then_only_200s(
-    cluster: Cluster, database_url: str, tmp_path: Path
+    cluster: Cluster, database_url: str, tmp_path: Path, server_command: str
 ) -> None:
     """Clients keep probing across a restart: 503s bounded by the timeout, then 200 again, never a 500."""
-    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log")
+    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log", command=server_command)
     results: list[tuple[float, int, float]] = []  # (sent at, status, seconds taken)
     stop = threading.Event()
 
@@ -72,7 +72,7 @@ def test_restart_under_load_gives_503s_in_time_then_only_200s(
 
 @pytest.mark.parametrize("fault", ["stopped", "wrong password", "hung"])
 def test_no_response_or_log_line_contains_a_secret(
-    cluster: Cluster, database_url: str, tmp_path: Path, fault: str
+    cluster: Cluster, database_url: str, tmp_path: Path, fault: str, server_command: str
 ) -> None:
     """With the database down, refusing the password or frozen, secrets appear in no body and no log line."""
     url = database_url
@@ -80,7 +80,7 @@ def test_no_response_or_log_line_contains_a_secret(
     if fault == "wrong password":
         password = "Wr0ng-Passw0rd-Xyz"
         url = database_url.replace(f":{cluster.password}@", f":{password}@")
-    server = UvicornProcess(production(url, LOG_LEVEL="DEBUG"), log_path=tmp_path / "out.log")
+    server = UvicornProcess(production(url, LOG_LEVEL="DEBUG"), log_path=tmp_path / "out.log", command=server_command)
     bodies: list[str] = []
     try:
         server.wait_ready()
@@ -101,10 +101,10 @@ def test_no_response_or_log_line_contains_a_secret(
         assert [line for line in captured if secret in line] == []
 
 
-def test_misconfigured_database_url_never_prints_its_password(tmp_path: Path) -> None:
+def test_misconfigured_database_url_never_prints_its_password(tmp_path: Path, server_command: str) -> None:
     """A refused URL is shown with its password masked in the start-up message."""
     env = production("mysql://app:Sup3r-Secret-Pw@db/app")
-    server = UvicornProcess(env, log_path=tmp_path / "out.log")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command=server_command)
     assert server.process.wait(30) != 0
     output = server.output()
     assert "mysql://app:***@db/app" in output
@@ -112,9 +112,11 @@ def test_misconfigured_database_url_never_prints_its_password(tmp_path: Path) ->
     assert SECRET_KEY not in output
 
 
-def test_sigterm_with_requests_in_flight_answers_every_one(cluster: Cluster, database_url: str, tmp_path: Path) -> None:
+def test_sigterm_with_requests_in_flight_answers_every_one(
+    cluster: Cluster, database_url: str, tmp_path: Path, server_command: str
+) -> None:
     """Requests in flight when SIGTERM arrives all get complete responses before the process exits."""
-    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log")
+    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log", command=server_command)
     answers: list[int] = []
     try:
         server.wait_ready()

@@ -30,10 +30,10 @@ def production(database_url: str, **extra: str) -> dict[str, str]:
     }
 
 
-def test_unsafe_production_configuration_exits_with_one_message(tmp_path: Path) -> None:
+def test_unsafe_production_configuration_exits_with_one_message(tmp_path: Path, server_command: str) -> None:
     """Every offending variable is named, secrets masked, no traceback, and the port is never bound."""
     env = {"ENVIRONMENT": "production", "DEBUG": "true", "SECRET_KEY": "tiny-secret", "DATABASE_POOL_SIZE": "0"}
-    server = UvicornProcess(env, log_path=tmp_path / "out.log")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command=server_command)
     status = server.process.wait(30)
     output = server.output()
     assert status != 0
@@ -45,9 +45,11 @@ def test_unsafe_production_configuration_exits_with_one_message(tmp_path: Path) 
     assert output.startswith("Invalid settings (4 problem(s)):")
 
 
-def test_production_logs_are_json_lines_with_one_access_line_per_request(database_url: str, tmp_path: Path) -> None:
+def test_production_logs_are_json_lines_with_one_access_line_per_request(
+    database_url: str, tmp_path: Path, server_command: str
+) -> None:
     """Every line is JSON; each request has one access line with its ID; successful probes are quiet."""
-    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log")
+    server = UvicornProcess(production(database_url), log_path=tmp_path / "out.log", command=server_command)
     try:
         server.wait_ready()
         for path, request_id in [("/", "e2e-root"), ("/missing", "e2e-404"), ("/health", "e2e-probe")]:
@@ -66,9 +68,9 @@ def test_production_logs_are_json_lines_with_one_access_line_per_request(databas
     assert SECRET_KEY not in server.output()
 
 
-def test_development_logs_are_text_with_one_access_line_per_request(tmp_path: Path) -> None:
+def test_development_logs_are_text_with_one_access_line_per_request(tmp_path: Path, server_command: str) -> None:
     """Outside production: LOG_FORMAT text lines, one access line per request, probes included."""
-    server = UvicornProcess({}, log_path=tmp_path / "out.log")
+    server = UvicornProcess({}, log_path=tmp_path / "out.log", command=server_command)
     try:
         server.wait_ready()
         httpx.get(f"{server.url}/health", headers={"X-Request-ID": "dev-1"})
@@ -80,11 +82,11 @@ def test_development_logs_are_text_with_one_access_line_per_request(tmp_path: Pa
 
 
 def test_sigterm_lets_a_hung_probe_answer_then_exits_and_closes_the_pool(
-    cluster: Cluster, database_url: str, tmp_path: Path
+    cluster: Cluster, database_url: str, tmp_path: Path, server_command: str
 ) -> None:
     """SIGTERM during a probe of a frozen database: the probe answers 503 in time, then a clean exit."""
     env = production(database_url, DATABASE_HEALTH_CHECK_TIMEOUT="2")
-    server = UvicornProcess(env, log_path=tmp_path / "out.log")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command=server_command)
     try:
         server.wait_ready()
         assert httpx.get(f"{server.url}/health/db").status_code == 200
@@ -106,9 +108,13 @@ def test_sigterm_lets_a_hung_probe_answer_then_exits_and_closes_the_pool(
     assert wait_for_no_backends(cluster, "e2e-service")
 
 
-def test_sigterm_closes_every_backend_connection(cluster: Cluster, database_url: str, tmp_path: Path) -> None:
+def test_sigterm_closes_every_backend_connection(
+    cluster: Cluster, database_url: str, tmp_path: Path, server_command: str
+) -> None:
     """After a graceful exit no backend of the service's pool remains on the server."""
-    server = UvicornProcess(production(database_url, DATABASE_POOL_SIZE="4"), log_path=tmp_path / "out.log")
+    server = UvicornProcess(
+        production(database_url, DATABASE_POOL_SIZE="4"), log_path=tmp_path / "out.log", command=server_command
+    )
     try:
         server.wait_ready()
         with httpx.Client() as client:

@@ -1,14 +1,16 @@
-"""`uvicorn app:app --workers 2`: both workers serve, `/metrics` merges them, SIGTERM stops cleanly."""
+"""Two workers, under `uvicorn app:app --workers 2` and `python -m app`: both serve, `/metrics` merges them."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from service import running_uvicorn
+from service import UvicornProcess, running_uvicorn
 from test_metrics import value
+from test_server import production
 
 from metrics import FLUSH_INTERVAL
 
@@ -61,3 +63,63 @@ def test_a_scrape_counts_its_own_worker_at_once_and_keeps_stopped_workers(tmp_pa
         text = _metrics(server.url)
         assert value(text, "http_requests_total", method="GET", route="<unmatched>", status="404") == 8
         assert value(text, "http_request_duration_seconds_count", method="GET", route="<unmatched>") == 8
+
+
+def test_python_m_app_workers_log_only_json_and_count_every_request(database_url: str, tmp_path: Path) -> None:
+    """WEB_CONCURRENCY=2 in production: every line of every process is JSON; /metrics counts all 20 requests."""
+    env = production(database_url, WEB_CONCURRENCY="2", DATABASE_POOL_SIZE="3", SHUTDOWN_DRAIN_SECONDS="0")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        for _ in range(20):
+            with httpx.Client(timeout=5) as fresh:  # a new connection each time, so both workers answer
+                assert fresh.get(f"{server.url}/").status_code == 200
+        assert value(_metrics(server.url), "http_requests_total", method="GET", route="/", status="200") == 20
+        deadline = time.monotonic() + 20
+        while value(_metrics(server.url), "db_pool_connections_max") != 6:  # both workers' pools, merged
+            assert time.monotonic() < deadline, "the second worker never published its pool"
+            time.sleep(0.2)
+    finally:
+        assert server.terminate() == 0
+    entries = [json.loads(line) for line in server.output().splitlines()]  # fails on any line that is not JSON
+    assert {e["logger"] for e in entries} >= {"service.server", "uvicorn.error", "service.access"}
+    assert len({e["message"] for e in entries if e["message"].startswith("Started server process")}) == 2
+    shared = next(e["message"] for e in entries if e["message"].startswith("Workers merge their metrics in "))
+    assert not Path(shared.split(" in ", 1)[1].split(" ", 1)[0]).exists()  # the private directory is gone
+
+
+def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (an OOM kill): its workers notice within a second and exit."""
+    env = {"WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        pids = [
+            int(e["message"].split("[")[1].rstrip("]"))
+            for e in _entries(server)
+            if "Started server process" in e["message"]
+        ]
+        server.process.kill()
+        server.process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            time.sleep(0.1)
+    finally:
+        server.kill()
+    assert _entries(server)[-1]["message"].startswith("Finished server process")
+
+
+def _entries(server: UvicornProcess) -> list[dict[str, str]]:
+    return [json.loads(line) for line in server.output().splitlines()]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"

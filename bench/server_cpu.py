@@ -1,0 +1,106 @@
+"""CPU per request of `uvicorn app:app` and `python -m app`, alternating, on pinned cores.
+
+    uv run python bench/server_cpu.py /health 3
+    uv run python bench/server_cpu.py /no-such-route 3 --also "granian --interface asgi --port {port} app:app"
+
+Each server runs alone on core 0, wrk on core 1 (2 s warm-up, 5 s measured, 64 connections);
+the order alternates each round. CPU time is the server's process tree's own (`/proc/PID/stat`),
+which other jobs on the machine disturb far less than requests per second. Production settings,
+JSON access lines to a file, a database URL that is never reached (pick routes that need none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 8811
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU of a process and its descendants."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += cpu_seconds(int(child))
+    return total
+
+
+def run_once(argv: list[str], route: str, log: Path) -> tuple[float, float]:
+    """Requests/s and CPU µs per request for one fresh server."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": "postgresql://bench:unused@127.0.0.1:1/unused",
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": "bench-" + "x" * 40,
+        "LOG_JSON": "true",
+        "SHUTDOWN_DRAIN_SECONDS": "0",
+        "PORT": str(PORT),
+    }
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            ["taskset", "-c", "0", *argv], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            time.sleep(1.5)
+            load = ["taskset", "-c", "1", "wrk", "-t1", "-c64"]
+            subprocess.run([*load, "-d2s", f"http://127.0.0.1:{PORT}{route}"], capture_output=True, check=True)
+            before = cpu_seconds(server.pid)
+            report = subprocess.run(
+                [*load, "-d5s", f"http://127.0.0.1:{PORT}{route}"], capture_output=True, text=True, check=True
+            ).stdout
+            used = cpu_seconds(server.pid) - before
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(20)
+    requests = int(_find(r"(\d+) requests in", report))
+    return float(_find(r"Requests/sec:\s+([\d.]+)", report)), used / requests * 1e6
+
+
+def _find(pattern: str, text: str) -> str:
+    found = re.search(pattern, text)
+    if found is None:
+        raise RuntimeError(f"wrk printed no {pattern!r}:\n{text}")
+    return found.group(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("route")
+    parser.add_argument("rounds", type=int)
+    parser.add_argument("--also", metavar="COMMAND", help="another server; {port} is filled in")
+    args = parser.parse_args()
+    python = sys.executable
+    servers = {
+        "uvicorn app:app": [python, "-m", "uvicorn", "app:app", "--port", str(PORT), "--loop", "uvloop"],
+        "python -m app": [python, "-m", "app"],
+    }
+    if args.also:
+        servers["other"] = ["sh", "-c", "exec " + args.also.replace("{port}", str(PORT))]
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    for number in range(args.rounds):
+        order = list(servers) if number % 2 == 0 else list(reversed(servers))
+        for name in order:
+            log = Path(tempfile.gettempdir()) / f"server-cpu-{name.replace(' ', '_').replace(':', '_')}.log"
+            results[name].append(run_once(servers[name], args.route, log))
+    base = results["uvicorn app:app"]
+    for name, runs in results.items():
+        rps = [round(r) for r, _ in runs]
+        cpu = [round(c, 1) for _, c in runs]
+        print(f"{args.route} {name}: requests/s {rps}, CPU µs/request {cpu}")
+        if name != "uvicorn app:app":
+            ratios = [round(c / b, 2) for (_, c), (_, b) in zip(runs, base, strict=True)]
+            print(f"  CPU/request vs uvicorn app:app per round {ratios}, median {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The drain of `python -m app`: readiness 503 from SIGTERM on, everything else served, then a clean exit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cluster import Cluster
+from service import UvicornProcess
+from test_server import production, wait_for_no_backends
+
+pytestmark = pytest.mark.slow
+
+
+def readiness_when_draining(server: UvicornProcess, within: float) -> float:
+    """Seconds until `/health/db` says the service is shutting down (fails after `within`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        with httpx.Client(timeout=5) as fresh:
+            response = fresh.get(f"{server.url}/health/db")
+        if response.status_code == 503 and response.json()["errors"] == ["Service is shutting down"]:
+            assert response.json()["status"] == "unhealthy"
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"readiness still {response.status_code} {within} s after SIGTERM")
+
+
+def test_sigterm_drains_readiness_then_exits_cleanly(cluster: Cluster, database_url: str, tmp_path: Path) -> None:
+    """Readiness turns 503 within 0.5 s of SIGTERM; new connections are served for the drain; exit 0, no backend."""
+    env = production(database_url, SHUTDOWN_DRAIN_SECONDS="3")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        for _ in range(3):
+            assert httpx.get(f"{server.url}/health/db", timeout=15).status_code == 200
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert readiness_when_draining(server, within=0.5) < 0.5
+        time.sleep(1)
+        with httpx.Client(timeout=5) as fresh:  # a new connection, well into the drain
+            assert fresh.get(f"{server.url}/").status_code == 200
+            assert fresh.get(f"{server.url}/health").status_code == 200
+            assert fresh.get(f"{server.url}/health/db").status_code == 503
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - signalled >= 3
+    finally:
+        server.kill()
+    assert wait_for_no_backends(cluster, "e2e-service")
+    entries = [json.loads(line) for line in server.output().splitlines()]
+    changes = [e["message"] for e in entries if e["message"].startswith("Readiness ")]
+    assert changes == ["Readiness unknown -> degraded: 1 pending migration(s): 0001.uuidv7",
+                       "Readiness degraded -> unhealthy: Service is shutting down"]  # fmt: skip
+
+
+def test_a_second_signal_ends_the_drain(tmp_path: Path) -> None:
+    """With a 60 s drain, a second SIGTERM starts the shutdown at once; the exit is still 0."""
+    server = UvicornProcess({"SHUTDOWN_DRAIN_SECONDS": "60"}, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        server.process.send_signal(signal.SIGTERM)
+        readiness_when_draining(server, within=0.5)
+        second = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - second < 3
+    finally:
+        server.kill()
+
+
+def test_every_worker_drains(tmp_path: Path) -> None:
+    """With 2 workers, each answers 503 during the drain and serves the rest; a second signal ends both drains."""
+    env = {"SHUTDOWN_DRAIN_SECONDS": "60", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        readiness_when_draining(server, within=0.5)
+        time.sleep(0.3)
+        for _ in range(20):  # new connections spread over both workers: no worker is still ready
+            with httpx.Client(timeout=5) as fresh:
+                assert fresh.get(f"{server.url}/health/db").json()["errors"] == ["Service is shutting down"]
+                assert fresh.get(f"{server.url}/").status_code == 200
+        assert server.output().count("Draining: /health/db answers 503") == 2
+        second = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - second < 5
+    finally:
+        server.kill()

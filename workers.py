@@ -1,0 +1,79 @@
+"""The supervisor of `WEB_CONCURRENCY` worker processes, for `python -m app` (server.py).
+
+It binds the socket once, spawns the workers on it, forwards every SIGTERM and SIGINT to each
+(the first starts each worker's drain, the next ends it), replaces a worker that dies, and stops
+everything when one fails to start. Its own lines go through the service's logging, so in
+production every line of every process is JSON. When the operator set no
+`PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it at exit, so
+`/metrics` counts every request whichever worker answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from multiprocessing.connection import wait
+
+import uvicorn
+from uvicorn._subprocess import get_subprocess
+from uvicorn.config import STARTUP_FAILURE
+
+logger = logging.getLogger("service.server")
+
+
+def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) -> int:
+    """Run `workers` processes of `serve(sockets=...)` on one socket until a signal; returns the exit status.
+
+    `serve` must be picklable (a module-level function, or a partial of one): workers are spawned.
+    """
+    private_metrics = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        private_metrics = tempfile.mkdtemp(prefix="prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
+        logger.info("Workers merge their metrics in %s (removed at exit)", private_metrics)
+    received: list[int] = []
+    for handled in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(handled, lambda number, frame: received.append(number))
+    sockets = [config.bind_socket()]
+    logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
+    processes = [_start_worker(config, sockets, serve) for _ in range(workers)]
+    status, forwarded = 0, 0
+    try:
+        while any(process.is_alive() for process in processes):
+            wait([process.sentinel for process in processes], timeout=0.1)
+            for sig in received[forwarded:]:  # each one: the first starts the drain, the next ends it
+                for process in processes:
+                    if process.pid is not None and process.is_alive():
+                        os.kill(process.pid, sig)
+            forwarded = len(received)
+            if received:
+                continue
+            for index, process in enumerate(processes):
+                if process.exitcode == STARTUP_FAILURE:
+                    logger.error("Worker [%s] failed to start: stopping", process.pid)
+                    status = STARTUP_FAILURE
+                    received.append(signal.SIGTERM)
+                elif process.exitcode is not None and status == 0:
+                    logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
+                    processes[index] = _start_worker(config, sockets, serve)
+    finally:
+        for sock in sockets:
+            sock.close()
+        if private_metrics is not None:
+            shutil.rmtree(private_metrics, ignore_errors=True)
+    logger.info("Supervisor [%d] stopped", os.getpid())
+    return status
+
+
+def _start_worker(
+    config: uvicorn.Config, sockets: list[socket.socket], serve: Callable[..., None]
+) -> multiprocessing.process.BaseProcess:
+    process = get_subprocess(config, serve, sockets)
+    process.start()
+    return process
