@@ -122,7 +122,8 @@ class Postgres:
             conn.execute("SELECT pg_reload_conf()")
         backend = get_backend(self.url.replace("postgresql://", "postgresql+psycopg://", 1))
         with backend.lock():
-            backend.apply_migrations(backend.to_apply(read_migrations(str(ROOT / "migrations"))))
+            sources = (str(ROOT / "migrations"), str(ROOT / "examples" / "migrations"))  # the reference resource's too
+            backend.apply_migrations(backend.to_apply(read_migrations(*sources)))
         assert self.cluster.data_dir is not None
         self.log = self.cluster.data_dir.parent / "log"
 

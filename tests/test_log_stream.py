@@ -55,9 +55,9 @@ def wait_ready(url: str) -> int:
     while time.monotonic() < deadline:
         try:
             answered += 1
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
                 return answered
-        except httpx.TransportError:
+        except httpx.ConnectError:  # not listening yet: no request reached the app, no line
             answered -= 1
             time.sleep(0.05)
     raise AssertionError("uvicorn did not answer /health within 30 s")
