@@ -24,13 +24,14 @@ from starlette.types import ASGIApp
 
 from api import Context, Endpoints, State
 from db import Database
-from errors import EXCEPTION_HANDLERS, ServerErrorMiddleware, not_found
+from errors import EXCEPTION_HANDLERS, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import configure_logging, finish_logs
 from metrics import Metrics, MetricsEndpoint
-from middleware import CORS, BodyLimit, HotPaths, RequestContext
+from middleware import CORS, BodyLimit, RequestContext, ServerErrors
 from migrate import MIGRATIONS_DIR, migrations_on_disk
 from openapi import OPERATIONS, Operation, docs_routes
+from routing import HotPaths
 from settings import Settings, load_settings_or_exit, read_environment
 
 logger = logging.getLogger("service")
@@ -55,7 +56,7 @@ async def root(ctx: Context) -> RootInfo:
 class Service(Starlette):
     """Starlette without its own outermost `ServerErrorMiddleware`.
 
-    `errors.ServerErrorMiddleware` already turns every exception raised below the request-ID
+    `middleware.ServerErrors` already turns every exception raised below the request-ID
     and CORS layers into the envelope. Above it there is only our own middleware, and anything
     escaping from there is uvicorn's to answer: a plain 500, exactly what Starlette's layer
     gives without DEBUG. Starlette's layer would only add a wrapper to every request.
@@ -63,7 +64,7 @@ class Service(Starlette):
 
     def build_middleware_stack(self) -> ASGIApp:
         if any(key in (500, Exception) for key in self.exception_handlers):
-            raise ValueError("register 500 handling in errors.ServerErrorMiddleware, not as a handler")
+            raise ValueError("register 500 handling in middleware.ServerErrors, not as a handler")
         app: ASGIApp = ExceptionMiddleware(self.router, handlers=self.exception_handlers, debug=self.debug)
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
@@ -145,7 +146,7 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After", "Location"],
         ),
-        Middleware(ServerErrorMiddleware, debug=settings.debug),
+        Middleware(ServerErrors, debug=settings.debug),
         Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         Middleware(HotPaths, probes=probes),
     ]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import traceback
 from typing import Any
 
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from logs import REQUEST_ID
 from responses import ENCODER, StructResponse, send_bytes, utc_timestamp
@@ -209,37 +208,3 @@ EXCEPTION_HANDLERS = {
     ServiceError: handle_service_error,
     TimeoutError: handle_timeout,
 }
-
-
-class ServerErrorMiddleware:
-    """Turns an unhandled exception into the 500 envelope *inside* the middleware stack.
-
-    Starlette answers unhandled exceptions outside every user middleware, which would lose
-    the request ID and CORS headers; this sits inside them so a 500 keeps both.
-    """
-
-    def __init__(self, app: ASGIApp, *, debug: bool) -> None:
-        self.app = app
-        self.debug = debug
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracking)
-        except Exception as exc:  # the boundary: anything a handler did not expect becomes a 500
-            logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
-            if started:
-                raise  # too late for a response of our own; the server closes the connection
-            detail = None
-            if self.debug:
-                detail = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-            await error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)(scope, receive, send)

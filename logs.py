@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import msgspec
 from starlette.types import Scope
 
+from responses import utc_second
 from settings import Redactor, Settings
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -79,18 +80,11 @@ class JsonFormatter(logging.Formatter):
         self.redact = redact
         # Built once: msgspec reuses the encoder's buffer between lines.
         self.encoder = msgspec.json.Encoder()
-        # The date and time to the second, formatted once per second of `record.created`; one
-        # tuple, swapped whole, as lines may be formatted on more than one thread.
-        self._stamp = (-1, "")
 
     def timestamp(self, created: float) -> str:
         """RFC 3339 UTC to the millisecond, as `logging` counts them (`LogRecord.msecs`)."""
         seconds = int(created)
-        second, stamp = self._stamp
-        if seconds != second:  # under load, most lines share their second with the previous one
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-            self._stamp = (seconds, stamp)
-        return f"{stamp}.{int((created - seconds) * 1000):03d}Z"
+        return f"{utc_second(seconds)}.{int((created - seconds) * 1000):03d}Z"
 
     def access_line(self, created: float, message: str, request_id: str, fields: dict[str, Any]) -> str:
         """The line `format` gives an access record with these fields, without the record."""

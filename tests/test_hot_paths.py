@@ -24,6 +24,7 @@ from api import Endpoints
 from app import create_app
 from logs import JsonFormatter, configure_logging
 from middleware import RequestContext, new_request_id
+from responses import utc_second, utc_timestamp
 from settings import Redactor, Settings
 
 ORIGIN = "http://localhost:3000"
@@ -175,6 +176,14 @@ async def test_production_logs_failed_probes_only(capsys: pytest.CaptureFixture[
         assert (await client.get("/health/db")).status_code == 503
     lines = access_lines(capsys.readouterr().err)
     assert [(line["path"], line["status"]) for line in lines] == [("/health/db", 503)]
+
+
+def test_the_clock_shortcut_never_hands_out_another_seconds_text() -> None:
+    """`utc_second` reuses its text only within the same second, whatever order seconds come in."""
+    start = int(time.time())
+    for seconds in (start, start, start + 1, start - 5, start + 1, 0):
+        assert utc_second(seconds) == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_timestamp())
 
 
 def test_json_timestamp_follows_each_record_across_seconds() -> None:
