@@ -18,9 +18,7 @@ from pathlib import Path
 import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp
 
 from api import Context, Endpoints, State
 from db import Database
@@ -53,24 +51,6 @@ async def root(ctx: Context) -> RootInfo:
     return RootInfo(f"{settings.app_name} is running", settings.app_version, settings.environment)
 
 
-class Service(Starlette):
-    """Starlette without its own outermost `ServerErrorMiddleware`.
-
-    `middleware.ServerErrors` already turns every exception raised below the request-ID
-    and CORS layers into the envelope. Above it there is only our own middleware, and anything
-    escaping from there is uvicorn's to answer: a plain 500, exactly what Starlette's layer
-    gives without DEBUG. Starlette's layer would only add a wrapper to every request.
-    """
-
-    def build_middleware_stack(self) -> ASGIApp:
-        if any(key in (500, Exception) for key in self.exception_handlers):
-            raise ValueError("register 500 handling in middleware.ServerErrors, not as a handler")
-        app: ASGIApp = ExceptionMiddleware(self.router, handlers=self.exception_handlers, debug=self.debug)
-        for cls, args, kwargs in reversed(self.user_middleware):
-            app = cls(app, *args, **kwargs)
-        return app
-
-
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[State]:
     settings: Settings = app.state.settings
@@ -100,7 +80,7 @@ def create_app(
     *,
     endpoints: Sequence[Endpoints] = (),
     migrations: Sequence[Path] = (MIGRATIONS_DIR,),
-) -> Service:
+) -> Starlette:
     """The service for `settings` (else the environment and `.env`), serving `endpoints` too.
 
     `migrations` are the folders whose migrations `/health/db` expects applied, read once, here.
@@ -150,14 +130,14 @@ def create_app(
         Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         Middleware(HotPaths, probes=probes),
     ]
-    app = Service(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.router.default = not_found
     app.state.settings = settings
     app.state.metrics = metrics
     return app
 
 
-def __getattr__(name: str) -> Service:
+def __getattr__(name: str) -> Starlette:
     """`app`, built from the environment (and `.env`) when first asked for: what `uvicorn app:app`
     serves. Importing `create_app` from here builds nothing (PEP 562 module `__getattr__`)."""
     if name != "app":
