@@ -110,45 +110,40 @@ class Database:
         nothing in the session (no SET, LISTEN, lock or cursor): release then skips the
         reset round trip.
         """
-        await self._wait_turn()
         try:
-            try:
-                conn = await self.pool.acquire(timeout=self.acquire_timeout)
-            except TimeoutError:
-                raise DatabaseConnectionError("No database connection available", retry_after=1) from None
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-                message = "Database temporarily unavailable"
-                raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
-            try:
-                yield conn
-            except (asyncio.CancelledError, TimeoutError):
-                _discard(conn)  # mid-query: a clean release could wait on the server
-                raise
-            except _LOST_CONNECTION as exc:
-                _discard(conn)
-                message = "Database connection lost"
-                raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
-            except asyncpg.UniqueViolationError as exc:
-                raise ConflictError(_conflict_message(exc)) from exc
-            finally:
-                token = _RELEASING_STATELESS.set(stateless)
-                try:
-                    await self.pool.release(conn)  # a terminated one only frees its place
-                finally:
-                    _RELEASING_STATELESS.reset(token)
-        finally:
-            self._queue.release()
-
-    async def _wait_turn(self) -> None:
-        """A place in the queue for one of the pool's connections, waiting at most `DATABASE_POOL_TIMEOUT`."""
-        if not self._queue.locked():
-            await self._queue.acquire()  # one is free: taken at once, without a timer
-            return
-        try:
+            # One timer for the whole wait, the queue and the pool's connecting alike (asyncpg's own
+            # acquire timeout would start a task per call).
             async with asyncio.timeout(self.acquire_timeout):
                 await self._queue.acquire()
+                try:
+                    conn = await self.pool.acquire()
+                except BaseException:
+                    self._queue.release()
+                    raise
         except TimeoutError:
             raise DatabaseConnectionError("No database connection available", retry_after=1) from None
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            message = "Database temporarily unavailable"
+            raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+        try:
+            yield conn
+        except (asyncio.CancelledError, TimeoutError):
+            _discard(conn)  # mid-query: a clean release could wait on the server
+            raise
+        except _LOST_CONNECTION as exc:
+            _discard(conn)
+            message = "Database connection lost"
+            raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+        except asyncpg.UniqueViolationError as exc:
+            raise ConflictError(_conflict_message(exc)) from exc
+        finally:
+            token = _RELEASING_STATELESS.set(stateless)
+            try:
+                # A terminated connection only frees its place; the reset is bounded like the wait.
+                await self.pool.release(conn, timeout=self.acquire_timeout)
+            finally:
+                _RELEASING_STATELESS.reset(token)
+                self._queue.release()
 
     async def probe(self, timeout: float) -> Probe:
         """One bounded round trip: never longer than `timeout`, whatever the server does."""
