@@ -113,6 +113,17 @@ class UvicornProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout`: no test leaves a server behind."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 @contextmanager
 def running_uvicorn(env: Mapping[str, str], *args: str, command: str = "uvicorn app:app") -> Iterator[UvicornProcess]:
     """A ready server for the block, stopped with SIGTERM afterwards (killed if it will not stop)."""

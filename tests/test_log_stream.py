@@ -17,7 +17,7 @@ from typing import IO
 
 import httpx
 import pytest
-from service import _SERVICE_VARIABLES, ROOT, free_port
+from service import _SERVICE_VARIABLES, ROOT, free_port, stop
 from test_metrics import value
 
 pytestmark = pytest.mark.slow
@@ -39,13 +39,7 @@ def uvicorn(env: dict[str, str], stderr: int | IO[bytes]) -> Iterator[tuple[subp
     try:
         yield process, url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop(process)
 
 
 def wait_ready(url: str) -> int:
@@ -120,7 +114,10 @@ def test_requests_and_probes_are_answered_while_nobody_reads_the_log_pipe(databa
     assert dropped is not None
     assert dropped * 330 > PIPE_BUFFER  # far more was dropped than fits in a pipe: the test bit
     assert sum(int(r["log_lines_dropped"]) for r in reports) == dropped
-    assert len(access_lines(log)) + dropped == responses + 1  # every line written or counted; +1: /metrics
+    # Every access line written or counted (+1: /metrics). The count is of every dropped line, so
+    # it may also hold the one line a readiness change writes while the pipe is full.
+    missing = responses + 1 - len(access_lines(log))
+    assert missing <= dropped <= missing + 1
 
 
 def test_every_access_line_is_written_before_a_graceful_stop(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import ROOT, free_port
+from service import ROOT, free_port, stop
 
 # Exactly as the README writes it, after `uv run`.
 RELOAD_COMMAND = "uvicorn app:app --reload --reload-include '*.sql' --reload-include .env"
@@ -61,9 +60,4 @@ def test_reload_restarts_the_worker_on_python_sql_and_dotenv_changes(checkout: P
             _wait_for(server, log, url, starts=number)
             assert f"detected changes in '{path.relative_to(checkout)}'" in log.read_text()
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        stop(server)
