@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar
 
@@ -38,7 +38,7 @@ from db import NOT_CONFIGURED, Connection, Database
 from errors import DatabaseConnectionError
 from inputs import Binder, body_binder, path_binder, query_binder, query_params
 from openapi import Operation, Param, Reply
-from responses import ENCODER, send_bytes
+from responses import ENCODER, JSON_HEADERS, send_bytes
 from settings import Settings
 
 T = TypeVar("T")
@@ -79,11 +79,9 @@ class Context:
             raise DatabaseConnectionError(NOT_CONFIGURED)
         return database
 
-    @asynccontextmanager
-    async def connection(self, *, stateless: bool = False) -> AsyncIterator[Connection]:
-        """A pooled connection for the block: see `db.Database.connection`."""
-        async with self.database.connection(stateless=stateless) as conn:
-            yield conn
+    def connection(self, *, stateless: bool = False) -> AbstractAsyncContextManager[Connection]:
+        """A pooled connection for an `async with` block: `db.Database.connection` itself, not a wrapper."""
+        return self.database.connection(stateless=stateless)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +189,7 @@ class Endpoint:
             await send({"type": "http.response.body", "body": b""})
         elif isinstance(result, Created):
             location = (b"location", result.location.encode())
-            await send_bytes(scope, send, 201, ENCODER.encode(result.body), (_JSON, location))
+            await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location))
         else:
             await send_bytes(scope, send, self.status, ENCODER.encode(result))
 
@@ -208,7 +206,6 @@ class Endpoint:
         return Operation(d.summary, d.description, tag, replies, tuple(self.params), self.body_type, frozenset(errors))
 
 
-_JSON = (b"content-type", b"application/json")
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}
 
 

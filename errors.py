@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import msgspec
@@ -13,8 +12,6 @@ from starlette.types import Receive, Scope, Send
 
 from logs import REQUEST_ID
 from responses import ENCODER, StructResponse, send_bytes, utc_timestamp
-
-logger = logging.getLogger("service.errors")
 
 CODES = {
     400: "VALIDATION_ERROR",
