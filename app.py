@@ -1,24 +1,26 @@
 """The application: `create_app(settings, endpoints=...)` builds routes, middleware and the lifespan.
 
-The middleware stack, outermost first, is described in middleware.py; below it Starlette's
-ExceptionMiddleware maps the expected exceptions (errors.EXCEPTION_HANDLERS) and the router
-dispatches. Endpoints come from `api.Endpoints` groups (see api.py and examples/items.py).
+Every request goes through one layer, `middleware.RequestContext` (request ID, CORS, body limit,
+the error envelope, access line, metrics), then the user's middleware, `routing.HotPaths` and
+the router. Endpoints come from `api.Endpoints` groups (see api.py and examples/items.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from api import Context, Endpoints, State
 from db import Database
@@ -26,7 +28,7 @@ from errors import EXCEPTION_HANDLERS, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import configure_logging, finish_logs
 from metrics import Metrics, MetricsEndpoint
-from middleware import CORS, BodyLimit, RequestContext, ServerErrors
+from middleware import CORS, RequestContext
 from migrate import MIGRATIONS_DIR, migrations_on_disk
 from openapi import OPERATIONS, Operation, docs_routes
 from routing import HotPaths
@@ -49,6 +51,46 @@ async def root(ctx: Context) -> RootInfo:
     """Name, version and environment."""
     settings = ctx.settings
     return RootInfo(f"{settings.app_name} is running", settings.app_version, settings.environment)
+
+
+class Service(Starlette):
+    """Starlette whose middleware stack is `RequestContext` around the user's middleware, `HotPaths`
+    and the router.
+
+    `RequestContext` is the 500 boundary and maps every exception to the envelope by the app's
+    `exception_handlers`, so Starlette's own two layers for those (its `ServerErrorMiddleware`
+    and `ExceptionMiddleware`) are not added: a request passes through one layer, not three.
+    """
+
+    def __init__(self, *, settings: Settings, probes: list[Route], metrics: Metrics | None, **options: Any) -> None:
+        super().__init__(**options)
+        self.probes = probes
+        self.state.settings = settings
+        self.state.metrics = metrics
+
+    def build_middleware_stack(self) -> ASGIApp:
+        settings: Settings = self.state.settings
+        metrics: Metrics | None = self.state.metrics
+        app: ASGIApp = HotPaths(self.router, probes=self.probes)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        cors = functools.partial(
+            CORS,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location"],
+        )
+        return RequestContext(
+            app,
+            quiet_health=settings.environment == "production",
+            observe=metrics.record if metrics is not None else None,
+            cors=cors,
+            max_body_bytes=settings.max_body_bytes,
+            handlers=self.exception_handlers,
+            debug=settings.debug,
+        )
 
 
 @asynccontextmanager
@@ -112,28 +154,15 @@ def create_app(
     undocumented = [r.path for r in routes if isinstance(r, Route) and r.name not in operations]
     if undocumented:
         raise ValueError(f"routes without an OpenAPI operation: {', '.join(undocumented)}")
-    middleware = [
-        Middleware(
-            RequestContext,
-            quiet_health=settings.environment == "production",
-            observe=metrics.record if metrics is not None else None,
-        ),
-        Middleware(
-            CORS,
-            allow_origins=settings.cors_origins,
-            allow_credentials=settings.cors_allow_credentials,
-            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["*"],
-            expose_headers=["X-Request-ID", "Retry-After", "Location"],
-        ),
-        Middleware(ServerErrors, debug=settings.debug),
-        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-        Middleware(HotPaths, probes=probes),
-    ]
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Service(
+        settings=settings,
+        probes=probes,
+        metrics=metrics,
+        routes=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
     app.router.default = not_found
-    app.state.settings = settings
-    app.state.metrics = metrics
     return app
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from logs import REQUEST_ID
 from responses import ENCODER, StructResponse, send_bytes, utc_timestamp
@@ -200,7 +202,26 @@ _NOT_FOUND = HTTPException(404)  # never raised: it is what the router would hav
 _NOT_FOUND_DETAIL = {"type": type(_NOT_FOUND).__name__, "message": str(_NOT_FOUND)}
 
 
-EXCEPTION_HANDLERS = {
+def server_error(exc: BaseException, *, debug: bool) -> Response:
+    """The 500 envelope for an exception nothing handles; its traceback only with DEBUG."""
+    detail = None
+    if debug:
+        detail = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    return error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)
+
+
+def handler_for(handlers: Mapping[Any, ExceptionHandler], exc: Exception) -> ExceptionHandler | None:
+    """The handler registered for `exc`, as Starlette looks it up: an `HTTPException` by its status
+    first, else the nearest class in its MRO; None when nothing handles it (a 500)."""
+    if isinstance(exc, HTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
+EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
     HTTPException: handle_http_exception,
     ServiceError: handle_service_error,
     TimeoutError: handle_timeout,

@@ -105,9 +105,9 @@ class Metrics:
         series[2 + bisect_left(BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds
 
     def record(self, scope: Scope, status: int, seconds: float) -> None:
-        """One answered request, as `logs.RequestContextMiddleware` reports it.
+        """One answered request, as `middleware.RequestContext` reports it.
 
-        Labelled by the route template the router (or `app.HotPaths`) left in the scope,
+        Labelled by the route template the router (or `routing.HotPaths`) left in the scope,
         so a path parameter never becomes a label; unrouted paths share one label.
         """
         route = scope.get("route")

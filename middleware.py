@@ -1,33 +1,32 @@
-"""The service's middleware, outermost first, each pure ASGI:
+"""The service's request layer, pure ASGI, and the CORS it puts in front of requests with an `Origin`.
 
-  RequestContext   the per-request work, in one place: reads the headers once (request ID,
-                   trace, origin, body length), adds the response's own headers, writes the
-                   access line and the metrics of every request
-  CORS             Starlette's CORS for requests with an `Origin`; a refused preflight is the envelope
-  ServerErrors     an unhandled exception becomes the 500 envelope, inside CORS and the request ID
-  BodyLimit        MAX_BODY_BYTES: a larger body is refused, never read past the limit
-  routing.HotPaths probes straight to their endpoints, certain 404s without the router
+  RequestContext   every request, in one place: reads the headers once (request ID, trace,
+                   origin, body length), refuses bodies over MAX_BODY_BYTES, sends requests
+                   with an `Origin` through CORS, answers every exception with the envelope,
+                   adds the response's own headers, writes the access line and the metrics
+  CORS             Starlette's CORS; a refused preflight is the envelope
 
-The layers below `RequestContext` find what it read in `EXCHANGE` rather than reading the
-headers again or wrapping `send` once more.
+Below it: the user's own middleware (`app.add_middleware`), `routing.HotPaths` (probes and
+certain 404s without the router), and the router.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
 import time
-import traceback
-from collections.abc import Callable
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
-from errors import MESSAGES, PayloadTooLargeError, error_response
+from errors import EXCEPTION_HANDLERS, MESSAGES, PayloadTooLargeError, error_response, handler_for, server_error
 from logs import REQUEST_ID, TRACE_ID, log_access
 
 logger = logging.getLogger("service.errors")
@@ -43,85 +42,111 @@ _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
-class Exchange:
-    """One request as the layers see it: what its headers said, and the status once it is sent."""
-
-    __slots__ = ("body_length", "chunked", "has_origin", "status")
-
-    def __init__(self) -> None:
-        self.has_origin = False
-        self.body_length: int | None = None
-        self.chunked = False
-        self.status = 0  # 0 until the response has started
-
-
-EXCHANGE: ContextVar[Exchange] = ContextVar("exchange")
-
-
 class RequestContext:
-    """Outermost, so that every response (CORS preflights, 500s) carries the ID and is logged once.
+    """The service's one request layer: every response passes through it, 500s and refusals included.
+
+    Per request, in one place: the headers are read once (request ID, trace, origin, body
+    length); a body over `max_body_bytes` is refused (413) and a chunked one is counted as it
+    arrives; the request goes to CORS only when it has an `Origin`; any exception becomes the
+    envelope, by the app's exception handlers (`errors.handler_for`) or as a 500; the response
+    gets the request ID, `nosniff` and `Vary: Origin`; the access line and the metrics are written.
 
     The request ID is the caller's `X-Request-ID` when it is well formed, else a new UUID; a
-    valid W3C `traceparent` puts its trace ID on every log line of the request. A request
-    without `Origin` gets `Vary: Origin` here: `CORS` lets those pass untouched, and a cache
-    must not serve their answer to a cross-origin caller.
+    valid W3C `traceparent` puts its trace ID on every log line of the request.
     """
 
     def __init__(
-        self, app: ASGIApp, *, quiet_health: bool, observe: Callable[[Scope, int, float], None] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        quiet_health: bool,
+        observe: Callable[[Scope, int, float], None] | None = None,
+        cors: Callable[[ASGIApp], ASGIApp] | None = None,
+        max_body_bytes: int | None = None,
+        handlers: Mapping[Any, ExceptionHandler] = EXCEPTION_HANDLERS,
+        debug: bool = False,
     ) -> None:
         self.app = app
         # In production, probes succeed thousands of times a day; only their failures are news.
         self.quiet_health = quiet_health
         self.observe = observe  # metrics, told (scope, status, seconds) of every request
+        self.cors = cors  # makes an app answer with CORS headers (`CORS` with the service's options)
+        self.with_origin = cors(app) if cors is not None else app  # where requests with an `Origin` go
+        self.max_body_bytes = max_body_bytes
+        self.handlers = handlers  # read at each error: a handler added after start-up is used
+        self.debug = debug
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        exchange = Exchange()
-        incoming = trace_id = None
-        for name, value in scope["headers"]:  # the one pass over the headers, for every layer
+        incoming = trace_id = body_length = None
+        has_origin = chunked = False
+        for name, value in scope["headers"]:  # the one pass over the headers
             if name not in _READ:
                 continue
             if name == REQUEST_ID_HEADER:
                 incoming = value if _VALID_REQUEST_ID.fullmatch(value) else None
             elif name == b"origin":
-                exchange.has_origin = True
+                has_origin = True
             elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value)):
                 trace_id = trace[1].decode()
             elif name == b"content-length":
-                exchange.body_length = int(value) if value.isdigit() else None
+                body_length = int(value) if value.isdigit() else None
             elif name == b"transfer-encoding":
-                exchange.chunked = True
+                chunked = True
         request_id = incoming.decode() if incoming else new_request_id()
         own_headers = [(REQUEST_ID_HEADER, incoming or request_id.encode()), _NOSNIFF]
-        tokens = (EXCHANGE.set(exchange), REQUEST_ID.set(request_id), TRACE_ID.set(trace_id))
+        tokens = (REQUEST_ID.set(request_id), TRACE_ID.set(trace_id))
+        status = 0  # until the response starts
 
         async def send_with_context(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                exchange.status = message["status"]
+                status = message["status"]
                 headers = message.setdefault("headers", [])  # in place, as Starlette's own layers do
                 if not isinstance(headers, list):
                     headers = message["headers"] = list(headers)
                 headers += own_headers
-                if not exchange.has_origin:
+                if not has_origin:  # CORS adds it to the others
                     _vary_on_origin(message, headers)
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_context)
+            if self.max_body_bytes is not None:
+                if body_length is not None and body_length > self.max_body_bytes:
+                    raise PayloadTooLargeError(_too_large(self.max_body_bytes), headers=_CLOSE)
+                if chunked:
+                    receive = _within_limit(receive, self.max_body_bytes)
+            await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
+        except Exception as exc:  # the boundary: every error is answered with the envelope
+            if status:
+                logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
+                raise  # too late for a response of our own; the server closes the connection
+            response = await self._error_response(scope, receive, exc)
+            if has_origin and self.cors is not None:  # a browser reads an error only with its CORS headers
+                response = self.cors(response)
+            await response(scope, receive, send_with_context)
         finally:
             seconds = time.perf_counter() - started
-            status = exchange.status or 500  # no response at all: the server answers 500
+            status = status or 500  # no response at all: the server answers 500
             if self.observe is not None:
                 self.observe(scope, status, seconds)
             if not (self.quiet_health and status < 400 and scope["path"].startswith("/health")):
                 log_access(scope, status, seconds, request_id)
-            EXCHANGE.reset(tokens[0])
-            REQUEST_ID.reset(tokens[1])
-            TRACE_ID.reset(tokens[2])
+            REQUEST_ID.reset(tokens[0])
+            TRACE_ID.reset(tokens[1])
+
+    async def _error_response(self, scope: Scope, receive: Receive, exc: Exception) -> ASGIApp:
+        """The envelope for `exc`: its handler's answer, else a 500 (logged with its traceback)."""
+        handler = handler_for(self.handlers, exc)
+        if handler is None:
+            logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
+            return server_error(exc, debug=self.debug)
+        response = handler(Request(scope, receive), exc)  # type: ignore[arg-type]  # http: never a WebSocket one
+        answer = await response if inspect.isawaitable(response) else response
+        return answer or server_error(exc, debug=self.debug)  # a handler that returned nothing
 
 
 def new_request_id() -> str:
@@ -141,17 +166,11 @@ def _vary_on_origin(message: Message, headers: list[tuple[bytes, bytes]]) -> Non
 
 
 class CORS(CORSMiddleware):
-    """Starlette's CORS for requests with an `Origin`, a refused preflight answered by the envelope.
+    """Starlette's CORS, with a refused preflight answered by the envelope.
 
-    Requests without one (probes, servers, curl) go straight on: all Starlette would add to
-    them is `Vary: Origin`, which `RequestContext` adds without building header objects.
+    `RequestContext` sends it only the requests with an `Origin`: all Starlette would add to
+    the others (probes, servers, curl) is `Vary: Origin`, which the request layer adds itself.
     """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not EXCHANGE.get().has_origin:
-            await self.app(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
@@ -162,68 +181,19 @@ class CORS(CORSMiddleware):
         return error_response(400, "VALIDATION_ERROR", reason, headers=headers)
 
 
-class ServerErrors:
-    """Turns an unhandled exception into the 500 envelope *inside* the middleware stack.
+def _within_limit(receive: Receive, limit: int) -> Receive:
+    """`receive` for a chunked body: `PayloadTooLargeError` as soon as more than `limit` bytes arrived."""
+    received = 0
 
-    Starlette answers unhandled exceptions outside every user middleware, which would lose
-    the request ID and CORS headers; this sits inside them so a 500 keeps both. Whether the
-    response had already started, the exchange says (no `send` wrapper of its own).
-    """
+    async def receive_within_limit() -> Message:
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise PayloadTooLargeError(_too_large(limit), headers=_CLOSE)
+        return message
 
-    def __init__(self, app: ASGIApp, *, debug: bool) -> None:
-        self.app = app
-        self.debug = debug
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.app(scope, receive, send)
-        except Exception as exc:  # the boundary: anything a handler did not expect becomes a 500
-            if scope["type"] != "http":
-                raise
-            logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
-            if EXCHANGE.get().status:
-                raise  # too late for a response of our own; the server closes the connection
-            detail = None
-            if self.debug:
-                detail = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-            await error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)(scope, receive, send)
-
-
-class BodyLimit:
-    """A body larger than `max_bytes` is refused with the 413 envelope, without reading past the limit.
-
-    At once when `Content-Length` says so (the server never delivers more than it declares);
-    a chunked body is counted as it arrives, and the handler reading it gets `PayloadTooLargeError`
-    as soon as the limit is crossed. Requests without a body pass untouched.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        exchange = EXCHANGE.get()
-        if exchange.body_length is not None and exchange.body_length > self.max_bytes:
-            refused = error_response(413, "PAYLOAD_TOO_LARGE", _too_large(self.max_bytes), headers=_CLOSE)
-            await refused(scope, receive, send)
-            return
-        await self.app(scope, self._counting(receive) if exchange.chunked else receive, send)
-
-    def _counting(self, receive: Receive) -> Receive:
-        received = 0
-
-        async def receive_within_limit() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise PayloadTooLargeError(_too_large(self.max_bytes), headers=_CLOSE)
-            return message
-
-        return receive_within_limit
+    return receive_within_limit
 
 
 _CLOSE = {"Connection": "close"}  # the rest of a refused body is never read: the connection cannot be reused
