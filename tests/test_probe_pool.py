@@ -1,16 +1,29 @@
-"""The readiness probe's use of the pool: one round trip, no reset it does not need, fair under load."""
+"""The pool: a probe in one round trip, no reset it does not need, fair under load, dead and idle ones dropped."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import asyncpg
 import pytest
 from cluster import Cluster
 
+import db
 from db import Database
 from settings import Settings
 
 APP_NAME = "probe-pool-test"
+
+
+@asynccontextmanager
+async def _admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def _open(database_url: str, pool_size: int) -> Database:
@@ -54,6 +67,58 @@ async def test_many_concurrent_probes_share_the_pool_without_opening_more(databa
         probes = await asyncio.gather(*(database.probe(10) for _ in range(40)))
         assert all(probe.connected for probe in probes)
         assert cluster.backend_count(APP_NAME) <= 2
-        assert database.pool.get_size() <= 2
+        assert database.open_connections() <= 2
     finally:
         await database.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_server_closed_while_idle_is_replaced(database_url: str) -> None:
+    """A backend terminated while its connection sat idle costs the next user nothing: a new one is opened."""
+    database = await _open(database_url, pool_size=1)
+    try:
+        async with database.connection() as conn:
+            first = await conn.fetchval("SELECT pg_backend_pid()")
+        async with _admin(database_url) as admin:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", first)
+        await asyncio.sleep(0.2)  # the server's close reaches the idle connection
+        async with database.connection() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") != first
+        assert database.open_connections() == 1
+    finally:
+        await database.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_idle_past_its_lifetime_is_closed_when_another_comes_back(
+    database_url: str, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a burst, connections nobody reuses are closed, the most recently used ones kept."""
+    database = await _open(database_url, pool_size=3)
+    try:
+        burst = [database.connection(stateless=True) for _ in range(3)]
+        for block in burst:
+            await block.__aenter__()
+        for block in burst:
+            await block.__aexit__(None, None, None)
+        assert database.open_connections() == 3
+        monkeypatch.setattr(db, "IDLE_LIFETIME", 0.05)
+        await asyncio.sleep(0.1)
+        for _ in range(3):  # one user at a time reuses the newest; each return closes the oldest
+            async with database.connection(stateless=True) as conn:
+                await conn.fetchval("SELECT 1")
+        assert database.open_connections() == 1
+        assert cluster.backend_count(APP_NAME) == 1
+    finally:
+        await database.close()
+
+
+@pytest.mark.anyio
+async def test_closing_closes_a_connection_still_in_use_when_it_comes_back(database_url: str, cluster: Cluster) -> None:
+    """`close` during a request does not cut it short; its connection is closed as it is given back."""
+    database = await _open(database_url, pool_size=2)
+    async with database.connection() as conn:
+        await database.close()
+        assert await conn.fetchval("SELECT 1") == 1
+    assert database.open_connections() == 0
+    assert cluster.backend_count(APP_NAME) == 0
