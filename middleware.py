@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -150,8 +150,14 @@ class RequestContext:
 
 
 def new_request_id() -> str:
-    """A random (version 4) UUID, as `str(uuid.uuid4())` but without building a `uuid.UUID`."""
-    bits = int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET
+    """A random (version 4) UUID, as `str(uuid.uuid4())` but without building a `uuid.UUID`.
+
+    From `random`, not `os.urandom`: a request ID names a request, it guards nothing, and
+    `os.urandom` lets go of the interpreter lock for its system call, where the log writer
+    thread takes it: measured, a request with an access line paid for that (bench/README.md).
+    `random` reseeds itself in every forked worker, so workers never share a sequence.
+    """
+    bits = random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET
     text = bits.to_bytes(16).hex()
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -110,6 +111,22 @@ async def test_vary_origin_joins_a_vary_the_app_already_sent() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/")
     assert response.headers.get_list("vary") == ["Accept-Encoding, Origin"]
+
+
+def test_forked_workers_generate_request_ids_of_their_own() -> None:
+    """A worker forked from the supervisor does not repeat the IDs its parent (or a sibling) makes."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next IDs, then gone without running the parent's cleanup
+        os.write(write, " ".join(new_request_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    parents = [new_request_id() for _ in range(3)]
+    with os.fdopen(read) as pipe:
+        childs = pipe.read().split()
+    os.waitpid(pid, 0)
+    assert len(childs) == 3
+    assert not set(childs) & set(parents)
 
 
 def test_generated_request_ids_are_random_version_4_uuids() -> None:
