@@ -55,6 +55,7 @@ class EdgeConfig(uvicorn.Config):
             lifespan="on",
             log_config=None,  # logs.configure_logging owns every handler and format
             access_log=False,  # the app writes its own access line, with the request ID
+            server_header=False,  # no `server: uvicorn` on every response: it tells scanners what to try
         )
         self.max_head_bytes = settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout

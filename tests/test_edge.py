@@ -114,6 +114,14 @@ def test_a_head_at_the_limit_is_served_and_one_byte_more_gets_the_431_envelope(s
     assert envelope["request_id"]
 
 
+def test_responses_carry_a_date_but_do_not_name_the_server(server: UvicornProcess) -> None:
+    """No `server: uvicorn` for scanners to match against, served or refused; `Date` stays (RFC 9110)."""
+    for payload in (head_of_size(512), head_of_size(8193)):
+        head = exchange(server.port, payload).partition(b"\r\n\r\n")[0].lower()
+        assert b"\r\ndate: " in head
+        assert b"\r\nserver:" not in head
+
+
 def test_a_head_over_the_limit_after_a_keep_alive_request_is_refused(server: UvicornProcess) -> None:
     """The limit applies to each request on a connection, not only to the first."""
     small = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
