@@ -110,8 +110,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
             self.refuse_head()
 
+    # The three callbacks below run for every request: they call uvicorn's own directly rather
+    # than through `super()`, which builds a proxy object each time.
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        _on_message_begin(self)
         self._head_bytes = 0
         self._head_slack = self._chunk
 
@@ -122,14 +124,14 @@ class EdgeProtocol(HttpToolsProtocol):
         if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             self.refuse_head()
             raise _HeadRefused  # stops the parser; data_received knows it was answered
-        super().on_headers_complete()
+        _on_headers_complete(self)
 
     def on_response_complete(self) -> None:
         if self._refused and not self.pipeline:  # the refused head came after this response
             self.server_state.total_requests += 1
             self._send_431()
             return
-        super().on_response_complete()
+        _on_response_complete(self)
         if self.timeout_keep_alive_task is not None:  # idle, waiting for the next request's head
             self.awaiting_head_since = time.monotonic()
 
@@ -165,6 +167,11 @@ class EdgeProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+_on_message_begin = HttpToolsProtocol.on_message_begin
+_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_on_response_complete = HttpToolsProtocol.on_response_complete
 
 
 class _HeadRefused(Exception):
