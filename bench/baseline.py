@@ -34,8 +34,19 @@ NOT_FOUND_BODY = (
 )
 
 
+# With BASELINE_CONTRACT_HEADERS=1, the four headers the service adds to every health response
+# (bench/headers_cost.py: what writing them costs the server alone).
+CONTRACT_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-request-id", b"550e8400-e29b-41d4-a716-446655440000"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"vary", b"Origin"),
+]
+EXTRA_HEADERS = CONTRACT_HEADERS if os.environ.get("BASELINE_CONTRACT_HEADERS") == "1" else []
+
+
 def _start(status: int, body: bytes) -> Message:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *EXTRA_HEADERS]
     return {"type": "http.response.start", "status": status, "headers": headers}
 
 

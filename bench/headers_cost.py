@@ -1,0 +1,40 @@
+"""What uvicorn spends writing the four headers the contract puts on every health response.
+
+    uv run python bench/headers_cost.py [rounds]
+
+The ceiling (`bench/baseline.py`) alone, then with `Cache-Control`, `X-Request-ID`,
+`X-Content-Type-Options` and `Vary` added to its responses (BASELINE_CONTRACT_HEADERS=1),
+alternating, pinned as in `bench/server_cpu.py`: requests/s and CPU µs per request of `/health`.
+The difference is the server's own work for those headers (uvicorn checks each against two
+patterns and lowercases it), a cost no app under uvicorn can avoid while it sends them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from server_cpu import PORT, run_once
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+    uvicorn = [sys.executable, "-m", "uvicorn", "--app-dir", "bench", "baseline:app", "--port", str(PORT),
+               "--loop", "uvloop", "--http", "httptools", "--no-access-log"]  # fmt: skip
+    variants = {"ceiling": "0", "ceiling + the four headers": "1"}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for number in range(rounds):
+        for name in list(variants) if number % 2 == 0 else list(reversed(variants)):
+            os.environ["BASELINE_CONTRACT_HEADERS"] = variants[name]  # inherited by the server
+            log = Path(tempfile.gettempdir()) / "headers-cost.log"
+            results[name].append(run_once(uvicorn, "/health", log))
+    for name, runs in results.items():
+        rps, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
+        print(f"/health {name}: requests/s {rps:.0f}, CPU µs/request {cpu:.2f} (medians of {rounds})")
+
+
+if __name__ == "__main__":
+    main()
