@@ -27,6 +27,7 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Generic, TypedDict, TypeVar
 
 import msgspec
@@ -44,6 +45,7 @@ from settings import Settings
 T = TypeVar("T")
 Handler = Callable[..., Awaitable[Any]]
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_ERROR_STATUSES = frozenset(status.value for status in HTTPStatus if 400 <= status.value <= 599)
 
 
 class State(TypedDict):
@@ -107,6 +109,9 @@ class Endpoints:
         """Declare `handler` as the answer to `method path`; `errors` are the statuses it raises itself."""
         if method not in _METHODS:
             raise ValueError(f"{method} {path}: the method must be one of {', '.join(_METHODS)}")
+        errors = tuple(errors)
+        if unknown := [status for status in errors if status not in _ERROR_STATUSES]:
+            raise ValueError(f"{method} {path}: errors must be HTTP error statuses (400..599), not {unknown}")
 
         def declare(handler: Handler) -> Handler:
             doc = description or inspect.getdoc(handler) or ""

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import html
 from collections.abc import Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,13 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
 
 def _operation(name: str, op: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {str(status): _response(reply) for status, reply in op.replies.items()}
+    envelope = {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name="ErrorBody")}}}
     for status in sorted(op.errors | {500}):
-        responses[str(status)] = {"$ref": f"#/components/responses/{_NAMES[status]}"}
-    responses["default"] = {"description": "Any other error: see the shared error responses", "content": {
-        "application/json": {"schema": {"$ref": SCHEMA_REF.format(name="ErrorBody")}}}}  # fmt: skip
+        if status in _NAMES:  # one of the contract's: the shared response, with its example
+            responses[str(status)] = {"$ref": f"#/components/responses/{_NAMES[status]}"}
+        else:  # a status of the app's own (its exception handler answers it): the envelope
+            responses[str(status)] = {"description": HTTPStatus(status).phrase, "content": envelope}
+    responses["default"] = {"description": "Any other error: see the shared error responses", "content": envelope}
     operation: dict[str, Any] = {
         "operationId": name,
         "summary": op.summary,

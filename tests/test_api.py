@@ -143,6 +143,28 @@ def test_an_unknown_method_is_refused_at_declaration() -> None:
         Endpoints(tag="x").route("TRACE", "/x", summary="x")
 
 
+def test_an_error_status_that_is_not_one_is_refused_at_declaration() -> None:
+    """`errors=` are the statuses the handler answers with the envelope: 4xx and 5xx only."""
+    with pytest.raises(ValueError, match=r"errors must be HTTP error statuses \(400..599\), not \[302\]"):
+        Endpoints(tag="x").get("/x", summary="x", errors=(404, 302))
+
+
+@pytest.mark.anyio
+async def test_an_error_status_of_the_apps_own_is_documented_with_the_envelope() -> None:
+    """A status outside the contract's table (a 402 the app's own handler answers) is still in the document."""
+    billing = Endpoints(tag="billing")
+
+    @billing.post("/charges", summary="Charge a card", errors=(402, 409))
+    async def charge() -> Pet:
+        return Pet(1, "")
+
+    async with serve(create_app(make_settings(), endpoints=[billing])) as client:
+        responses = (await client.get("/openapi.json")).json()["paths"]["/charges"]["post"]["responses"]
+    assert responses["402"]["description"] == "Payment Required"
+    assert responses["402"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert responses["409"] == {"$ref": "#/components/responses/Conflict"}
+
+
 def test_importing_a_module_builds_no_app_until_app_is_asked_for(tmp_path: Path) -> None:
     """`from app import create_app` reads no environment; `app.app` builds (and checks) it once."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SECRET_KEY")}

@@ -11,6 +11,9 @@ import msgspec
 import pytest
 from service import make_settings, serve
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import Endpoints
 from app import create_app
@@ -23,7 +26,9 @@ from errors import (
     OperationTimeoutError,
     RequestValidationError,
     ServiceUnavailableError,
+    error_response,
 )
+from logs import REQUEST_ID
 
 pytestmark = pytest.mark.anyio
 ENVELOPE_KEYS = {"error", "message", "timestamp", "request_id"}
@@ -240,3 +245,55 @@ async def test_every_status_of_the_contract_table_has_its_code(raised: Exception
         assert body["message"] == "No such order"
     if isinstance(raised, ServiceUnavailableError):
         assert response.headers["retry-after"] == "3"
+
+
+class PaymentRequiredError(Exception):
+    """An application's own exception, mapped by a handler it registers."""
+
+
+@raising_routes.get("/pay", summary="An exception the app maps itself", errors=(402,))
+async def pay() -> Done:
+    raise PaymentRequiredError("card declined")
+
+
+async def test_an_exception_handler_the_app_adds_answers_its_exception() -> None:
+    """`app.add_exception_handler` works as in Starlette, sync or async, and keeps the request's headers."""
+
+    def payment_required(request: Request, exc: Exception) -> Response:  # a sync handler, as Starlette allows
+        return error_response(402, "PAYMENT_REQUIRED", str(exc))
+
+    app = create_app(make_settings(), endpoints=[raising_routes])
+    app.add_exception_handler(PaymentRequiredError, payment_required)
+    async with serve(app) as client:
+        response = await client.get("/pay", headers={"Origin": ORIGIN, "X-Request-ID": "pay-1"})
+    body = assert_envelope(response, 402, "PAYMENT_REQUIRED")
+    assert body["message"] == "card declined"
+    assert response.headers["x-request-id"] == "pay-1"
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+
+
+async def test_middleware_the_app_adds_runs_inside_the_request_layer() -> None:
+    """A layer added with `app.add_middleware` sees the request ID, and what it raises is the envelope."""
+    seen: list[str | None] = []
+
+    class Auditing:
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                seen.append(REQUEST_ID.get())
+                if scope["path"] == "/forbidden-by-middleware":
+                    raise AuthorizationError("audit said no")
+            await self.app(scope, receive, send)
+
+    app = create_app(make_settings(), endpoints=[raising_routes])
+    app.add_middleware(Auditing)
+    async with serve(app) as client:
+        probe = await client.get("/health", headers={"X-Request-ID": "probe-1"})
+        refused = await client.get("/forbidden-by-middleware")
+    assert probe.status_code == 200
+    assert seen[0] == "probe-1"  # probes pass through the app's middleware too
+    body = assert_envelope(refused, 403, "AUTHORIZATION_ERROR")
+    assert body["message"] == "audit said no"
+    assert seen[1] == refused.headers["x-request-id"]
