@@ -169,16 +169,22 @@ class Database:
     async def _give_back(self, conn: Connection, stateless: bool) -> None:
         if conn.is_closed() or self._closing:
             self._connections.discard(conn)
-            _discard(conn)
+            if not conn.is_closed():  # the pool is closing: say goodbye to the server, briefly
+                try:
+                    await conn.close(timeout=CLOSE_TIMEOUT)  # on cancellation asyncpg aborts it itself
+                except Exception:  # dropped either way; the request's own outcome stands
+                    _discard(conn)
             return
         if not stateless or conn.is_in_transaction():
             try:
                 # Rolls back, then the reset query: cursors, LISTEN, settings, advisory locks.
                 await conn.reset(timeout=self.acquire_timeout)
-            except BaseException:
+            except BaseException as exc:
                 self._connections.discard(conn)
                 _discard(conn)  # a reset that failed or was cancelled leaves the session unknown
-                raise
+                if not isinstance(exc, Exception):
+                    raise  # cancellation goes on; a failed reset only costs the connection
+                return
         now = time.monotonic()
         self._idle.append((conn, now))
         oldest, given_back = self._idle[0]

@@ -26,8 +26,11 @@ async def _admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def _open(database_url: str, pool_size: int) -> Database:
-    return await Database.open(Settings(database_url=database_url, database_pool_size=pool_size, app_name=APP_NAME))
+async def _open(database_url: str, pool_size: int, pool_timeout: float = 30.0) -> Database:
+    settings = Settings(
+        database_url=database_url, database_pool_size=pool_size, database_pool_timeout=pool_timeout, app_name=APP_NAME
+    )
+    return await Database.open(settings)
 
 
 @pytest.mark.anyio
@@ -122,3 +125,24 @@ async def test_closing_closes_a_connection_still_in_use_when_it_comes_back(datab
         assert await conn.fetchval("SELECT 1") == 1
     assert database.open_connections() == 0
     assert cluster.backend_count(APP_NAME) == 0
+
+
+@pytest.mark.anyio
+async def test_a_reset_the_server_never_answers_costs_the_connection_not_the_request(
+    database_url: str, cluster: Cluster
+) -> None:
+    """The block's work is done when its connection goes back: a hung reset drops the connection, silently."""
+    if not cluster.controllable:
+        pytest.skip("needs the throwaway cluster (TEST_DATABASE_URL names a server we may not freeze)")
+    database = await _open(database_url, pool_size=1, pool_timeout=0.5)
+    try:
+        async with database.connection() as conn:  # not stateless: a reset follows
+            await conn.execute("SET statement_timeout = '5s'")
+            cluster.hang()
+        assert database.open_connections() == 0  # the reset timed out: terminated, not pooled
+        cluster.resume()
+        async with database.connection() as conn:
+            assert await conn.fetchval("SHOW statement_timeout") == "0"  # a fresh session
+    finally:
+        cluster.resume()
+        await database.close()
