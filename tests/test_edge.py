@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import resource
 import selectors
 import socket
@@ -54,6 +55,18 @@ def exchange(port: int, payload: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (head, then `Content-Length` bytes of body), however the server split it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 def head_of_size(size: int) -> bytes:
@@ -137,6 +150,32 @@ def test_a_silent_connection_is_closed_after_the_head_timeout(server: UvicornPro
         assert sock.recv(1) == b""
         waited = time.monotonic() - opened
     assert 1.9 <= waited < 4
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout_and_not_before() -> None:
+    """uvicorn's 5 s keep-alive holds without its timer per response: idle past it is closed, a busy one is not."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with (
+        running_uvicorn({"REQUEST_HEAD_TIMEOUT": "30"}, command="python -m app") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as busy,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle,
+    ):
+        idle.sendall(request)
+        assert read_response(idle).startswith(b"HTTP/1.1 200 ")
+        answered = next_request = time.monotonic()
+        idle.settimeout(0.05)
+        idle_for = None
+        while time.monotonic() - answered < 9:
+            if time.monotonic() >= next_request:  # a request every 2 s keeps `busy` open throughout
+                busy.sendall(request)
+                assert read_response(busy).startswith(b"HTTP/1.1 200 ")
+                next_request += 2
+            if idle_for is None:
+                with contextlib.suppress(TimeoutError):
+                    if idle.recv(1) == b"":
+                        idle_for = time.monotonic() - answered
+    assert idle_for is not None
+    assert 5 <= idle_for < 6.5  # the timeout, then at most one sweep (0.5 s) and slack
 
 
 def test_a_keep_alive_connection_trickling_its_next_head_is_closed(server: UvicornProcess) -> None:
