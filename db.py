@@ -124,6 +124,7 @@ class Database:
         `stateless=True` promises that the block only reads outside any transaction, leaving
         nothing in the session (no SET, LISTEN, lock or cursor): giving it back then skips the
         reset round trip (a transaction left open is still rolled back).
+        The connection is the caller's only inside the block: afterwards another request may hold it.
         """
         try:
             async with asyncio.timeout(self.acquire_timeout):  # one timer for the queue and the connecting
