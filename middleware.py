@@ -139,11 +139,14 @@ class RequestContext:
             TRACE_ID.reset(tokens[1])
 
     async def _error_response(self, scope: Scope, receive: Receive, exc: Exception) -> ASGIApp:
-        """The envelope for `exc`: its handler's answer, else a 500 (logged with its traceback)."""
+        """The envelope for `exc`: its handler's answer; an unhandled one is logged with its traceback
+        and answered by the handler registered for 500, as in Starlette, else by our 500."""
         handler = handler_for(self.handlers, exc)
         if handler is None:
             logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
-            return server_error(exc, debug=self.debug)
+            handler = self.handlers.get(500)
+            if handler is None:
+                return server_error(exc, debug=self.debug)
         response = handler(Request(scope, receive), exc)  # type: ignore[arg-type]  # http: never a WebSocket one
         answer = await response if inspect.isawaitable(response) else response
         return answer or server_error(exc, debug=self.debug)  # a handler that returned nothing

@@ -297,3 +297,21 @@ async def test_middleware_the_app_adds_runs_inside_the_request_layer() -> None:
     body = assert_envelope(refused, 403, "AUTHORIZATION_ERROR")
     assert body["message"] == "audit said no"
     assert seen[1] == refused.headers["x-request-id"]
+
+
+async def test_a_handler_registered_for_500_answers_what_nothing_else_handles(caplog: pytest.LogCaptureFixture) -> None:
+    """As in Starlette, `add_exception_handler(500, ...)` answers unhandled exceptions; they are still logged."""
+
+    async def apologise(request: Request, exc: Exception) -> Response:
+        return error_response(500, "INTERNAL_SERVER_ERROR", f"Sorry: {type(exc).__name__}")
+
+    app = create_app(make_settings(), endpoints=[raising_routes])
+    app.add_exception_handler(500, apologise)
+    async with serve(app) as client:
+        response = await client.get("/explode")
+        missing = await client.get("/no-such-thing")
+    assert assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")["message"] == "Sorry: RuntimeError"
+    assert_envelope(missing, 404, "NOT_FOUND_ERROR")  # handled exceptions keep their own handlers
+    logged = [r for r in caplog.records if r.getMessage() == "Unhandled exception in GET /explode"]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None
