@@ -20,9 +20,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,81 +31,57 @@ sys.path.insert(0, str(ROOT))
 import inprocess  # noqa: E402 - after the path is set
 
 import logs  # noqa: E402
+import middleware  # noqa: E402
 import responses  # noqa: E402
 import routing  # noqa: E402
 from app import create_app  # noqa: E402
 from settings import Settings  # noqa: E402
 
 
-@contextmanager
-def without_probe_dispatch() -> Iterator[None]:
+def without_probe_dispatch() -> AbstractContextManager[Any]:
     """Probes go to the router like any route."""
     original = routing.HotPaths.__init__
 
     def no_probes(self: routing.HotPaths, app: Any, *, probes: list[Any]) -> None:
         original(self, app, probes=[])
 
-    routing.HotPaths.__init__ = no_probes  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        routing.HotPaths.__init__ = original  # type: ignore[method-assign]
+    return mock.patch.object(routing.HotPaths, "__init__", no_probes)
 
 
-@contextmanager
-def without_certain_404() -> Iterator[None]:
+def without_certain_404() -> AbstractContextManager[Any]:
     """Every unknown path goes to the router's two passes."""
-    original = routing.HotPaths._unrouted
-    routing.HotPaths._unrouted = lambda self, routes, path: False  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        routing.HotPaths._unrouted = original  # type: ignore[method-assign]
+
+    def never_certain(self: routing.HotPaths, routes: list[Any], path: str) -> bool:
+        return False  # a plain function: a Mock's own call would cost more than what is measured
+
+    return mock.patch.object(routing.HotPaths, "_unrouted", never_certain)
 
 
-@contextmanager
-def without_origin_dispatch() -> Iterator[None]:
+def without_origin_dispatch() -> AbstractContextManager[Any]:
     """Every request goes through Starlette's CORS, which adds `Vary: Origin` itself."""
-    import middleware
-
     original = middleware.RequestContext.__init__
 
-    def cors_for_all(self: Any, app: Any, **options: Any) -> None:
+    def cors_for_all(self: middleware.RequestContext, app: Any, **options: Any) -> None:
         original(self, app, **options)
         self.app = self.with_origin
 
-    middleware.RequestContext.__init__ = cors_for_all  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        middleware.RequestContext.__init__ = original  # type: ignore[method-assign]
+    return mock.patch.object(middleware.RequestContext, "__init__", cors_for_all)
 
 
-@contextmanager
-def without_direct_access_line() -> Iterator[None]:
+def without_direct_access_line() -> AbstractContextManager[Any]:
     """The access line goes through `logging` (a filter on the access logger turns the direct path off)."""
-    logs.access_logger.addFilter(lambda record: True)
-    try:
-        yield
-    finally:
-        logs.access_logger.filters.clear()
+    return mock.patch.object(logs.access_logger, "filters", [lambda record: True])
 
 
 @contextmanager
 def without_clock_cache() -> Iterator[None]:
-    """Every timestamp formatted from scratch."""
-    original = responses.utc_second
+    """Every timestamp formatted from scratch, for responses and log lines alike."""
 
     def fresh(seconds: int) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
-    responses.utc_second = fresh
-    logs.utc_second = fresh  # type: ignore[attr-defined]
-    try:
+    with mock.patch.object(responses, "utc_second", fresh), mock.patch.object(logs, "utc_second", fresh):
         yield
-    finally:
-        responses.utc_second = original
-        logs.utc_second = original  # type: ignore[attr-defined]
 
 
 SHORTCUTS: dict[str, tuple[Callable[[], Any], list[str]]] = {
