@@ -1,8 +1,7 @@
 """The production server, `python -m app`: uvicorn with every connection bounded, and a drain.
 
-- `EdgeProtocol` is uvicorn's httptools protocol with the request head bounded where its bytes
-  arrive: a head over `MAX_REQUEST_HEAD_BYTES` gets the 431 envelope and the connection is
-  closed; the parser stops at most two reads past the limit, so nothing large is buffered.
+- `edge.EdgeProtocol` serves each connection: request heads bounded in size, and a response
+  with a `Content-Length` written in one piece.
 - `DrainingServer` is uvicorn's server that, every half second, closes connections still
   without a complete head `REQUEST_HEAD_TIMEOUT` after they opened (or after their previous
   response), and that drains on SIGTERM: readiness answers 503 for `SHUTDOWN_DRAIN_SECONDS`
@@ -17,7 +16,6 @@ timer per request.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -26,17 +24,12 @@ import socket
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
-import httptools
 import uvicorn
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from errors import CODES, MESSAGES, ErrorBody
+from edge import EdgeProtocol
 from logs import configure_logging
-from middleware import new_request_id
-from responses import ENCODER, utc_timestamp
 from settings import Settings, load_settings_or_exit, read_environment
 from workers import supervise
 
@@ -61,131 +54,6 @@ class EdgeConfig(uvicorn.Config):
         self.max_head_bytes = settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout
         self.drain_seconds = settings.shutdown_drain_seconds
-
-
-class EdgeProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the request head bounded in size and in time.
-
-    Size: bytes are counted per chunk from the chunk after the one a head began in, so the
-    count never exceeds the head's real size (no false 431), and the parser is stopped with at
-    most two reads (256 KiB each under uvloop) past the limit. A head that completes is measured
-    exactly only when its chunks could have held more than the limit, which ordinary requests
-    never reach. Time: `awaiting_head_since` and `idle_since`, read by `DrainingServer.sweep`:
-    the head timeout, and uvicorn's keep-alive timeout without uvicorn's timer per response
-    (`call_later` and its `cancel` on the next request cost uvloop about 1 µs a request; the
-    sweep looks at every connection twice a second instead).
-    """
-
-    def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.max_head_bytes = config.max_head_bytes
-        self.awaiting_head_since: float | None = None  # monotonic; None while a request is served
-        self.idle_since: float | None = None  # monotonic; set after a response, None once bytes arrive
-        self._head_bytes: int | None = None  # counted bytes of the head being parsed, None outside one
-        self._head_slack = 0  # length of the chunk the head began in (an upper bound of its share)
-        self._chunk = 0
-        self._refused = False
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.awaiting_head_since = time.monotonic()
-
-    def data_received(self, data: bytes) -> None:
-        # uvicorn's own, with the head limit around the parser.
-        if self._refused:  # only the answer to what came before is still to be sent
-            return
-        self.idle_since = None  # (uvicorn cancels its keep-alive timer here; there is none)
-        self._chunk = len(data)
-        if self._head_bytes is not None:
-            self._head_bytes += self._chunk
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._refused:
-                return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-            return
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-        if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
-            self.refuse_head()
-
-    # The three callbacks below run for every request: they call uvicorn's own directly rather
-    # than through `super()`, which builds a proxy object each time.
-    def on_message_begin(self) -> None:
-        _on_message_begin(self)
-        self._head_bytes = 0
-        self._head_slack = self._chunk
-
-    def on_headers_complete(self) -> None:
-        counted = self._head_bytes or 0
-        self._head_bytes = None
-        self.awaiting_head_since = None
-        if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
-            self.refuse_head()
-            raise _HeadRefused  # stops the parser; data_received knows it was answered
-        _on_headers_complete(self)
-
-    def on_response_complete(self) -> None:
-        # uvicorn's own, without arming a keep-alive timer: the server's sweep closes idle connections.
-        self.server_state.total_requests += 1
-        if self._refused and not self.pipeline:  # the refused head came after this response
-            self._send_431()
-            return
-        if self.transport.is_closing():
-            return
-        self.flow.resume_reading()
-        if self.pipeline:  # unblock the next pipelined request
-            cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
-        else:  # idle, waiting for the next request's head
-            self.awaiting_head_since = self.idle_since = time.monotonic()
-
-    def _head_size(self) -> int:
-        """The head's size as sent, give or take optional whitespace."""
-        request_line = len(self.parser.get_method()) + len(self.url) + len(b"  HTTP/1.1\r\n")
-        return request_line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
-
-    def refuse_head(self) -> None:
-        """Answer 431 with the error envelope and close; nothing more is read or parsed.
-
-        A head pipelined behind requests still being answered gets its 431 after their responses.
-        """
-        self._refused = True
-        self._head_bytes = None
-        self.awaiting_head_since = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.flow.pause_reading()
-            return
-        self._send_431()
-
-    def _send_431(self) -> None:
-        if self.transport.is_closing():
-            return
-        body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), new_request_id()))
-        head = [
-            STATUS_LINE[431],
-            *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"x-content-type-options: nosniff\r\n",
-            b"connection: close\r\n\r\n",
-        ]
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
-
-
-_on_message_begin = HttpToolsProtocol.on_message_begin
-_on_headers_complete = HttpToolsProtocol.on_headers_complete
-
-
-class _HeadRefused(Exception):
-    """Raised inside a parser callback: the head was refused and answered."""
 
 
 class DrainingServer(uvicorn.Server):

@@ -112,6 +112,21 @@ def render(
     return "\n".join(lines)
 
 
+def render_own_ceiling(rounds: list[dict[str, dict[str, Any]]], name: str, ceiling: str, routes: list[str]) -> str:
+    """`name`'s requests/s against `ceiling` (the bare callable on `name`'s own server), round by round."""
+    lines = [
+        f"| route | {name} to the uvicorn ceiling | {name} to {ceiling} | {ceiling} to the uvicorn ceiling |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for route in routes:
+        ratios = [
+            statistics.median(r[a]["routes"][route]["rps"] / r[b]["routes"][route]["rps"] for r in rounds)
+            for a, b in ((name, "baseline"), (name, ceiling), (ceiling, "baseline"))
+        ]
+        lines.append(f"| {route} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+    return "\n".join(lines)
+
+
 def render_side_by_side(
     sections: Sequence[tuple[tuple[int, int] | None, dict[str, dict[str, float]]]],
     subjects: list[str],

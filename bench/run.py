@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import machine, render, render_side_by_side, render_soak, summarise
+from report import machine, render, render_own_ceiling, render_side_by_side, render_soak, summarise
 from servers import ROOT, SERVER_CORE, Postgres, Running, Server
 from venvs import peer_pins, peer_python
 
@@ -44,6 +44,7 @@ SCALE_ROUTES = {"/health": "/health", "/health/db": "/health/db"}
 SCALE = [(1, 1), (64, 1), (512, 1), (64, 2)]  # (connections, workers) of each --scale table
 EXPECTED_STATUS = {"/health": 200, "/health/db": 200, "404": 404, ITEMS: 404}
 REFERENCE = {ITEMS: "/health/db"}  # a route whose ratio is to another of the ceiling's routes
+EDGE_BASELINE = "baseline on python -m app's server"
 OURS = ("uvicorn ", "python -m app")  # the names of this project's servers (the targets are theirs)
 SETTLE = 0.5  # seconds of quiet before reading idle or after-load memory
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
@@ -195,6 +196,8 @@ def servers(postgres: Postgres, args: argparse.Namespace, workers: int = 1) -> t
         if kind == "python-m-app":  # the production server: HOST, PORT and WEB_CONCURRENCY from the environment
             production = env | {"HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers), "SHUTDOWN_DRAIN_SECONDS": "0"}
             subjects.append(Server("python -m app", [python, "-m", "app"], production, cores))
+            if workers == 1:  # the same ceiling on python -m app's own server (bench/edge_baseline.py)
+                subjects.append(Server(EDGE_BASELINE, [python, "bench/edge_baseline.py"], production, cores))
         else:
             subjects += [
                 Server(f"uvicorn {app}", [python, *uvicorn, app], env, cores) for app in args.app or ["app:app"]
@@ -268,6 +271,8 @@ def main() -> int:
             result = measure(postgres, args, ROUTES)
             report |= {"rounds": result["rounds"], "summary": result["summary"]}
             text = render(result["summary"], result["names"], list(ROUTES), args.pool_size, REFERENCE)
+            if EDGE_BASELINE in result["names"]:
+                text += "\n\n" + render_own_ceiling(result["rounds"], "python -m app", EDGE_BASELINE, list(ROUTES))
             if args.peers:
                 text = render_side_by_side([(None, result["summary"])], result["names"], list(ROUTES)) + "\n\n" + text
     finally:
@@ -285,9 +290,9 @@ def _problems(rounds: list[dict[str, Any]]) -> int:
     """Non-zero when our own servers answered wrongly: a benchmark of errors measures nothing."""
     problems = []
     for number, results in enumerate(rounds, 1):
-        for name in [n for n in results if n in ("baseline", "compare") or n.startswith(OURS)]:
+        for name in [n for n in results if n in ("baseline", EDGE_BASELINE, "compare") or n.startswith(OURS)]:
             for route, figures in results[name]["routes"].items():
-                if figures["status"] != EXPECTED_STATUS[route] and not (name == "baseline" and route == ITEMS):
+                if figures["status"] != EXPECTED_STATUS[route] and not (name.startswith("baseline") and route == ITEMS):
                     problems.append(f"round {number}: {name} answered {route} with {figures['status']}")
                 if EXPECTED_STATUS[route] < 400 and figures["non_2xx"]:
                     problems.append(f"round {number}: {name} gave {figures['non_2xx']} non-2xx on {route}")

@@ -2,6 +2,8 @@
 
     uv run python bench/server_cpu.py /health 3
     uv run python bench/server_cpu.py /no-such-route 3 --also "granian --interface asgi --port {port} app:app"
+    uv run python bench/server_cpu.py /health 5 --also "python bench/edge_baseline.py" \\
+        --also "python -m uvicorn --no-access-log --app-dir bench baseline:app --port {port}"
 
 Each server runs alone on core 0, wrk on core 1 (2 s warm-up, 5 s measured, 64 connections);
 the order alternates each round. CPU time is the server's process tree's own (`/proc/PID/stat`),
@@ -77,20 +79,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("route")
     parser.add_argument("rounds", type=int)
-    parser.add_argument("--also", metavar="COMMAND", help="another server; {port} is filled in")
+    parser.add_argument(
+        "--also", metavar="COMMAND", action="append", default=[], help="another server, repeatable; {port} is filled in"
+    )
     args = parser.parse_args()
     python = sys.executable
     servers = {
         "uvicorn app:app": [python, "-m", "uvicorn", "app:app", "--port", str(PORT), "--loop", "uvloop"],
         "python -m app": [python, "-m", "app"],
     }
-    if args.also:
-        servers["other"] = ["sh", "-c", "exec " + args.also.replace("{port}", str(PORT))]
+    for command in args.also:
+        servers[command] = ["sh", "-c", "exec " + command.replace("{port}", str(PORT))]
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
     for number in range(args.rounds):
         order = list(servers) if number % 2 == 0 else list(reversed(servers))
         for name in order:
-            log = Path(tempfile.gettempdir()) / f"server-cpu-{name.replace(' ', '_').replace(':', '_')}.log"
+            log = Path(tempfile.gettempdir()) / f"server-cpu-{re.sub(r'[^A-Za-z0-9.-]+', '_', name)[:80]}.log"
             results[name].append(run_once(servers[name], args.route, log))
     base = results["uvicorn app:app"]
     for name, runs in results.items():

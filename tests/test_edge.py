@@ -1,7 +1,8 @@
-"""The edge limits of `python -m app`, attacked for real over loopback sockets."""
+"""The edge of `python -m app`: its limits attacked for real over loopback sockets, and its writes counted."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -10,12 +11,19 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from service import UvicornProcess, running_uvicorn
+from service import UvicornProcess, free_port, make_settings, running_uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from server import DrainingServer, EdgeConfig
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024
@@ -59,14 +67,26 @@ def exchange(port: int, payload: bytes) -> bytes:
 
 def read_response(sock: socket.socket) -> bytes:
     """One whole response (head, then `Content-Length` bytes of body), however the server split it."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, body = read_head(sock).partition(b"\r\n\r\n")
     length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
     while len(body) < length:
-        body += sock.recv(65536)
+        body += receive(sock)
     return head + b"\r\n\r\n" + body
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """Bytes up to a response's blank line, and whatever came with them."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += receive(sock)
+    return data
+
+
+def receive(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("the server closed the connection before the response was whole")
+    return chunk
 
 
 def head_of_size(size: int) -> bytes:
@@ -245,3 +265,123 @@ def test_slow_clients_are_closed_on_time_and_never_block_health(server: UvicornP
     assert max(health_seconds) < 1
     low, high, probe = min(closed_after), max(closed_after), max(health_seconds)
     print(f"slow clients closed after {low:.2f}..{high:.2f} s; /health took at most {probe * 1000:.0f} ms")
+
+
+# One write per response (edge.ResponseWriter) ------------------------------------------------
+
+
+def write_calls(pid: int) -> int:
+    """The write system calls a process has made so far, all its threads included (`/proc/PID/io`)."""
+    return int(re.search(r"syscw: (\d+)", Path(f"/proc/{pid}/io").read_text())[1])  # type: ignore[index]
+
+
+def test_a_response_with_a_content_length_leaves_in_one_write(server: UvicornProcess) -> None:
+    """200 keep-alive GETs and HEADs of /health and a 404 cost the server one write each, not two."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for request in (b"GET /health", b"HEAD /health", b"GET /no-such-route"):
+            before = write_calls(server.process.pid)
+            for _ in range(200):
+                sock.sendall(request + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = read_response(sock) if request.startswith(b"GET") else read_head(sock)
+                assert response.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 404 "))
+                assert request.startswith(b"GET") or response.endswith(b"\r\n\r\n")  # a HEAD's: no body
+            # The rest are the log writer's: access lines, many to a write.
+            assert write_calls(server.process.pid) - before < 200 * 1.3
+
+
+@contextlib.contextmanager
+def edge_serving(app: Starlette) -> Iterator[int]:
+    """`app` served by the production server's protocol, in a thread; yields the port."""
+    port = free_port()
+    server = DrainingServer(EdgeConfig(app, make_settings(PORT=str(port), SHUTDOWN_DRAIN_SECONDS="0")))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class FailsAfterStart:
+    """A pure ASGI endpoint (Starlette routes a class instance as one) that fails mid-response."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
+        raise RuntimeError("the handler fails after its response started")
+
+
+def writer_app(release: threading.Event) -> Starlette:
+    async def stream(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            await asyncio.to_thread(release.wait, 10)
+            yield b"late"
+
+        return StreamingResponse(chunks())
+
+    async def echo(request: Request) -> Response:
+        return Response(await request.body())
+
+    async def hello(request: Request) -> Response:
+        return Response(b"hello")
+
+    routes = [
+        Route("/stream", stream),
+        Route("/echo", echo, methods=["POST"]),
+        Route("/hello", hello),
+        Route("/fails", FailsAfterStart()),
+    ]
+    return Starlette(routes=routes)
+
+
+def test_a_streaming_response_sends_its_head_before_its_first_chunk() -> None:
+    """A chunked response's head is not held for its body: the client sees it while the app still waits."""
+    release = threading.Event()
+    with edge_serving(writer_app(release)) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = read_head(sock)
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert b"transfer-encoding: chunked" in data
+        assert not release.is_set()
+        release.set()
+        while not data.endswith(b"0\r\n\r\n"):
+            data += receive(sock)
+        assert data.partition(b"\r\n\r\n")[2] == b"4\r\nlate\r\n0\r\n\r\n"
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    """`100 Continue` is not held as if it were a response's head: the client gets it, then its answer."""
+    with (
+        edge_serving(writer_app(threading.Event())) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+    ):
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        assert read_response(sock).endswith(b"\r\n\r\nhello")
+
+
+def test_pipelined_heads_and_gets_are_answered_whole_and_in_order() -> None:
+    """A HEAD's held head is written when its response completes, before the next response's bytes."""
+    post = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none"
+    head = b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\ntwo"
+    with edge_serving(writer_app(threading.Event())) as port:
+        answer = exchange(port, post + head + last)
+    responses = answer.split(b"HTTP/1.1 ")
+    assert responses[0] == b""
+    assert [r.partition(b"\r\n")[0] for r in responses[1:]] == [b"200 OK"] * 3
+    assert responses[1].endswith(b"\r\n\r\none")
+    assert responses[2].endswith(b"content-length: 5\r\n\r\n")  # the HEAD's: no body bytes
+    assert responses[3].endswith(b"\r\n\r\ntwo")
+
+
+def test_a_handler_failing_after_its_response_started_gets_its_head_out_then_the_connection_closed() -> None:
+    """As uvicorn does: the head already started is written, then the connection closes mid-body."""
+    with edge_serving(writer_app(threading.Event())) as port:
+        answer = exchange(port, b"GET /fails HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"content-length: 10\r\n\r\n")

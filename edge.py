@@ -1,0 +1,219 @@
+"""One connection of `python -m app`: its request heads bounded, its responses written whole.
+
+`EdgeProtocol` is uvicorn's httptools protocol with two changes made where the bytes pass:
+- a request head over `MAX_REQUEST_HEAD_BYTES` gets the 431 envelope and the connection is
+  closed; the parser stops at most two reads past the limit, so nothing large is buffered; the
+  time a head may take is kept by `server.DrainingServer.sweep`, from the marks left here;
+- a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from errors import CODES, MESSAGES, ErrorBody
+from middleware import new_request_id
+from responses import ENCODER, utc_timestamp
+
+if TYPE_CHECKING:
+    from server import EdgeConfig
+
+# A held head and a body up to this size are joined into one buffer; a larger body is handed
+# over with the head as two buffers, in one call (uvloop writes them with one `writev`).
+JOIN_LIMIT = 64 * 1024
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request head bounded in size and in time.
+
+    Size: bytes are counted per chunk from the chunk after the one a head began in, so the
+    count never exceeds the head's real size (no false 431), and the parser is stopped with at
+    most two reads (256 KiB each under uvloop) past the limit. A head that completes is measured
+    exactly only when its chunks could have held more than the limit, which ordinary requests
+    never reach. Writes: every response's cycle writes through the connection's `ResponseWriter`.
+    Time: `awaiting_head_since` and `idle_since`, read by `DrainingServer.sweep`:
+    the head timeout, and uvicorn's keep-alive timeout without uvicorn's timer per response
+    (`call_later` and its `cancel` on the next request cost uvloop about 1 µs a request; the
+    sweep looks at every connection twice a second instead).
+    """
+
+    def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.max_head_bytes = config.max_head_bytes
+        self.awaiting_head_since: float | None = None  # monotonic; None while a request is served
+        self.idle_since: float | None = None  # monotonic; set after a response, None once bytes arrive
+        self._head_bytes: int | None = None  # counted bytes of the head being parsed, None outside one
+        self._head_slack = 0  # length of the chunk the head began in (an upper bound of its share)
+        self._chunk = 0
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.writer = ResponseWriter(transport)
+        self.awaiting_head_since = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's own, with the head limit around the parser.
+        if self._refused:  # only the answer to what came before is still to be sent
+            return
+        self.idle_since = None  # (uvicorn cancels its keep-alive timer here; there is none)
+        self._chunk = len(data)
+        if self._head_bytes is not None:
+            self._head_bytes += self._chunk
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._refused:
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
+            self.refuse_head()
+
+    # The four methods below run for every request: they call uvicorn's own directly rather
+    # than through `super()`, which builds a proxy object each time.
+    def on_message_begin(self) -> None:
+        _on_message_begin(self)
+        self._head_bytes = 0
+        self._head_slack = self._chunk
+
+    def on_headers_complete(self) -> None:
+        counted = self._head_bytes or 0
+        self._head_bytes = None
+        self.awaiting_head_since = None
+        if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
+            self.refuse_head()
+            raise _HeadRefused  # stops the parser; data_received knows it was answered
+        _on_headers_complete(self)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # Responses on a connection are written one after the other: one writer serves them all.
+        cycle.transport = self.writer
+        self.writer.cycle = cycle
+        _start_asgi_task(self, cycle, app)
+
+    def on_response_complete(self) -> None:
+        self.writer.flush()  # a head still held: a response without body bytes (HEAD, 204)
+        # uvicorn's own, without arming a keep-alive timer: the server's sweep closes idle connections.
+        self.server_state.total_requests += 1
+        if self._refused and not self.pipeline:  # the refused head came after this response
+            self._send_431()
+            return
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # unblock the next pipelined request
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:  # idle, waiting for the next request's head
+            self.awaiting_head_since = self.idle_since = time.monotonic()
+
+    def _head_size(self) -> int:
+        """The head's size as sent, give or take optional whitespace."""
+        request_line = len(self.parser.get_method()) + len(self.url) + len(b"  HTTP/1.1\r\n")
+        return request_line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
+
+    def refuse_head(self) -> None:
+        """Answer 431 with the error envelope and close; nothing more is read or parsed.
+
+        A head pipelined behind requests still being answered gets its 431 after their responses.
+        """
+        self._refused = True
+        self._head_bytes = None
+        self.awaiting_head_since = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.flow.pause_reading()
+            return
+        self._send_431()
+
+    def _send_431(self) -> None:
+        if self.transport.is_closing():
+            return
+        body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), new_request_id()))
+        head = [
+            STATUS_LINE[431],
+            *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-content-type-options: nosniff\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+class ResponseWriter(asyncio.Transport):
+    """The connection's transport as its responses see it: a head waits for its body's first bytes.
+
+    uvicorn writes a response's head when the app starts the response and its body when the app
+    sends it: two system calls and, with Nagle's algorithm off, two TCP segments for every
+    response. Here the head of a response that declares its `Content-Length` is held and
+    written with the first body bytes, or alone when the response completes without any (HEAD,
+    204), so such a response costs one write. The head of a chunked (streaming) response goes
+    out at once, as before: its first chunk may be long in coming. Every other write (`100
+    Continue`, body bytes after the first) passes straight through.
+    """
+
+    __slots__ = ("cycle", "head", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.cycle: RequestResponseCycle | None = None  # the response whose head is still to come
+        self.head: bytes | None = None  # a head held for its body
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) <= JOIN_LIMIT:
+                self.transport.write(head + data)
+            else:
+                self.transport.writelines((head, data))
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:  # uvicorn writes the head first, and alone
+            self.cycle = None
+            if cycle.chunked_encoding is not True:  # a Content-Length, or no body at all
+                self.head = bytes(data)
+                return
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write a held head now."""
+        head = self.head
+        if head is not None:
+            self.head = None
+            self.transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+
+_start_asgi_task = HttpToolsProtocol._start_asgi_task
+_on_message_begin = HttpToolsProtocol.on_message_begin
+_on_headers_complete = HttpToolsProtocol.on_headers_complete
+
+
+class _HeadRefused(Exception):
+    """Raised inside a parser callback: the head was refused and answered."""
