@@ -30,7 +30,8 @@ JOIN_LIMIT = 64 * 1024
 
 
 class EdgeProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the request head bounded in size and in time.
+    """uvicorn's httptools protocol with the request head bounded in size and in time, and each
+    response with a `Content-Length` written whole.
 
     Size: bytes are counted per chunk from the chunk after the one a head began in, so the
     count never exceeds the head's real size (no false 431), and the parser is stopped with at

@@ -16,13 +16,14 @@ timer per request.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import uvicorn
@@ -34,6 +35,7 @@ from settings import Settings, load_settings_or_exit, read_environment
 from workers import supervise
 
 logger = logging.getLogger("service.server")
+FOUNDATION = "app:app"  # what `python -m app` serves when not told otherwise
 SWEEP_TICKS = 5  # uvicorn ticks every 0.1 s: slow heads and idle connections are looked for every 0.5 s
 
 
@@ -103,15 +105,28 @@ class DrainingServer(uvicorn.Server):
                     connection.transport.close()
 
 
-def main(create_app: Callable[[Settings], ASGIApp]) -> None:
-    """Run the production server; `create_app` builds the app in a single process."""
+def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None = None) -> None:
+    """`python -m app [MODULE:ATTRIBUTE]`: serve the foundation, or an app built on it, in production.
+
+    Without an argument, `create_app` builds the foundation in a single process. With one, the
+    server imports that app (e.g. `examples.items:app`, or a module of your own), as
+    `uvicorn MODULE:ATTRIBUTE` would. With `WEB_CONCURRENCY` > 1, each worker imports it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="The production server: edge limits, the SIGTERM drain, WEB_CONCURRENCY workers. "
+        "Settings come from the environment (and .env), as for uvicorn app:app.",
+    )
+    served = f"the app to serve, e.g. examples.items:app (default: {FOUNDATION}, the foundation)"
+    parser.add_argument("app", nargs="?", default=FOUNDATION, metavar="MODULE:ATTRIBUTE", help=served)
+    target: str = parser.parse_args(argv).app
     settings = load_settings_or_exit(read_environment())  # exits 2, before binding, when invalid
+    configure_logging(settings)  # again by the app; before it, so a failure to import it is logged alike
     if settings.web_concurrency == 1:
-        DrainingServer(EdgeConfig(create_app(settings), settings)).run()
+        DrainingServer(EdgeConfig(create_app(settings) if target == FOUNDATION else target, settings)).run()
         return
-    configure_logging(settings)
-    # Each worker imports `app` and builds the app from the environment, once.
-    config = EdgeConfig("app:app", settings)
+    # Each worker imports the app and builds it from the environment, once.
+    config = EdgeConfig(target, settings)
     raise SystemExit(supervise(config, settings.web_concurrency, functools.partial(run_worker, config)))
 
 

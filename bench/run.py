@@ -6,7 +6,7 @@
     uv run python bench/run.py --soak                 # 200k mixed requests, memory throughout
     uv run python bench/run.py --peers                # FastAPI, Litestar, Starlette, BlackSheep too
     uv run python bench/run.py --scale                # 1, 64 and 512 connections; 2 workers against 1
-    uv run python bench/run.py --app examples.items:app --server python-m-app
+    uv run python bench/run.py --app examples.items:app --server uvicorn --server python-m-app
 
 A throwaway PostgreSQL (tests/cluster.py) gets the migrations; each server is started under
 uvicorn with one worker, uvloop and httptools, pinned to one core while wrk runs on the
@@ -195,7 +195,11 @@ def servers(postgres: Postgres, args: argparse.Namespace, workers: int = 1) -> t
     for kind in args.server or ["uvicorn"]:
         if kind == "python-m-app":  # the production server: HOST, PORT and WEB_CONCURRENCY from the environment
             production = env | {"HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers), "SHUTDOWN_DRAIN_SECONDS": "0"}
-            subjects.append(Server("python -m app", [python, "-m", "app"], production, cores))
+            for app in args.app or ["app:app"]:
+                named = [] if app == "app:app" else [app]  # python -m app [MODULE:ATTRIBUTE]
+                subjects.append(
+                    Server(" ".join(["python -m app", *named]), [python, "-m", "app", *named], production, cores)
+                )
             if workers == 1:  # the same ceiling on python -m app's own server (bench/edge_baseline.py)
                 subjects.append(Server(EDGE_BASELINE, [python, "bench/edge_baseline.py"], production, cores))
         else:
@@ -236,7 +240,7 @@ def main() -> int:
     parser.add_argument(
         "--app",
         action="append",
-        help="the service under uvicorn, as an import string "
+        help="the service, as an import string, under each --server "
         "(default app:app; repeat to measure several side by side, e.g. examples.items:app)",
     )
     parser.add_argument("--server", choices=["uvicorn", "python-m-app"], action="append",
@@ -272,7 +276,8 @@ def main() -> int:
             report |= {"rounds": result["rounds"], "summary": result["summary"]}
             text = render(result["summary"], result["names"], list(ROUTES), args.pool_size, REFERENCE)
             if EDGE_BASELINE in result["names"]:
-                text += "\n\n" + render_own_ceiling(result["rounds"], "python -m app", EDGE_BASELINE, list(ROUTES))
+                for name in [n for n in result["names"] if n.startswith("python -m app")]:
+                    text += "\n\n" + render_own_ceiling(result["rounds"], name, EDGE_BASELINE, list(ROUTES))
             if args.peers:
                 text = render_side_by_side([(None, result["summary"])], result["names"], list(ROUTES)) + "\n\n" + text
     finally:

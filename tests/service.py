@@ -59,7 +59,7 @@ def free_port() -> int:
 class UvicornProcess:
     """`uvicorn app:app` or `python -m app` in a clean environment: exactly what an operator runs.
 
-    `args` are uvicorn's options (`uvicorn app:app` only); `python -m app` takes its port from `PORT`.
+    `args` are uvicorn's options, or `python -m app`'s (an import string); it takes its port from `PORT`.
     `port` reuses a port (a replacement instance); by default a free one is picked.
     """
 
@@ -73,8 +73,8 @@ class UvicornProcess:
         clean = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
         if command == "uvicorn app:app":
             argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port), *args]
-        elif command == "python -m app" and not args:
-            argv = [sys.executable, "-m", "app"]
+        elif command == "python -m app":
+            argv = [sys.executable, "-m", "app", *args]
             clean["PORT"] = str(self.port)
             clean["SHUTDOWN_DRAIN_SECONDS"] = "1"  # the drain runs in every test, shortened; `env` may change it
         else:

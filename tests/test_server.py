@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cluster import Cluster
-from service import ROOT, UvicornProcess
+from service import ROOT, UvicornProcess, running_uvicorn
 
 pytestmark = pytest.mark.slow
 SECRET_KEY = "e2e-" + "Qx7vLm2Rt9Wz4Kp8" * 3
@@ -157,3 +157,24 @@ def wait_for_no_backends(cluster: Cluster, application_name: str, within: float 
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_python_m_app_serves_the_app_it_is_named(workers: str) -> None:
+    """`python -m app examples.items:app` serves the reference resource, in one process or in workers."""
+    with running_uvicorn({"WEB_CONCURRENCY": workers}, "examples.items:app", command="python -m app") as server:
+        response = httpx.get(f"{server.url}/items/not-a-uuid", timeout=5)
+        assert response.status_code == 422
+        assert response.json()["validation_errors"][0]["field"] == "item_id"
+        assert httpx.get(f"{server.url}/openapi.json", timeout=5).json()["paths"].keys() >= {"/items/{item_id}"}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_python_m_app_stops_at_once_on_an_app_it_cannot_import(tmp_path: Path, workers: str) -> None:
+    """A wrong import string is one message and a non-zero exit, never workers replaced in a loop."""
+    server = UvicornProcess({"WEB_CONCURRENCY": workers}, "no_such_module:app", log_path=tmp_path / "out.log",
+                            command="python -m app")  # fmt: skip
+    status = server.process.wait(30)
+    assert status != 0
+    assert 'Could not import module "no_such_module"' in server.output()
+    assert server.output().count("Could not import module") == int(workers)  # each worker once, none replaced
