@@ -194,11 +194,12 @@ class ResponseWriter(asyncio.Transport):
         self.transport.write(data)
 
     def flush(self) -> None:
-        """Write a held head now."""
+        """Write a held head now (unless the client is gone: uvloop refuses writes to a closed transport)."""
         head = self.head
         if head is not None:
             self.head = None
-            self.transport.write(head)
+            if not self.transport.is_closing():
+                self.transport.write(head)
 
     def close(self) -> None:
         self.flush()

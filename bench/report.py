@@ -112,18 +112,31 @@ def render(
     return "\n".join(lines)
 
 
-def render_own_ceiling(rounds: list[dict[str, dict[str, Any]]], name: str, ceiling: str, routes: list[str]) -> str:
-    """`name`'s requests/s against `ceiling` (the bare callable on `name`'s own server), round by round."""
+def render_own_ceiling(
+    rounds: list[dict[str, dict[str, Any]]],
+    name: str,
+    ceiling: str,
+    routes: list[str],
+    reference: dict[str, str] | None = None,
+) -> str:
+    """`name`'s requests/s against `ceiling` (the bare callable on `name`'s own server), round by round.
+
+    A route named in `reference` is put against the ceilings' answers to the route it maps to.
+    """
+    reference = reference or {}
     lines = [
         f"| route | {name} to the uvicorn ceiling | {name} to {ceiling} | {ceiling} to the uvicorn ceiling |",
         "| --- | ---: | ---: | ---: |",
     ]
     for route in routes:
+        base = reference.get(route, route)
+        pairs = ((name, route, "baseline"), (name, route, ceiling), (ceiling, base, "baseline"))
         ratios = [
-            statistics.median(r[a]["routes"][route]["rps"] / r[b]["routes"][route]["rps"] for r in rounds)
-            for a, b in ((name, "baseline"), (name, ceiling), (ceiling, "baseline"))
+            statistics.median(r[a]["routes"][own]["rps"] / r[b]["routes"][base]["rps"] for r in rounds)
+            for a, own, b in pairs
         ]
-        lines.append(f"| {route} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+        shown = f"{route} (to {base})" if base != route else route
+        lines.append(f"| {shown} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
     return "\n".join(lines)
 
 

@@ -200,8 +200,9 @@ def servers(postgres: Postgres, args: argparse.Namespace, workers: int = 1) -> t
                 subjects.append(
                     Server(" ".join(["python -m app", *named]), [python, "-m", "app", *named], production, cores)
                 )
-            if workers == 1:  # the same ceiling on python -m app's own server (bench/edge_baseline.py)
-                subjects.append(Server(EDGE_BASELINE, [python, "bench/edge_baseline.py"], production, cores))
+            if workers == 1:  # the same ceiling on python -m app's own server, which serves any import string
+                ceiling = production | {"PYTHONPATH": str(ROOT / "bench")}
+                subjects.append(Server(EDGE_BASELINE, [python, "-m", "app", "baseline:app"], ceiling, cores))
         else:
             subjects += [
                 Server(f"uvicorn {app}", [python, *uvicorn, app], env, cores) for app in args.app or ["app:app"]
@@ -277,7 +278,7 @@ def main() -> int:
             text = render(result["summary"], result["names"], list(ROUTES), args.pool_size, REFERENCE)
             if EDGE_BASELINE in result["names"]:
                 for name in [n for n in result["names"] if n.startswith("python -m app")]:
-                    text += "\n\n" + render_own_ceiling(result["rounds"], name, EDGE_BASELINE, list(ROUTES))
+                    text += "\n\n" + render_own_ceiling(result["rounds"], name, EDGE_BASELINE, list(ROUTES), REFERENCE)
             if args.peers:
                 text = render_side_by_side([(None, result["summary"])], result["names"], list(ROUTES)) + "\n\n" + text
     finally:

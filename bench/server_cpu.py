@@ -2,7 +2,7 @@
 
     uv run python bench/server_cpu.py /health 3
     uv run python bench/server_cpu.py /no-such-route 3 --also "granian --interface asgi --port {port} app:app"
-    uv run python bench/server_cpu.py /health 5 --also "python bench/edge_baseline.py" \\
+    uv run python bench/server_cpu.py /health 5 --also "env PYTHONPATH=bench python -m app baseline:app" \\
         --also "python -m uvicorn --no-access-log --app-dir bench baseline:app --port {port}"
 
 Each server runs alone on core 0, wrk on core 1 (2 s warm-up, 5 s measured, 64 connections);

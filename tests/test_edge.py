@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import re
 import resource
 import selectors
@@ -385,3 +387,26 @@ def test_a_handler_failing_after_its_response_started_gets_its_head_out_then_the
         answer = exchange(port, b"GET /fails HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"content-length: 10\r\n\r\n")
+
+
+class FailsAfterTheClientLeft:
+    """Starts its response, waits for the client to go, then fails: the server must not write to the gone client."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        raise RuntimeError("the handler fails after its client left")
+
+
+def test_a_held_head_is_dropped_when_its_client_has_gone(caplog: pytest.LogCaptureFixture) -> None:
+    """Only the handler's own error is logged: no failed write to a closed connection, no task left failing."""
+    app = Starlette(routes=[Route("/gone", FailsAfterTheClientLeft())])
+    with edge_serving(app) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+        time.sleep(0.5)  # the server sees the disconnect, the handler fails
+    gc.collect()  # a task that failed unretrieved is reported when it is collected
+    errors = [r.getMessage().strip() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["Exception in ASGI application"]

@@ -177,4 +177,5 @@ def test_python_m_app_stops_at_once_on_an_app_it_cannot_import(tmp_path: Path, w
     status = server.process.wait(30)
     assert status != 0
     assert 'Could not import module "no_such_module"' in server.output()
-    assert server.output().count("Could not import module") == int(workers)  # each worker once, none replaced
+    # At most once per worker: none replaced (the supervisor may stop a worker before it says it).
+    assert 1 <= server.output().count("Could not import module") <= int(workers)
