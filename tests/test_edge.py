@@ -25,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from edge import JOIN_LIMIT
 from server import DrainingServer, EdgeConfig
 
 pytestmark = pytest.mark.slow
@@ -330,10 +331,14 @@ def writer_app(release: threading.Event) -> Starlette:
     async def hello(request: Request) -> Response:
         return Response(b"hello")
 
+    async def large(request: Request) -> Response:
+        return Response(bytes(range(256)) * 1024)  # 256 KiB: over JOIN_LIMIT, so head and body go as two buffers
+
     routes = [
         Route("/stream", stream),
         Route("/echo", echo, methods=["POST"]),
         Route("/hello", hello),
+        Route("/large", large),
         Route("/fails", FailsAfterStart()),
     ]
     return Starlette(routes=routes)
@@ -352,6 +357,19 @@ def test_a_streaming_response_sends_its_head_before_its_first_chunk() -> None:
         while not data.endswith(b"0\r\n\r\n"):
             data += receive(sock)
         assert data.partition(b"\r\n\r\n")[2] == b"4\r\nlate\r\n0\r\n\r\n"
+
+
+def test_a_body_over_the_join_limit_arrives_whole_after_its_head() -> None:
+    """A large body is handed over with its head in one call, not copied into one buffer, and arrives intact."""
+    with (
+        edge_serving(writer_app(threading.Event())) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+    ):
+        sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = read_response(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert len(body) > JOIN_LIMIT
+    assert body == bytes(range(256)) * 1024
 
 
 def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
