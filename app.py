@@ -26,7 +26,8 @@ from api import Context, Endpoints, State
 from db import Database
 from errors import EXCEPTION_HANDLERS, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
-from logs import configure_logging, finish_logs
+from logs import configure_logging
+from logstream import finish_logs
 from metrics import Metrics, MetricsEndpoint
 from middleware import CORS, RequestContext
 from migrate import MIGRATIONS_DIR, migrations_on_disk

@@ -40,7 +40,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from starlette.types import Receive, Scope, Send
 
 from db import Database
-from logs import dropped_log_lines
+from logstream import dropped_log_lines
 from responses import send_bytes
 
 UNMATCHED = "<unmatched>"

@@ -3,7 +3,7 @@
     uv run python bench/micro.py [--count 50000] [--rounds 5]
 
 - log line: the access record (`makeRecord` + `handle`, as the middleware does) through
-  logging's synchronous `StreamHandler` (before) and through `logs.BufferedHandler` (after),
+  logging's synchronous `StreamHandler` (before) and through `logstream.BufferedHandler` (after),
   both with the production JSON formatter, writing to a pipe that `cat` drains to /dev/null
   and to a file. "thread" is CPU time of the logging thread per line (what the event loop
   pays); "wall" is elapsed time per line until every line is written (the writer included).
@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402 - after the path is set
 
-from logs import BufferedHandler, JsonFormatter, write_access_line  # noqa: E402
+from logs import JsonFormatter, write_access_line  # noqa: E402
+from logstream import BufferedHandler  # noqa: E402
 from metrics import BUCKETS, Metrics  # noqa: E402
 from settings import Redactor  # noqa: E402
 

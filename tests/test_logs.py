@@ -15,7 +15,8 @@ from service import make_settings, serve
 
 from api import Endpoints
 from app import create_app
-from logs import BufferedHandler, access_logger, configure_logging, write_access_line
+from logs import access_logger, configure_logging, write_access_line
+from logstream import BufferedHandler
 
 pytestmark = pytest.mark.anyio
 SECRET = "s3cret-Key-that-is-long-enough-for-prod-000"

@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from app import create_app
-from logs import dropped_log_lines
+from logstream import dropped_log_lines
 from metrics import UNMATCHED, Metrics, MetricsEndpoint
 from middleware import RequestContext
 from settings import SettingsError, load_settings

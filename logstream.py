@@ -1,0 +1,200 @@
+"""The log stream that never stalls the service: lines wait in a bounded buffer for a writer thread.
+
+Lines are formatted on the caller's thread (the event loop's, mostly) and written by a thread of
+their own, so a stream that stops draining (a stuck log shipper on a pipe) never blocks a
+request. While the stream keeps up nothing is dropped; when the buffer is full, new lines are
+dropped and counted (`log_lines_dropped_total`), and reported in one line once the stream
+drains; a stopping process writes every pending line (`finish_logs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TextIO
+
+# Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
+# counted. About 4,000 JSON access lines: a few seconds of a stuck log shipper at full load.
+LOG_BUFFER_CHARS = 1 << 20
+FLUSH_TIMEOUT = 5.0  # seconds a flush (shutdown included) waits for a stream that does not drain
+# Seconds the writer lets lines gather after waking, so a burst costs one write and one wake-up.
+_LINGER = 0.005
+
+
+class BufferedHandler(logging.Handler):
+    """Formats on the caller's thread; a writer thread of its own does the writes, which may block.
+
+    `emit` never waits for the stream: it appends the line to a buffer of at most `capacity`
+    characters, or, when the buffer is full because the stream stopped draining, drops the
+    line and counts it in `dropped`. The writer writes everything buffered in one call; once a
+    write goes through after drops, it adds one line saying how many were dropped. `flush`
+    (called by `logging.shutdown` at exit) waits until every buffered line is written.
+    """
+
+    def __init__(self, stream: TextIO, capacity: int = LOG_BUFFER_CHARS) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.dropped = 0  # lines dropped since the process started (log_lines_dropped_total)
+        self.stream = stream  # held: a file object that is collected closes its descriptor
+        self._write = _writer(stream)
+        self._ready = threading.Condition(self.lock)  # Handler.lock: an RLock, so emit may notify inside handle
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._unreported = 0  # dropped lines no line has reported yet
+        self._writing = False  # the writer holds a batch that is not written yet
+        self._idle = False  # the writer waits for a notify
+        self._closed = False
+        self.write_through = False  # each line written before emit returns: set when the process stops
+        self._start_writer()
+        # A forked child has no writer thread: it starts its own, leaving the parent's lines to the parent.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _restart_after_fork(ref()))
+
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # logging's own rule: a line that cannot be formatted never raises
+            self.handleError(record)
+            return
+        self._append(line)  # `handle` holds self.lock here: the writer's bookkeeping shares it
+
+    def enqueue(self, line: str) -> None:
+        """A finished line (newline included) into the buffer, as `emit` puts a formatted record."""
+        with self._ready:
+            self._append(line)
+
+    def _append(self, line: str) -> None:
+        if self._closed or self._pending_chars + len(line) > self.capacity:
+            self.dropped += 1
+            self._unreported += 1
+            return
+        self._pending.append(line)
+        self._pending_chars += len(line)
+        if self.write_through:
+            self._ready.notify_all()
+            # A stream that stopped draining gets one wait, not one per line: exit stays bounded.
+            self.write_through = self._ready.wait_for(lambda: not (self._pending or self._writing), FLUSH_TIMEOUT)
+        elif self._idle:  # at most one notify per batch: the writer lingers, then takes all
+            self._idle = False
+            self._ready.notify()
+
+    def flush(self) -> None:
+        self.drain(FLUSH_TIMEOUT)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every buffered line is written; False if the stream did not take them in time."""
+        with self._ready:
+            self._ready.notify_all()  # cut the writer's linger short
+            return self._ready.wait_for(lambda: not (self._pending or self._writing), timeout)
+
+    def close(self) -> None:
+        self.flush()
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        super().close()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not (self._pending or self._closed):
+                    self._idle = True
+                    self._ready.wait()
+                self._idle = False
+                if not self._closed:
+                    self._ready.wait(_LINGER)
+                batch, self._pending, self._pending_chars = self._pending, [], 0
+                lines = len(batch)
+                unreported, self._unreported = self._unreported, 0
+                if unreported:  # the stream took the write before this one: it drains again
+                    batch.append(self._report(unreported))
+                closed, self._writing = self._closed, True
+            written = self._write("".join(batch)) if batch else True
+            with self._ready:
+                self._writing = False
+                if not written:  # a closed or broken stream: these lines are lost too
+                    self.dropped += lines
+                    self._unreported += lines + unreported
+                self._ready.notify_all()
+                if closed and not self._pending:
+                    return
+
+    def _report(self, count: int) -> str:
+        record = logging.LogRecord(
+            "service.logs", logging.WARNING, __file__, 0,
+            "%d log lines were dropped: the log stream was not draining", (count,), None,
+        )  # fmt: skip
+        record.request_id = None
+        record.log_lines_dropped = count
+        return self.format(record) + "\n"
+
+
+def _restart_after_fork(handler: BufferedHandler | None) -> None:
+    if handler is not None and not handler._closed:
+        handler._pending, handler._pending_chars, handler._writing, handler._idle = [], 0, False, False
+        handler._start_writer()
+
+
+def _writer(stream: TextIO) -> Callable[[str], bool]:
+    """A function that writes text to `stream` whatever it takes, True if it all went out.
+
+    A real descriptor is written with `os.write`: a thread blocked in it holds no lock of the
+    interpreter's, so the process can still exit while the stream is stuck (a thread blocked
+    inside `sys.stderr.write` would make the interpreter abort at exit). A stream with no
+    descriptor (pytest's capture) is written through its own methods.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the latter
+
+        def write_text(text: str) -> bool:
+            try:
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError):
+                return False
+            return True
+
+        return write_text
+    stream.flush()
+
+    def write_fd(text: str) -> bool:
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        try:
+            while data:
+                try:
+                    data = data[os.write(fd, data) :]
+                except BlockingIOError:  # a descriptor someone made non-blocking: wait until it takes more
+                    select.select([], [fd], [], 1.0)
+        except OSError:
+            return False
+        return True
+
+    return write_fd
+
+
+def dropped_log_lines() -> int:
+    """Lines the installed handler dropped because the log stream was not draining."""
+    return sum(h.dropped for h in logging.getLogger().handlers if isinstance(h, BufferedHandler))
+
+
+def finish_logs(timeout: float = FLUSH_TIMEOUT) -> bool:
+    """For a stopping process: write every buffered line now, and each later line before its call returns.
+
+    `logging.shutdown` flushes at exit, but a process can end without it: uvicorn re-raises
+    SIGTERM after its graceful shutdown, which skips `atexit`, and its last lines come after the
+    lifespan's. Returns False if the stream did not take the buffered lines within `timeout`.
+    """
+    drained = True
+    for handler in [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]:
+        handler.write_through = handler.drain(timeout)  # a stuck stream is not waited for line by line
+        drained = drained and handler.write_through
+    return drained
