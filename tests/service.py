@@ -59,7 +59,7 @@ def free_port() -> int:
 class UvicornProcess:
     """`uvicorn app:app` or `python -m app` in a clean environment: exactly what an operator runs.
 
-    `args` are uvicorn's options, or `python -m app`'s (an import string); it takes its port from `PORT`.
+    `args` are uvicorn's options, or `python -m app`'s (an import string); `python -m app` takes its port from `PORT`.
     `port` reuses a port (a replacement instance); by default a free one is picked.
     """
 

@@ -26,6 +26,16 @@ async def _admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+@asynccontextmanager
+async def _opened(database_url: str, pool_size: int) -> AsyncIterator[Database]:
+    """A pool for the block, closed after it whatever the test did."""
+    database = await _open(database_url, pool_size)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
 async def _open(database_url: str, pool_size: int, pool_timeout: float = 30.0) -> Database:
     settings = Settings(
         database_url=database_url, database_pool_size=pool_size, database_pool_timeout=pool_timeout, app_name=APP_NAME
@@ -36,21 +46,17 @@ async def _open(database_url: str, pool_size: int, pool_timeout: float = 30.0) -
 @pytest.mark.anyio
 async def test_release_resets_what_a_handler_changed_in_the_session(database_url: str) -> None:
     """An ordinary release undoes a SET, so the next user of the connection starts clean."""
-    database = await _open(database_url, pool_size=1)
-    try:
+    async with _opened(database_url, pool_size=1) as database:
         async with database.connection() as conn:
             await conn.execute("SET statement_timeout = '1234s'")
         async with database.connection() as conn:
             assert await conn.fetchval("SHOW statement_timeout") == "0"
-    finally:
-        await database.close()
 
 
 @pytest.mark.anyio
 async def test_stateless_release_skips_the_reset_round_trip(database_url: str) -> None:
     """Released with `stateless=True`, the session is handed on as it is: no reset query ran."""
-    database = await _open(database_url, pool_size=1)
-    try:
+    async with _opened(database_url, pool_size=1) as database:
         # Breaking the promise on purpose is the only way to see from outside that no reset ran.
         async with database.connection(stateless=True) as conn:
             await conn.execute("SET statement_timeout = '1234s'")
@@ -58,28 +64,22 @@ async def test_stateless_release_skips_the_reset_round_trip(database_url: str) -
             assert await conn.fetchval("SHOW statement_timeout") == "1234s"
         async with database.connection() as conn:
             assert await conn.fetchval("SHOW statement_timeout") == "0"
-    finally:
-        await database.close()
 
 
 @pytest.mark.anyio
 async def test_many_concurrent_probes_share_the_pool_without_opening_more(database_url: str, cluster: Cluster) -> None:
     """Far more probes than connections all answer, and the pool never opens past its size."""
-    database = await _open(database_url, pool_size=2)
-    try:
+    async with _opened(database_url, pool_size=2) as database:
         probes = await asyncio.gather(*(database.probe(10) for _ in range(40)))
         assert all(probe.connected for probe in probes)
         assert cluster.backend_count(APP_NAME) <= 2
         assert database.open_connections() <= 2
-    finally:
-        await database.close()
 
 
 @pytest.mark.anyio
 async def test_a_connection_the_server_closed_while_idle_is_replaced(database_url: str) -> None:
     """A backend terminated while its connection sat idle costs the next user nothing: a new one is opened."""
-    database = await _open(database_url, pool_size=1)
-    try:
+    async with _opened(database_url, pool_size=1) as database:
         async with database.connection() as conn:
             first = await conn.fetchval("SELECT pg_backend_pid()")
         async with _admin(database_url) as admin:
@@ -88,8 +88,6 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(database_ur
         async with database.connection() as conn:
             assert await conn.fetchval("SELECT pg_backend_pid()") != first
         assert database.open_connections() == 1
-    finally:
-        await database.close()
 
 
 @pytest.mark.anyio
@@ -97,8 +95,7 @@ async def test_a_connection_idle_past_its_lifetime_is_closed_when_another_comes_
     database_url: str, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a burst, connections nobody reuses are closed, the most recently used ones kept."""
-    database = await _open(database_url, pool_size=3)
-    try:
+    async with _opened(database_url, pool_size=3) as database:
         burst = [database.connection(stateless=True) for _ in range(3)]
         for block in burst:
             await block.__aenter__()
@@ -112,8 +109,6 @@ async def test_a_connection_idle_past_its_lifetime_is_closed_when_another_comes_
                 await conn.fetchval("SELECT 1")
         assert database.open_connections() == 1
         assert cluster.backend_count(APP_NAME) == 1
-    finally:
-        await database.close()
 
 
 @pytest.mark.anyio
