@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler, Receive, Scope, Send
 
-from logs import REQUEST_ID
+from logs import REQUEST
 from responses import ENCODER, StructResponse, send_bytes, utc_timestamp
 
 CODES = {
@@ -139,7 +139,7 @@ def error_response(
         error=code,
         message=message,
         timestamp=utc_timestamp(),
-        request_id=REQUEST_ID.get() or "",
+        request_id=REQUEST.get()[0] or "",
         detail=debug_detail,
         validation_errors=validation_errors,
         retry_after=retry_after,
@@ -194,7 +194,7 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     `handle_http_exception` gives, without raising, catching, or a Request and Response each.
     """
     detail = _NOT_FOUND_DETAIL if scope["app"].state.settings.debug else None
-    body = ErrorBody(CODES[404], MESSAGES[404], utc_timestamp(), REQUEST_ID.get() or "", detail)
+    body = ErrorBody(CODES[404], MESSAGES[404], utc_timestamp(), REQUEST.get()[0] or "", detail)
     await send_bytes(scope, send, 404, ENCODER.encode(body))
 
 

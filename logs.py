@@ -21,9 +21,9 @@ from logstream import BufferedHandler
 from responses import utc_second
 from settings import Redactor, Settings
 
-REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
-# The W3C trace ID of the caller's `traceparent`, when it sent a valid one: logs join its traces.
-TRACE_ID: ContextVar[str | None] = ContextVar("trace_id", default=None)
+# The request being handled: its ID, and the W3C trace ID of the caller's `traceparent` when it
+# sent a valid one (logs join its traces). One variable: set and reset once per request.
+REQUEST: ContextVar[tuple[str | None, str | None]] = ContextVar("request", default=(None, None))
 _HANDLER_NAME = "service"
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client", "log_lines_dropped")
 access_logger = logging.getLogger("service.access")
@@ -34,10 +34,11 @@ class _RequestIdFilter(logging.Filter):
     """Stamps each record with the request ID (and trace ID) of the request being handled when it was logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        request_id, trace_id = REQUEST.get()
         if not hasattr(record, "request_id"):
-            record.request_id = REQUEST_ID.get()
+            record.request_id = request_id
         if not hasattr(record, "trace_id"):
-            record.trace_id = TRACE_ID.get()
+            record.trace_id = trace_id
         return True
 
 
@@ -81,7 +82,7 @@ class JsonFormatter(logging.Formatter):
         """The line `format` gives an access record with these fields, without the record."""
         entry = {"timestamp": self.timestamp(created), "level": "INFO", "logger": access_logger.name,
                  "message": self.redact(message), "request_id": request_id, **fields}  # fmt: skip
-        if trace_id := TRACE_ID.get():
+        if trace_id := REQUEST.get()[1]:
             entry["trace_id"] = trace_id
         return self.encoder.encode(entry).decode()
 

@@ -96,14 +96,6 @@ class Metrics:
         self.pool_max = Gauge("db_pool_connections_max", "The pool's maximum size (DATABASE_POOL_SIZE)",
                               multiprocess_mode="livesum", registry=collectors)  # fmt: skip
 
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        series = self.series.get((method, route, status))
-        if series is None:
-            series = self.series[method, route, status] = [0] * (len(BUCKETS) + 3)
-        series[0] += 1
-        series[1] += seconds
-        series[2 + bisect_left(BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds
-
     def record(self, scope: Scope, status: int, seconds: float) -> None:
         """One answered request, as `middleware.RequestContext` reports it.
 
@@ -111,9 +103,14 @@ class Metrics:
         so a path parameter never becomes a label; unrouted paths share one label.
         """
         route = scope.get("route")
-        template: str = route.path if route is not None else UNMATCHED
         method: str = scope["method"]
-        self.observe(method if method in METHODS else "OTHER", template, status, seconds)
+        key = (method if method in METHODS else "OTHER", route.path if route is not None else UNMATCHED, status)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [0] * (len(BUCKETS) + 3)
+        series[0] += 1
+        series[1] += seconds
+        series[2 + bisect_left(BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds
 
     def collect(self) -> Iterator[Metric]:
         """The request and log families at scrape time, every worker's counts added up."""

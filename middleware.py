@@ -17,7 +17,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from errors import EXCEPTION_HANDLERS, MESSAGES, PayloadTooLargeError, error_response, handler_for, server_error
-from logs import REQUEST_ID, TRACE_ID, log_access
+from logs import REQUEST, log_access
 
 logger = logging.getLogger("service.errors")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -98,10 +98,11 @@ class RequestContext:
                 chunked = True
         request_id = incoming.decode() if incoming else new_request_id()
         own_headers = [(REQUEST_ID_HEADER, incoming or request_id.encode()), _NOSNIFF]
-        tokens = (REQUEST_ID.set(request_id), TRACE_ID.set(trace_id))
+        token = REQUEST.set((request_id, trace_id))
         status = 0  # until the response starts
 
-        async def send_with_context(message: Message) -> None:
+        def send_with_context(message: Message) -> Awaitable[None]:
+            # A plain function handing back the server's own awaitable: no coroutine of its own.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -111,7 +112,7 @@ class RequestContext:
                 headers += own_headers
                 if not has_origin:  # CORS adds it to the others
                     _vary_on_origin(message, headers)
-            await send(message)
+            return send(message)
 
         try:
             if self.max_body_bytes is not None:
@@ -135,8 +136,7 @@ class RequestContext:
                 self.observe(scope, status, seconds)
             if not (self.quiet_health and status < 400 and scope["path"].startswith("/health")):
                 log_access(scope, status, seconds, request_id)
-            REQUEST_ID.reset(tokens[0])
-            TRACE_ID.reset(tokens[1])
+            REQUEST.reset(token)
 
     async def _error_response(self, scope: Scope, receive: Receive, exc: Exception) -> ASGIApp:
         """The envelope for `exc`: its handler's answer; an unhandled one is logged with its traceback
@@ -160,18 +160,27 @@ def new_request_id() -> str:
     thread takes it: measured, a request with an access line paid for that (bench/README.md).
     `random` reseeds itself in every forked worker, so workers never share a sequence.
     """
-    bits = random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET
-    text = bits.to_bytes(16).hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    raw = (random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET).to_bytes(16)
+    return f"{raw[:4].hex()}-{raw[4:10].hex('-', 2)}-{raw[10:].hex()}"  # 8-4-4-4-12 digits: 4, 2+2+2, 6 bytes
 
 
 def _vary_on_origin(message: Message, headers: list[tuple[bytes, bytes]]) -> None:
-    for name, _ in headers:
-        if name == b"vary":  # rare: join it as Starlette does (ASGI header names are lowercase)
-            vary = MutableHeaders(scope=message)
-            vary["Vary"] = ", ".join([*vary.getlist("Vary"), "Origin"])
+    """`Vary: Origin` on a response to a request without one, unless no cache may store it.
+
+    `Vary` tells caches which request headers select a stored response: a cache that stored
+    this answer must not hand it to a request with an `Origin`, which gets CORS headers. A
+    `no-store` response (the probes, `/metrics`) is never stored, so it goes without.
+    """
+    vary = False
+    for name, value in headers:  # ASGI header names are lowercase
+        if name == b"cache-control" and b"no-store" in value.lower():
             return
-    headers.append(_VARY_ORIGIN)
+        vary = vary or name == b"vary"
+    if not vary:
+        headers.append(_VARY_ORIGIN)
+        return
+    joined = MutableHeaders(scope=message)  # rare: join it as Starlette does
+    joined["Vary"] = ", ".join([*joined.getlist("Vary"), "Origin"])
 
 
 class CORS(CORSMiddleware):

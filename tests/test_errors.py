@@ -28,7 +28,7 @@ from errors import (
     ServiceUnavailableError,
     error_response,
 )
-from logs import REQUEST_ID
+from logs import REQUEST
 
 pytestmark = pytest.mark.anyio
 ENVELOPE_KEYS = {"error", "message", "timestamp", "request_id"}
@@ -282,7 +282,7 @@ async def test_middleware_the_app_adds_runs_inside_the_request_layer() -> None:
 
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "http":
-                seen.append(REQUEST_ID.get())
+                seen.append(REQUEST.get()[0])
                 if scope["path"] == "/forbidden-by-middleware":
                     raise AuthorizationError("audit said no")
             await self.app(scope, receive, send)

@@ -58,7 +58,7 @@ async def test_probe_answers_alike_through_the_fast_path_and_the_router(path: st
         assert response.headers["content-type"] == "application/json"
         assert response.headers["cache-control"] == "no-store"
         assert response.headers["x-content-type-options"] == "nosniff"
-        assert response.headers["vary"] == "Origin"
+        assert "vary" not in response.headers  # no-store: no cache keeps it, so nothing to vary on
         assert uuid.UUID(response.headers["x-request-id"]).version == 4
 
 
@@ -111,6 +111,37 @@ async def test_vary_origin_joins_a_vary_the_app_already_sent() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/")
     assert response.headers.get_list("vary") == ["Accept-Encoding, Origin"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("cache_control", "vary"),
+    [(None, ["Origin"]), (b"max-age=60", ["Origin"]), (b"no-store", []), (b"private, No-Store", [])],
+)
+async def test_vary_origin_is_sent_on_every_response_a_cache_may_store(
+    cache_control: bytes | None, vary: list[str]
+) -> None:
+    """Without an Origin, `Vary: Origin` goes on every response but those no cache may store (`no-store`)."""
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-length", b"0")]
+        if cache_control is not None:
+            headers.append((b"cache-control", cache_control))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    transport = httpx.ASGITransport(app=RequestContext(answer, quiet_health=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/")
+    assert response.headers.get_list("vary") == vary
+
+
+@pytest.mark.anyio
+async def test_the_envelope_and_the_root_vary_on_origin() -> None:
+    """The foundation's cacheable answers (the 404 envelope, `/`) carry `Vary: Origin`; its probes do not."""
+    async with serve(create_app(production())) as client:
+        responses = [await client.get(path) for path in ("/", "/no-such-route", "/health")]
+    assert [r.headers.get("vary") for r in responses] == ["Origin", "Origin", None]
 
 
 def test_forked_workers_generate_request_ids_of_their_own() -> None:

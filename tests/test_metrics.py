@@ -137,9 +137,10 @@ def test_enable_metrics_must_be_a_boolean() -> None:
 def test_durations_land_in_the_first_bucket_whose_bound_holds_them() -> None:
     """Bounds are inclusive (`le`), buckets cumulative, and what exceeds the last lands in +Inf only."""
     metrics = Metrics()
+    scope = {"method": "GET", "route": Route("/x", PlainTextResponse("x"))}
     for seconds in (0.0005, 0.003, 0.003, 20.0):
-        metrics.observe("GET", "/x", 200, seconds)
-    metrics.observe("GET", "/x", 500, 0.2)  # another status: same histogram, its own counter
+        metrics.record(scope, 200, seconds)
+    metrics.record(scope, 500, 0.2)  # another status: same histogram, its own counter
     text = metrics.exposition().decode()
     bucket = {le: value(text, "http_request_duration_seconds_bucket", method="GET", route="/x", le=le)
               for le in ("0.0005", "0.0025", "0.005", "0.25", "10.0", "+Inf")}  # fmt: skip
