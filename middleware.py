@@ -49,7 +49,8 @@ class RequestContext:
     length); a body over `max_body_bytes` is refused (413) and a chunked one is counted as it
     arrives; the request goes to CORS only when it has an `Origin`; any exception becomes the
     envelope, by the app's exception handlers (`errors.handler_for`) or as a 500; the response
-    gets the request ID, `nosniff` and `Vary: Origin`; the access line and the metrics are written.
+    gets the request ID, `nosniff` and (when a cache may store it) `Vary: Origin`; the access
+    line and the metrics are written.
 
     The request ID is the caller's `X-Request-ID` when it is well formed, else a new UUID; a
     valid W3C `traceparent` puts its trace ID on every log line of the request.
