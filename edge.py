@@ -143,12 +143,14 @@ class EdgeProtocol(HttpToolsProtocol):
     def _send_431(self) -> None:
         if self.transport.is_closing():
             return
-        body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), new_request_id()))
+        request_id = new_request_id()
+        body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), request_id))
         head = [
             STATUS_LINE[431],
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
+            b"x-request-id: %s\r\n" % request_id.encode(),  # every response names its request (the contract)
             b"x-content-type-options: nosniff\r\n",
             b"connection: close\r\n\r\n",
         ]

@@ -148,6 +148,7 @@ def test_a_head_at_the_limit_is_served_and_one_byte_more_gets_the_431_envelope(s
     assert envelope["error"] == "REQUEST_HEADER_FIELDS_TOO_LARGE"
     assert set(envelope) == {"error", "message", "timestamp", "request_id"}
     assert envelope["request_id"]
+    assert f"\r\nx-request-id: {envelope['request_id']}\r\n".encode() in head.lower() + b"\r\n"
 
 
 def test_responses_carry_a_date_but_do_not_name_the_server(server: UvicornProcess) -> None:
