@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Literal
 
 import msgspec
@@ -48,14 +49,15 @@ class LivenessEndpoint:
     def __init__(self, settings: Settings) -> None:
         self.version = settings.app_version
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function handing on the response's awaitable: no coroutine of its own.
         started_at: float | None = scope.get("state", {}).get("started_at")
         if started_at is None:
             # The lifespan has not run: the pool and the rest of start-up are missing.
             body = Liveness("unhealthy", utc_timestamp(), self.version, 0, ["Application start-up has not completed"])
         else:
             body = Liveness("healthy", utc_timestamp(), self.version, int(time.monotonic() - started_at))
-        await send_bytes(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body), _HEADERS)
+        return send_bytes(scope, send, 200 if body.status == "healthy" else 503, ENCODER.encode(body), _HEADERS)
 
 
 class ReadinessEndpoint:

@@ -7,6 +7,7 @@ error; both are answered exactly as the router would answer them, for less.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -35,18 +36,17 @@ class HotPaths:
         self._routes_seen = -1
         self._any_route: re.Pattern[str] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function handing on the chosen app's awaitable: no coroutine of its own.
         if scope["type"] == "http" and not scope.get("root_path"):
             path: str = scope["path"]
             route = self.probes.get(path)
             if route is not None and scope["method"] in ("GET", "HEAD"):
                 scope["route"] = route
-                await route.app(scope, receive, send)
-                return
+                return route.app(scope, receive, send)
             if self._unrouted(scope["app"].routes, path):
-                await not_found(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return not_found(scope, receive, send)
+        return self.app(scope, receive, send)
 
     def _unrouted(self, routes: list[BaseRoute], path: str) -> bool:
         """True only when the router would certainly answer 404 (no redirect either)."""
