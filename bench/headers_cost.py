@@ -25,14 +25,14 @@ def main() -> None:
     uvicorn = [sys.executable, "-m", "uvicorn", "--app-dir", "bench", "baseline:app", "--port", str(PORT),
                "--loop", "uvloop", "--http", "httptools", "--no-access-log"]  # fmt: skip
     variants = {"ceiling": "0", "ceiling + the four headers": "1"}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in variants}
     for number in range(rounds):
         for name in list(variants) if number % 2 == 0 else list(reversed(variants)):
             os.environ["BASELINE_CONTRACT_HEADERS"] = variants[name]  # inherited by the server
             log = Path(tempfile.gettempdir()) / "headers-cost.log"
             results[name].append(run_once(uvicorn, "/health", log))
     for name, runs in results.items():
-        rps, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
+        rps, cpu = statistics.median(r for r, _, _ in runs), statistics.median(c for _, c, _ in runs)
         print(f"/health {name}: requests/s {rps:.0f}, CPU µs/request {cpu:.2f} (medians of {rounds})")
 
 

@@ -9,11 +9,14 @@ Each server runs alone on core 0, wrk on core 1 (2 s warm-up, 5 s measured, 64 c
 the order alternates each round. CPU time is the server's process tree's own (`/proc/PID/stat`),
 which other jobs on the machine disturb far less than requests per second. Production settings,
 JSON access lines to a file, a database URL that is never reached (pick routes that need none).
+Every server must answer the route with the same status (one GET each, before the load), or
+no figure is printed: a figure of a wrong answer measures nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import re
 import signal
@@ -37,8 +40,8 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def run_once(argv: list[str], route: str, log: Path) -> tuple[float, float]:
-    """Requests/s and CPU µs per request for one fresh server."""
+def run_once(argv: list[str], route: str, log: Path) -> tuple[float, float, int]:
+    """Requests/s, CPU µs per request and the route's status for one fresh server."""
     env = {
         **os.environ,
         "DATABASE_URL": "postgresql://bench:unused@127.0.0.1:1/unused",
@@ -54,6 +57,7 @@ def run_once(argv: list[str], route: str, log: Path) -> tuple[float, float]:
         )
         try:
             time.sleep(1.5)
+            status = _status(route)
             load = ["taskset", "-c", "1", "wrk", "-t1", "-c64"]
             subprocess.run([*load, "-d2s", f"http://127.0.0.1:{PORT}{route}"], capture_output=True, check=True)
             before = cpu_seconds(server.pid)
@@ -65,7 +69,17 @@ def run_once(argv: list[str], route: str, log: Path) -> tuple[float, float]:
             server.send_signal(signal.SIGTERM)
             server.wait(20)
     requests = int(_find(r"(\d+) requests in", report))
-    return float(_find(r"Requests/sec:\s+([\d.]+)", report)), used / requests * 1e6
+    return float(_find(r"Requests/sec:\s+([\d.]+)", report)), used / requests * 1e6, status
+
+
+def _status(route: str) -> int:
+    """The status a GET of `route` gets: servers compared on a route must all answer it alike."""
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=5)
+    try:
+        connection.request("GET", route)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def _find(pattern: str, text: str) -> str:
@@ -90,19 +104,23 @@ def main() -> None:
     }
     for command in args.also:
         servers[command] = ["sh", "-c", "exec " + command.replace("{port}", str(PORT))]
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in servers}
     for number in range(args.rounds):
         order = list(servers) if number % 2 == 0 else list(reversed(servers))
         for name in order:
             log = Path(tempfile.gettempdir()) / f"server-cpu-{re.sub(r'[^A-Za-z0-9.-]+', '_', name)[:80]}.log"
             results[name].append(run_once(servers[name], args.route, log))
+    statuses = {name: sorted({status for _, _, status in runs}) for name, runs in results.items()}
+    if len({str(found) for found in statuses.values()}) > 1:  # a figure of a wrong answer is no figure
+        raise SystemExit(f"the servers answer {args.route} differently: {statuses}")
+    print(f"{args.route}: every server answered {statuses['uvicorn app:app'][0]}")
     base = results["uvicorn app:app"]
     for name, runs in results.items():
-        rps = [round(r) for r, _ in runs]
-        cpu = [round(c, 1) for _, c in runs]
+        rps = [round(r) for r, _, _ in runs]
+        cpu = [round(c, 1) for _, c, _ in runs]
         print(f"{args.route} {name}: requests/s {rps}, CPU µs/request {cpu}")
         if name != "uvicorn app:app":
-            ratios = [round(c / b, 2) for (_, c), (_, b) in zip(runs, base, strict=True)]
+            ratios = [round(c / b, 2) for (_, c, _), (_, b, _) in zip(runs, base, strict=True)]
             print(f"  CPU/request vs uvicorn app:app per round {ratios}, median {statistics.median(ratios):.2f}")
 
 

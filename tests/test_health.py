@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
+import uuid
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -13,6 +16,7 @@ from service import make_settings, serve_settings
 
 from app import create_app
 
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 pytestmark = pytest.mark.anyio
 
@@ -177,3 +181,21 @@ async def test_readiness_changes_are_logged_once_each_never_per_probe(
         "Readiness degraded -> unhealthy: Database is unreachable: connection refused",
         "Readiness unhealthy -> degraded: 1 pending migration(s): 0001.uuidv7",
     ]
+
+
+async def test_the_bench_floor_answers_health_as_the_service_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench/floor.py` answers `/health` with the service's status, headers and fields, or it measures less work."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    floor = importlib.import_module("floor")
+    async with serve_settings() as client:
+        ours = await client.get("/health", headers={"X-Request-ID": "probe-1"})
+    transport = httpx.ASGITransport(app=floor.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        least = await client.get("/health", headers={"X-Request-ID": "probe-1"})
+        fresh = await client.get("/health")
+    assert least.status_code == ours.status_code == 200
+    # The same headers with the same values; only the length may differ (the uptime's digits).
+    assert set(least.headers) == set(ours.headers)
+    assert {**least.headers, "content-length": ""} == {**ours.headers, "content-length": ""}
+    assert set(least.json()) == set(ours.json())
+    assert uuid.UUID(fresh.headers["x-request-id"]).version == 4
