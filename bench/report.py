@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +45,21 @@ def summarise(
             for key in ("rps", "p50_ms", "p99_ms", "non_2xx", "socket_errors", "body_bytes"):
                 figures[f"{key}:{route}"] = statistics.median(run["routes"][route][key] for run in runs)
         if name != "baseline":
-            figures["startup_ratio"] = _ratio(rounds, name, lambda run: run["startup_ms"])
-            figures["rss_ratio"] = _ratio(rounds, name, lambda run: run["rss_loaded_mib"])
+            _spread(figures, "startup_ratio", [r[name]["startup_ms"] / r["baseline"]["startup_ms"] for r in rounds])
+            _spread(figures, "rss_ratio", [r[name]["rss_loaded_mib"] / r["baseline"]["rss_loaded_mib"] for r in rounds])
             for route in routes:
                 base = reference.get(route, route)
                 for key, figure in (("rps_ratio", "rps"), ("p99_ratio", "p99_ms")):
-                    figures[f"{key}:{route}"] = statistics.median(
-                        r[name]["routes"][route][figure] / r["baseline"]["routes"][base][figure] for r in rounds
-                    )
+                    ratios = [r[name]["routes"][route][figure] / r["baseline"]["routes"][base][figure] for r in rounds]
+                    _spread(figures, f"{key}:{route}", ratios)
         summary[name] = figures
     return summary
 
 
-def _ratio(rounds: list[dict[str, dict[str, Any]]], name: str, pick: Callable[..., float]) -> float:
-    """The median over rounds of subject/baseline, each ratio taken within its own round."""
-    return statistics.median(pick(r[name]) / pick(r["baseline"]) for r in rounds)
+def _spread(figures: dict[str, float], key: str, ratios: list[float]) -> None:
+    """Ratios to the baseline, each taken within its own round: their median as `key`, and the lowest
+    and highest round as `low:key` and `high:key` (the report shows that spread next to each target)."""
+    figures[key], figures[f"low:{key}"], figures[f"high:{key}"] = statistics.median(ratios), min(ratios), max(ratios)
 
 
 def render(
@@ -100,7 +100,7 @@ def render(
             f"| {rss} | {f['db_connections']:.0f} |"
         )
     for name in (s for s in subjects if s == "compare" or s.startswith(("uvicorn ", "python -m app"))):
-        lines += ["", f"| target ({name}) | goal | measured | met |", "| --- | --- | ---: | --- |"]
+        lines += ["", f"| target ({name}) | goal | measured | rounds | met |", "| --- | --- | ---: | ---: | --- |"]
         for figure, key, op, goal in TARGETS:
             if key not in summary[name]:
                 continue
@@ -108,7 +108,9 @@ def render(
             value = summary[name][key]
             met = value >= bound if op == ">=" else value <= bound
             shown = f"{op} {pool_size} (pool size)" if goal is None else f"{op} {goal}"
-            lines.append(f"| {figure} | {shown} | {value:.2f} | {'yes' if met else '**no**'} |")
+            low, high = summary[name].get(f"low:{key}"), summary[name].get(f"high:{key}")
+            spread = f"{low:.2f} to {high:.2f}" if low is not None and high is not None else ""
+            lines.append(f"| {figure} | {shown} | {value:.2f} | {spread} | {'yes' if met else '**no**'} |")
     return "\n".join(lines)
 
 
