@@ -30,6 +30,7 @@ from middleware import _NOSNIFF, _VALID_REQUEST_ID, REQUEST_ID_HEADER, new_reque
 from responses import ENCODER, utc_timestamp
 
 METRICS = Metrics()
+STARTED = time.monotonic()
 _HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"), _NOSNIFF)
 
 
@@ -63,5 +64,4 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-STARTED = time.monotonic()
 ROUTE = Route("/health", app)  # the label the service's metrics give its probe
