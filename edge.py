@@ -1,9 +1,11 @@
 """One connection of `python -m app`: its request heads bounded, its responses written whole.
 
-`EdgeProtocol` is uvicorn's httptools protocol with two changes made where the bytes pass:
+`EdgeProtocol` is uvicorn's httptools protocol with three changes made where the bytes pass:
 - a request head over `MAX_REQUEST_HEAD_BYTES` gets the 431 envelope and the connection is
   closed; the parser stops at most two reads past the limit, so nothing large is buffered; the
   time a head may take is kept by `server.DrainingServer.sweep`, from the marks left here;
+- a request the parser refuses (malformed HTTP, TLS on the plain port) gets the 400 envelope
+  where uvicorn sends plain text, after the answers to the requests before it;
 - a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two.
 """
 
@@ -52,7 +54,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_bytes: int | None = None  # counted bytes of the head being parsed, None outside one
         self._head_slack = 0  # length of the chunk the head began in (an upper bound of its share)
         self._chunk = 0
-        self._refused = False
+        self._refused = 0  # the status a refused request gets (400, 431) once those before it are answered
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -70,11 +72,8 @@ class EdgeProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            if self._refused:
-                return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+            if not self._refused:  # else the head was refused inside a callback, and is answered
+                self.send_400_response("Invalid HTTP request received.")
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
@@ -82,7 +81,7 @@ class EdgeProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
         if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
-            self.refuse_head()
+            self.refuse(431)
 
     # The four methods below run for every request: they call uvicorn's own directly rather
     # than through `super()`, which builds a proxy object each time.
@@ -96,7 +95,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self.awaiting_head_since = None
         if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
-            self.refuse_head()
+            self.refuse(431)
             raise _HeadRefused  # stops the parser; data_received knows it was answered
         _on_headers_complete(self)
 
@@ -110,8 +109,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self.writer.flush()  # a head still held: a response without body bytes (HEAD, 204)
         # uvicorn's own, without arming a keep-alive timer: the server's sweep closes idle connections.
         self.server_state.total_requests += 1
-        if self._refused and not self.pipeline:  # the refused head came after this response
-            self._send_431()
+        if self._refused and not self.pipeline:  # the refused request came after this response
+            self._send_refusal()
             return
         if self.transport.is_closing():
             return
@@ -127,26 +126,33 @@ class EdgeProtocol(HttpToolsProtocol):
         request_line = len(self.parser.get_method()) + len(self.url) + len(b"  HTTP/1.1\r\n")
         return request_line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
 
-    def refuse_head(self) -> None:
-        """Answer 431 with the error envelope and close; nothing more is read or parsed.
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request its parser refuses writes plain text at once, over any
+        # response still being written; this one is the envelope, and waits for those.
+        self.refuse(400)
 
-        A head pipelined behind requests still being answered gets its 431 after their responses.
+    def refuse(self, status: int) -> None:
+        """Answer `status` (400, 431) with the error envelope and close; nothing more is read or parsed.
+
+        Requests before the refused one on the connection (pipelined) get their responses first.
         """
-        self._refused = True
+        self._refused = status
         self._head_bytes = None
         self.awaiting_head_since = None
         if self.cycle is not None and not self.cycle.response_complete:
             self.flow.pause_reading()
             return
-        self._send_431()
+        self._send_refusal()
 
-    def _send_431(self) -> None:
+    def _send_refusal(self) -> None:
         if self.transport.is_closing():
             return
-        request_id = new_request_id()
-        body = ENCODER.encode(ErrorBody(CODES[431], MESSAGES[431], utc_timestamp(), request_id))
+        status, request_id = self._refused, new_request_id()
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+        self.logger.warning(_REFUSALS[status], client, status, extra={"request_id": request_id})
+        body = ENCODER.encode(ErrorBody(CODES[status], MESSAGES[status], utc_timestamp(), request_id))
         head = [
-            STATUS_LINE[431],
+            STATUS_LINE[status],
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
@@ -214,6 +220,11 @@ class ResponseWriter(asyncio.Transport):
         return self.transport.get_extra_info(name, default)
 
 
+# The warning each refusal writes, with the request ID its envelope carries: (client, status).
+_REFUSALS = {
+    400: "Invalid HTTP request received from %s: answered %d",
+    431: "Request head over MAX_REQUEST_HEAD_BYTES from %s: answered %d",
+}
 _start_asgi_task = HttpToolsProtocol._start_asgi_task
 _on_message_begin = HttpToolsProtocol.on_message_begin
 _on_headers_complete = HttpToolsProtocol.on_headers_complete

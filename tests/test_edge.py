@@ -151,6 +151,38 @@ def test_a_head_at_the_limit_is_served_and_one_byte_more_gets_the_431_envelope(s
     assert f"\r\nx-request-id: {envelope['request_id']}\r\n".encode() in head.lower() + b"\r\n"
 
 
+def test_a_request_the_parser_refuses_gets_the_400_envelope_with_its_request_id_logged(
+    server: UvicornProcess,
+) -> None:
+    """Malformed HTTP is the 400 envelope, not uvicorn's plain text; the warning logged names the same request ID."""
+    answer = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nNo colon in this header\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    lines = head.lower().split(b"\r\n")
+    assert b"content-type: application/json" in lines
+    assert b"x-content-type-options: nosniff" in lines
+    assert b"connection: close" in lines
+    envelope = json.loads(body)
+    assert envelope["error"] == "VALIDATION_ERROR"
+    assert set(envelope) == {"error", "message", "timestamp", "request_id"}
+    assert f"x-request-id: {envelope['request_id']}".encode() in lines
+    deadline = time.monotonic() + 5
+    while envelope["request_id"] not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log writer's thread writes it
+    logged = [json.loads(line) for line in server.output().splitlines() if envelope["request_id"] in line]
+    assert [(r["level"], r["request_id"]) for r in logged] == [("WARNING", envelope["request_id"])]
+    assert "answered 400" in logged[0]["message"]
+
+
+def test_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(server: UvicornProcess) -> None:
+    """uvicorn answers the garbage at once and the request before it is lost; here it gets its 200 first."""
+    answer = exchange(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    first, _, second = answer.partition(b"HTTP/1.1 400 ")
+    assert b'"status":"healthy"' in first
+    assert b'"error":"VALIDATION_ERROR"' in second
+
+
 def test_responses_carry_a_date_but_do_not_name_the_server(server: UvicornProcess) -> None:
     """No `server: uvicorn` for scanners to match against, served or refused; `Date` stays (RFC 9110)."""
     for payload in (head_of_size(512), head_of_size(8193)):

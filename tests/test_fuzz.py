@@ -43,8 +43,8 @@ UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9
 # The document declares no parameters, so schemathesis alone sends bare requests. These add what
 # any client may send anyway: stray query parameters and hostile values in the headers the service
 # reads. In process, header values are any latin-1 without CR/LF or leading whitespace (the most
-# `requests` lets through); over the network, only what HTTP allows in a field value, since uvicorn
-# answers anything else with its own plain-text 400 before the app (as test_hostile.py shows).
+# `requests` lets through); over the network, only what HTTP allows in a field value, since the
+# server's parser answers anything else with a 400 before the app (as test_hostile.py shows).
 _ANY_LATIN1 = st.characters(max_codepoint=0xFF, exclude_characters="\r\n")
 _FIELD_VALUE = st.characters(max_codepoint=0xFF, exclude_categories=["Cc"], include_characters="\t")
 

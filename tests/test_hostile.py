@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -63,9 +64,16 @@ def assert_still_serving(server: UvicornProcess) -> None:
     ],
 )
 def test_malformed_request_lines_get_a_clean_4xx(server: UvicornProcess, request_line: bytes) -> None:
-    """The server refuses what it cannot parse with a 400 (uvicorn's own, before the app), and keeps serving."""
+    """What the parser refuses is a 400 before the app: the envelope with its request ID from `python -m app`,
+    uvicorn's own plain text from `uvicorn app:app`; both keep serving."""
     response = send_raw(server, request_line)
     assert status_of(response) == 400
+    if server.command == "python -m app":
+        envelope = json.loads(response.partition(b"\r\n\r\n")[2])
+        assert envelope["error"] == "VALIDATION_ERROR"
+        assert header(response, b"x-request-id") == envelope["request_id"].encode()
+    else:
+        assert header(response, b"content-type") == b"text/plain; charset=utf-8"
     assert_still_serving(server)
 
 
