@@ -10,6 +10,7 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from logs import REQUEST
@@ -173,14 +174,33 @@ async def handle_service_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
+    headers = dict(exc.headers or {})
+    if status == 405 and "Allow" in headers:
+        headers["Allow"] = _allowed_methods(request) or headers["Allow"]
     # Starlette's default detail is the status phrase; ours are the contract's messages.
     return error_response(
         status,
         CODES.get(status, "HTTP_ERROR"),
         MESSAGES.get(status, exc.detail),
         debug_detail=_detail(request, exc),
-        headers=dict(exc.headers or {}),
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method a route serves at the request's path, for `Allow`.
+
+    Starlette's router answers a wrong method with the first route whose path matched, so its
+    `Allow` names that route's methods only; `GET /items` and `POST /items` are two routes.
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods, key=lambda m: (_METHOD_ORDER.get(m, len(_METHOD_ORDER)), m)))
+
+
+_METHOD_ORDER = {m: i for i, m in enumerate(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))}
 
 
 async def handle_timeout(request: Request, exc: Exception) -> Response:

@@ -49,8 +49,14 @@ class CommandError(Exception):
 
 
 def migrations_on_disk(*sources: Path) -> tuple[str, ...]:
-    """Migration ids as yoyo records them (file names without `.sql`, rollbacks excluded), sorted."""
+    """Migration ids as yoyo records them (file names without `.sql`, rollbacks excluded), sorted.
+
+    A folder that does not exist raises `FileNotFoundError`: a folder left out of an image would
+    otherwise make `/health/db` report `up_to_date` for tables that were never created.
+    """
     directories = sources or (MIGRATIONS_DIR,)
+    if missing := [str(d) for d in directories if not d.is_dir()]:
+        raise FileNotFoundError(f"no migrations directory at {', '.join(missing)}")
     names = (p.name for d in directories for p in d.glob("*.sql") if not p.name.endswith(".rollback.sql"))
     return tuple(sorted({name.removesuffix(".sql") for name in names}))
 
@@ -190,9 +196,12 @@ def _new(args: argparse.Namespace) -> int:
     if not _NAME.fullmatch(args.migration_name):
         _fail("new", f"{args.migration_name!r}: a name is 1 to 60 of a-z, 0-9 and _ (e.g. add_orders)", ())
         return 2
-    if not directory.is_dir():
-        _fail("new", f"no migrations directory at {directory}", ())
+    if directory.exists() and not directory.is_dir():
+        _fail("new", f"{directory} is not a directory", ())
         return 2
+    if not directory.exists():  # an application's first migration starts its folder
+        directory.mkdir(parents=True)
+        print(f"created {directory}/", file=sys.stderr)
     # The latest of the target folder, else of the folders before it (the foundation's, whose
     # uuid_generate_v7 a new table's key uses).
     latest = next((ids[-1] for d in reversed(args.sources) if (ids := migrations_on_disk(d))), None)

@@ -18,12 +18,9 @@ from pathlib import Path
 
 import pytest
 from cluster import Cluster
-from service import SERVER_COMMANDS
+from service import ROOT, SERVER_COMMANDS, migrated
 
 from settings import Settings
-
-# As in service.py, which cannot be imported here: it imports app.py before pytest_configure runs.
-ROOT = Path(__file__).resolve().parent.parent
 
 # What the service reads besides its settings (prometheus-client's multiprocess directory), and
 # libpq's variables, which would redirect or alter the tests' own connections.
@@ -81,14 +78,7 @@ def database_url(cluster: Cluster) -> Iterator[str]:
 @pytest.fixture
 def migrated_url(database_url: str) -> str:
     """`database_url` with every migration applied: the foundation's and the reference resource's."""
-    from yoyo import get_backend, read_migrations
-
-    from migrate import MIGRATIONS_DIR, yoyo_url
-
-    examples = MIGRATIONS_DIR.parent / "examples" / "migrations"
-    with get_backend(yoyo_url(database_url)) as backend, backend.lock():
-        backend.apply_migrations(backend.to_apply(read_migrations(str(MIGRATIONS_DIR), str(examples))))
-    return database_url
+    return migrated(database_url, ROOT / "examples" / "migrations")
 
 
 @pytest.fixture

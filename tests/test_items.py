@@ -177,6 +177,19 @@ async def test_a_name_already_taken_is_409_and_the_connection_stays(migrated_url
 
 
 @pytest.mark.anyio
+async def test_a_wrong_method_lists_every_method_the_path_serves(migrated_url: str) -> None:
+    """`Allow` names the methods of every route at the path: `GET /items` and `POST /items` are two routes."""
+    async with items_client(migrated_url) as client:
+        collection = await client.put("/items", json={"name": "x"})
+        one = await client.delete(f"/items/{uuid.uuid4()}")
+    assert collection.status_code == 405
+    assert collection.json()["error"] == "METHOD_NOT_ALLOWED"
+    assert collection.headers["allow"] == "GET, HEAD, POST"
+    assert one.status_code == 405
+    assert one.headers["allow"] == "GET, HEAD"
+
+
+@pytest.mark.anyio
 async def test_404s_and_422s_leave_the_pooled_connections_in_place(migrated_url: str) -> None:
     """Handlers' own errors release their connection healthy: the same backends serve on."""
     async with items_client(migrated_url, DATABASE_POOL_SIZE="2") as client:

@@ -337,6 +337,28 @@ def test_new_writes_the_next_numbered_pair_depending_on_the_latest(tmp_path: Pat
     assert migrations_on_disk(tmp_path) == ("0001.create_orders", "0002.add_order_notes")
 
 
+def test_new_starts_a_folder_that_does_not_exist_yet(tmp_path: Path) -> None:
+    """An application's first migration creates its folder (and the folders above it), and says so."""
+    folder = tmp_path / "orders" / "migrations"
+    result = run_db(None, "new", "create_orders", "--source", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"created {folder}/\n"
+    assert migrations_on_disk(folder) == ("0001.create_orders",)
+    assert f"-- depends: {FIRST}\n" in (folder / "0001.create_orders.sql").read_text()
+
+
+def test_new_refuses_a_source_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "migrations").write_text("")
+    result = run_db(None, "new", "create_orders", "--source", str(tmp_path / "migrations"))
+    assert (result.returncode, result.stderr) == (2, f"new: {tmp_path / 'migrations'} is not a directory\n")
+
+
+def test_an_app_told_of_a_migrations_folder_that_is_missing_does_not_start(tmp_path: Path) -> None:
+    """A folder left out of an image would make `/health/db` call tables that were never made `up_to_date`."""
+    with pytest.raises(FileNotFoundError, match=f"no migrations directory at {tmp_path / 'orders'}$"):
+        create_app(make_settings(), migrations=[MIGRATIONS_DIR, tmp_path / "orders"])
+
+
 def test_new_migrations_apply_in_order_with_the_foundations(database_url: str, tmp_path: Path) -> None:
     """What `new` writes is valid for yoyo: filled in, both apply after 0001.uuidv7 and roll back."""
     assert run_db(None, "new", "create_orders", "--source", str(tmp_path)).returncode == 0
