@@ -58,12 +58,23 @@ def body_binder(kind: type[msgspec.Struct]) -> Binder:
         try:
             return decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            document = msgspec.json.decode(raw)  # valid JSON: only its shape is wrong
-            raise RequestValidationError(validation_errors(exc, document, kind=kind)) from None
-        except msgspec.DecodeError:
-            raise MalformedRequestError("Malformed request body: not valid JSON") from None
+            wrong_shape = exc  # found while parsing: the rest of the body may not even be JSON
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _malformed(exc) from None
+        try:
+            document = msgspec.json.decode(raw)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _malformed(exc) from None
+        raise RequestValidationError(validation_errors(wrong_shape, document, kind=kind))
 
     return body
+
+
+def _malformed(exc: Exception) -> MalformedRequestError:
+    """400 for a body that is not JSON, or nested deeper than msgspec decodes (about 1,000 levels)."""
+    if isinstance(exc, RecursionError):
+        return MalformedRequestError("Malformed request body: JSON nested too deeply")
+    return MalformedRequestError("Malformed request body: not valid JSON")
 
 
 def validation_errors(

@@ -82,8 +82,20 @@ async def test_tags_are_optional(migrated_url: str) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"",
+        b"\xff\xfe",
+        b'{"colour": "red", oops',  # a wrong shape first, then not JSON at all
+        b"[" * 1000,  # nested past what msgspec decodes: a RecursionError, once a 500
+        b'{"name": "x", "tags": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+    ids=["not-json", "empty", "not-utf8", "wrong-shape-then-not-json", "deep-unclosed", "deep-balanced"],
+)
 async def test_a_body_that_is_not_json_is_400(migrated_url: str, content: bytes) -> None:
+    """Whatever the bytes, a body that cannot be read as JSON is a 400, never a 500."""
     async with items_client(migrated_url) as client:
         response = await client.post("/items", content=content, headers={"content-type": "application/json"})
     body = response.json()
