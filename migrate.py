@@ -61,10 +61,15 @@ def migrations_on_disk(*sources: Path) -> tuple[str, ...]:
     return tuple(sorted({name.removesuffix(".sql") for name in names}))
 
 
+def next_id(directory: Path, name: str) -> str:
+    """The id `new` gives migration `name` in `directory`: numbered after the folder's highest."""
+    numbers = [int(m.group(1)) for p in directory.glob("*.sql") if (m := _NUMBERED.fullmatch(p.name))]
+    return f"{max(numbers, default=0) + 1:04d}.{name}"
+
+
 def new(directory: Path, name: str, latest: str | None) -> tuple[Path, Path]:
     """Write the next numbered migration and its rollback into `directory`, ready to edit."""
-    numbers = [int(m.group(1)) for p in directory.glob("*.sql") if (m := _NUMBERED.fullmatch(p.name))]
-    stem = f"{max(numbers, default=0) + 1:04d}.{name}"
+    stem = next_id(directory, name)
     forward, backward = directory / f"{stem}.sql", directory / f"{stem}.rollback.sql"
     depends = f"-- depends: {latest}\n" if latest else ""
     forward.write_text(f"-- {name}\n{depends}\n-- Write the change here, e.g. CREATE TABLE ...;\n")
@@ -199,6 +204,11 @@ def _new(args: argparse.Namespace) -> int:
     if directory.exists() and not directory.is_dir():
         _fail("new", f"{directory} is not a directory", ())
         return 2
+    stem = next_id(directory, args.migration_name)
+    # Folders are numbered on their own; the same id in two of them is one id yoyo refuses to apply.
+    if taken := [d for d in args.sources if d != directory and (d / f"{stem}.sql").exists()]:
+        _fail("new", f"{stem} is already a migration in {taken[0]}: give this one another name", ())
+        return 2
     if not directory.exists():  # an application's first migration starts its folder
         directory.mkdir(parents=True)
         print(f"created {directory}/", file=sys.stderr)
@@ -251,6 +261,8 @@ def _read(directories: list[Path]) -> Any:
     for directory in directories:
         if not directory.is_dir():
             raise CommandError(f"no migrations directory at {directory}", status=2)
+        if any(directory.glob("*.py")):  # yoyo would import and record them as migrations
+            raise CommandError(f"{directory} holds Python files: a migrations folder holds only .sql files", status=2)
     return read_migrations(*map(str, directories))
 
 

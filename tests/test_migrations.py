@@ -353,6 +353,28 @@ def test_new_refuses_a_source_that_is_a_file(tmp_path: Path) -> None:
     assert (result.returncode, result.stderr) == (2, f"new: {tmp_path / 'migrations'} is not a directory\n")
 
 
+def test_new_refuses_an_id_another_folder_already_has(tmp_path: Path) -> None:
+    """Folders number on their own: a second `0001.add_orders` would stop every command (yoyo: bad migration)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_db(None, "new", "add_orders", "--source", str(first)).returncode == 0
+    result = run_db(None, "new", "add_orders", "--source", str(first), "--source", str(second))
+    assert (result.returncode, result.stderr) == (
+        2, f"new: 0001.add_orders is already a migration in {first}: give this one another name\n",
+    )  # fmt: skip
+    assert not second.exists()
+    assert run_db(None, "new", "add_order_lines", "--source", str(first), "--source", str(second)).returncode == 0
+
+
+def test_a_source_holding_python_files_is_refused_not_applied(database_url: str, tmp_path: Path) -> None:
+    """yoyo would import `.py` files as migrations and record them: `--source examples` is a typo, not a folder."""
+    (tmp_path / "items.py").write_text("print('imported')\n")
+    result = run_db(database_url, "migrate", "--source", str(tmp_path))
+    assert (result.returncode, result.stderr) == (
+        2, f"migrate: {tmp_path} holds Python files: a migrations folder holds only .sql files\n",
+    )  # fmt: skip
+    assert "imported" not in result.stdout
+
+
 def test_an_app_told_of_a_migrations_folder_that_is_missing_does_not_start(tmp_path: Path) -> None:
     """A folder left out of an image would make `/health/db` call tables that were never made `up_to_date`."""
     with pytest.raises(FileNotFoundError, match=f"no migrations directory at {tmp_path / 'orders'}$"):
