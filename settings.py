@@ -7,6 +7,7 @@ variable at once; cross-variable rules live in `_check_environment_rules`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -29,6 +30,7 @@ MIN_SECRET_KEY_LENGTH = 32
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)([^&]*)")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
 _DEVELOPMENT: Environment = "development"
 _ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
@@ -77,7 +79,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a response or a log line."""
         found = {self.secret_key}
-        if self.database_url and (password := urlsplit(self.database_url).password):
+        for password in _passwords(self.database_url) if self.database_url else ():
             found |= {password, unquote(password)}
         return tuple(found)
 
@@ -125,16 +127,30 @@ def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by `***`, for messages and logs."""
+    """The URL with its password replaced by `***`, for messages and logs: in the user part, and in
+    the query string, where libpq and asyncpg also read one (`?password=...`)."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "***"
-    if password is None:
+    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+    if password is None and query == parts.query:
         return url
-    netloc = parts.netloc.rpartition("@")[0].partition(":")[0] + ":***@" + parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=netloc).geturl()
+    netloc = parts.netloc
+    if password is not None:
+        netloc = netloc.rpartition("@")[0].partition(":")[0] + ":***@" + netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _passwords(url: str) -> list[str]:
+    """The passwords a database URL carries, as written: in the user part and in the query string."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+    except ValueError:
+        return []
+    return found + [m.group(2) for m in _QUERY_PASSWORD.finditer(parts.query) if m.group(2)]
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -303,6 +319,16 @@ def _log_level(raw: str) -> str:
 def _log_format(raw: str) -> str:
     if "%(message)" not in raw:
         raise ValueError("must contain %(message)s")
+    # Formatted once here: a field no record has, or a stray `%`, would otherwise turn every
+    # log line of the running service into a logging error on stderr.
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "message", None, None)
+    record.request_id = record.trace_id = None  # what the service adds to every record
+    # The service leaves these out of records unless its format asks for them (logs.py): a sample.
+    record.process, record.processName, record.thread, record.threadName = 1, "MainProcess", 1, "MainThread"
+    try:
+        logging.Formatter(raw).format(record)
+    except (ValueError, TypeError) as exc:  # an unknown field is a ValueError since Python 3.8
+        raise ValueError(f"must be a %-style logging format of LogRecord fields ({exc})") from None
     return raw
 
 

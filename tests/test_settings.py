@@ -129,6 +129,26 @@ def test_log_format_must_place_the_message() -> None:
     assert problems({"LOG_FORMAT": "%(levelname)s"}) == ["LOG_FORMAT='%(levelname)s': must contain %(message)s"]
 
 
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("%(message)s %(bogus)s", "Formatting field not found in record: 'bogus'"),
+        ("%(message)s 100%", "incomplete format"),
+        ("%(message)d", "%d format: a real number is required, not str"),
+    ],
+)
+def test_log_format_that_no_record_can_fill_is_refused(raw: str, reason: str) -> None:
+    """Refused at start-up: running, every log line would become a logging error on stderr instead."""
+    assert problems({"LOG_FORMAT": raw}) == [
+        f"LOG_FORMAT={raw!r}: must be a %-style logging format of LogRecord fields ({reason})"
+    ]
+
+
+def test_log_format_may_place_the_request_and_trace_ids() -> None:
+    raw = "%(asctime)s %(levelname)s %(request_id)s %(trace_id)s %(message)s"
+    assert load_settings({"LOG_FORMAT": raw}).log_format == raw
+
+
 def test_cors_origins_accept_json_and_comma_lists() -> None:
     """Both spellings give the same tuple."""
     expected = ("https://a.example", "http://localhost:8080")
@@ -251,6 +271,15 @@ def test_mask_url_hides_only_the_password() -> None:
     """User, host and database stay readable for operators."""
     assert mask_url("postgresql://app:s3cr3t@db.internal:5432/prod") == "postgresql://app:***@db.internal:5432/prod"
     assert mask_url("postgresql://db/prod") == "postgresql://db/prod"
+
+
+def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
+    """libpq and asyncpg read `?password=` too: it is masked in messages and redacted from logs."""
+    url = "postgresql://app@db:5432/prod?sslmode=require&password=Qu%40ry-Secret-99"
+    assert mask_url(url) == "postgresql://app@db:5432/prod?sslmode=require&password=***"
+    assert {"Qu%40ry-Secret-99", "Qu@ry-Secret-99"} <= set(load_settings({"DATABASE_URL": url}).secrets)
+    [problem] = problems({"DATABASE_URL": "postgresql://app@db:99999/prod?password=Qu-Secret-99"})
+    assert problem == "DATABASE_URL='postgresql://app@db:99999/prod?password=***': has an invalid port"
 
 
 def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
