@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import msgspec
 
-from errors import DATABASE_RETRY_AFTER, ConflictError, DatabaseConnectionError
+from errors import DATABASE_RETRY_AFTER, ConflictError, DatabaseConnectionError, MalformedRequestError
 from settings import Settings
 
 # What a handler holds; generic only for the type checker (asyncpg's stubs), so written as a string.
@@ -32,7 +33,9 @@ PREPARED_STATEMENT_LOST = (
 
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
-_LOST_CONNECTION = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+_LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+# What a row already in the table refuses: a 409, as PostgREST answers them too.
+_CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError, asyncpg.ExclusionViolationError)
 
 
 class PoolUsage(msgspec.Struct):
@@ -119,8 +122,12 @@ class Database:
         Whatever the block raises, the connection goes back healthy (any open transaction rolled
         back), except where it cannot be: on cancellation or a timeout it may be mid-query, so it
         is closed. The database's own failures become the envelope's: not reachable, or the
-        connection lost mid-query, `DatabaseConnectionError` (503, Retry-After); a unique key
-        already taken, `ConflictError` (409).
+        connection lost mid-query, `DatabaseConnectionError` (503, Retry-After); a row other rows
+        refuse (a unique key taken, a foreign key or exclusion constraint), `ConflictError` (409);
+        a value no column can hold (SQLSTATE class 22: a NUL in text, a number out of range, or
+        an argument asyncpg cannot encode for its parameter), `MalformedRequestError` (400). The
+        handler's own misuse of its connection (two queries at once on it) stays a 500, its
+        traceback logged, instead of passing for a lost connection.
         `stateless=True` promises that the block only reads outside any transaction, leaving
         nothing in the session (no SET, LISTEN, lock or cursor): giving it back then skips the
         reset round trip (a transaction left open is still rolled back).
@@ -144,12 +151,16 @@ class Database:
         except (asyncio.CancelledError, TimeoutError):
             _discard(conn)  # mid-query: a clean release could wait on the server
             raise
-        except _LOST_CONNECTION as exc:
+        except (*_LOST_CONNECTION, asyncpg.InterfaceError) as exc:
+            if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
+                raise  # the handler's own misuse (two queries at once): a 500, not a retry
             _discard(conn)
             message = "Database connection lost"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
-        except asyncpg.UniqueViolationError as exc:
+        except _CONFLICTS as exc:
             raise ConflictError(_conflict_message(exc)) from exc
+        except asyncpg.DataError as exc:  # SQLSTATE class 22: a value sent that no column can hold
+            raise MalformedRequestError(_refused_value_message(exc)) from exc
         finally:
             try:
                 await self._give_back(conn, stateless)
@@ -234,10 +245,20 @@ def _discard(conn: Connection) -> None:
         conn.terminate()
 
 
-def _conflict_message(exc: asyncpg.UniqueViolationError) -> str:
-    """Which key is taken, by constraint name only: the server's detail would echo the value."""
+def _conflict_message(exc: asyncpg.IntegrityConstraintViolationError) -> str:
+    """Which constraint refused the row, by name only: the server's detail would echo the values."""
     constraint = getattr(exc, "constraint_name", None)
-    return f"Already exists (unique constraint {constraint})" if constraint else "Already exists"
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return f"Already exists (unique constraint {constraint})" if constraint else "Already exists"
+    kind = "foreign key" if isinstance(exc, asyncpg.ForeignKeyViolationError) else "exclusion"
+    return f"Conflicts with other rows ({kind} constraint {constraint})" if constraint else "Conflicts with other rows"
+
+
+def _refused_value_message(exc: asyncpg.DataError) -> str:
+    """The kind of value the database refused (its condition's name), never the value itself."""
+    words = re.findall(r"[A-Z][a-z0-9]*", type(exc).__name__.removesuffix("Error"))
+    kind = " ".join(words).lower()
+    return f"A value the database cannot store ({kind})" if kind != "data" else "A value the database cannot store"
 
 
 async def applied_migrations(conn: Connection) -> frozenset[str] | None:

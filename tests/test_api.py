@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import subprocess
@@ -10,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
+import asyncpg
 import msgspec
 import pytest
 from service import ROOT, make_settings, serve
@@ -54,6 +56,58 @@ async def remove_pet(pet_id: uuid.UUID) -> None:
 async def count_pets(ctx: Context) -> Pet:
     async with ctx.connection() as conn:
         return Pet(await conn.fetchval("SELECT 1"), ctx.settings.app_name)
+
+
+class Row(msgspec.Struct):
+    parent: int
+    note: str = ""
+
+
+rows = Endpoints(tag="rows")
+
+
+@rows.post("/rows", summary="A child row: its parent must exist; its note goes to a text column")
+async def add_row(ctx: Context, body: Row) -> Row:
+    async with ctx.connection() as conn:
+        await conn.execute("INSERT INTO children (parent, note) VALUES ($1, $2)", body.parent, body.note)
+    return body
+
+
+@rows.get("/rows/mistake", summary="A handler's own bug: two queries at once on one connection")
+async def query_twice_at_once(ctx: Context) -> Row:
+    async with ctx.connection() as conn:
+        await asyncio.gather(conn.execute("SELECT pg_sleep(0.1)"), conn.execute("SELECT 1"))
+    raise AssertionError("asyncpg refuses the second query")
+
+
+@pytest.mark.anyio
+async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mistakes_are_500s(
+    database_url: str,
+) -> None:
+    """409 for a missing parent, 400 for a NUL in text or an int4 out of range, 500 for the handler's misuse
+    of its connection; none a 503 (the connection is not lost), and the one pooled connection survives all."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE parents (id int PRIMARY KEY); INSERT INTO parents VALUES (1);"
+            "CREATE TABLE children (parent int NOT NULL REFERENCES parents, note text NOT NULL)"
+        )
+    finally:
+        await conn.close()
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
+    async with serve(create_app(settings, endpoints=[rows])) as client:
+        orphan = await client.post("/rows", json={"parent": 2})
+        nul = await client.post("/rows", json={"parent": 1, "note": "a\u0000b"})
+        huge = await client.post("/rows", json={"parent": 2**40})
+        mistake = await client.get("/rows/mistake")
+        fine = await client.post("/rows", json={"parent": 1, "note": "kept"})
+    assert (orphan.status_code, orphan.json()["error"]) == (409, "CONFLICT_ERROR")
+    assert orphan.json()["message"] == "Conflicts with other rows (foreign key constraint children_parent_fkey)"
+    assert (nul.status_code, nul.json()["error"]) == (400, "VALIDATION_ERROR")
+    assert nul.json()["message"] == "A value the database cannot store (character not in repertoire)"
+    assert (huge.status_code, huge.json()["message"]) == (400, "A value the database cannot store")
+    assert (mistake.status_code, mistake.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert fine.status_code == 200
 
 
 @pytest.mark.anyio
