@@ -58,7 +58,11 @@ class State(TypedDict):
 
 @dataclass(frozen=True, slots=True)
 class Created(Generic[T]):
-    """A handler's answer for a new resource: `201`, the body, and its `Location`."""
+    """A handler's answer for a new resource: `201`, the body, and its `Location`.
+
+    `location` is the new resource's path in the app (`/items/<id>`): served under a prefix
+    (`root_path`), the response gives the client the prefixed path. A full URL is sent as it is.
+    """
 
     body: T
     location: str
@@ -193,7 +197,10 @@ class Endpoint:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
         elif isinstance(result, Created):
-            location = (b"location", result.location.encode())
+            path = result.location
+            if path.startswith("/"):  # a path in the app: behind a proxy's prefix, the client needs the prefix too
+                path = scope.get("root_path", "") + path
+            location = (b"location", path.encode())
             await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location))
         else:
             await send_bytes(scope, send, self.status, ENCODER.encode(result))
@@ -207,7 +214,7 @@ class Endpoint:
         if self.params or self.body_type is not None:
             errors |= {422}
         if self.body_type is not None:
-            errors |= {400, 413}
+            errors |= {400, 413, 415}
         return Operation(d.summary, d.description, tag, replies, tuple(self.params), self.body_type, frozenset(errors))
 
 

@@ -24,6 +24,7 @@ CODES = {
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT_ERROR",
     413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
     422: "VALIDATION_ERROR",
     431: "REQUEST_HEADER_FIELDS_TOO_LARGE",
     500: "INTERNAL_SERVER_ERROR",
@@ -38,6 +39,7 @@ MESSAGES = {
     405: "Method not allowed",
     409: "Conflict with the current state of the resource",
     413: "Request body too large",
+    415: "Unsupported media type",
     422: "Request validation failed",
     431: "Request header fields too large",
     500: "Internal server error",
@@ -104,6 +106,10 @@ class ConflictError(ServiceError):
 
 class PayloadTooLargeError(ServiceError):
     status_code, code = 413, "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status_code, code = 415, "UNSUPPORTED_MEDIA_TYPE"
 
 
 class ServiceUnavailableError(ServiceError):

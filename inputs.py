@@ -1,8 +1,9 @@
 """Request input: path segments, the query string and the JSON body, decoded into their annotations.
 
 Each decoder is built once per route, at start-up. Only what the client sent maps to the client's
-errors: a body that is not JSON is a 400, input of the wrong shape a 422 naming every field that
-is wrong (msgspec reports the first; the error path looks at each field on its own).
+errors: a body declared as anything but JSON is a 415, a body that is not JSON a 400, input of the
+wrong shape a 422 naming every field that is wrong (msgspec reports the first; the error path
+looks at each field on its own). A body without a `Content-Type` is read as JSON.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 
-from errors import FieldError, MalformedRequestError, RequestValidationError
+from errors import MESSAGES, FieldError, MalformedRequestError, RequestValidationError, UnsupportedMediaTypeError
 from openapi import Param
 
 Binder = Callable[[Request], Awaitable[Any]]
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the problem is
+# application/json, or a structured +json type (application/merge-patch+json), with any parameters.
+_JSON_MEDIA_TYPE = re.compile(r"\s*application/(?:[\w.-]+\+)?json\s*(?:;|$)", re.IGNORECASE)
 
 
 def path_binder(name: str, kind: Any) -> Binder:
@@ -54,6 +57,11 @@ def body_binder(kind: type[msgspec.Struct]) -> Binder:
     decoder = msgspec.json.Decoder(kind)  # built once per route
 
     async def body(request: Request) -> Any:
+        media_type = request.headers.get("content-type")
+        if media_type is not None and not _JSON_MEDIA_TYPE.match(media_type):
+            # A browser sends text/plain and form bodies across sites without asking first (no CORS
+            # preflight); read as JSON anyway, they would let any page post on a signed-in user's behalf.
+            raise UnsupportedMediaTypeError(f"{MESSAGES[415]}: send the body as application/json")
         raw = await request.body()
         try:
             return decoder.decode(raw)

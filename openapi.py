@@ -82,15 +82,17 @@ _HTML = Reply("An HTML page", media_type="text/html")
 
 # Errors any route can answer: shared in `components.responses`, each one the error envelope.
 ERROR_REPLIES = {
-    400: Reply("The request cannot be read (a body that is not JSON)", ErrorBody,
+    400: Reply("The request cannot be read: a body that is not JSON, or a value the database cannot store", ErrorBody,
                {"malformed": _error("VALIDATION_ERROR", "Malformed request body: not valid JSON")}),
     404: Reply("No route matches the path", ErrorBody, {"not_found": _error("NOT_FOUND_ERROR", "Resource not found")}),
     405: Reply("The path exists, the method does not", ErrorBody,
                {"method_not_allowed": _error("METHOD_NOT_ALLOWED", "Method not allowed")}, ("Allow",)),
-    409: Reply("Conflicts with the current state (a unique key already taken)", ErrorBody,
-               {"conflict": _error("CONFLICT_ERROR", "Already exists (unique constraint items_name_key)")}),
+    409: Reply("Conflicts with other rows: a unique key taken, a foreign key or exclusion constraint", ErrorBody,
+               {"conflict": _error("CONFLICT_ERROR", "Already exists (unique constraint orders_reference_key)")}),
     413: Reply("The request body is larger than MAX_BODY_BYTES", ErrorBody,
                {"too_large": _error("PAYLOAD_TOO_LARGE", "Request body too large: the limit is 1048576 bytes")}),
+    415: Reply("The body is not declared as JSON (`Content-Type`)", ErrorBody, {"unsupported": _error(
+        "UNSUPPORTED_MEDIA_TYPE", "Unsupported media type: send the body as application/json")}),
     422: Reply("The request is well formed but invalid", ErrorBody, {"invalid": _error(
         "VALIDATION_ERROR", "Request validation failed",
         validation_errors=[{"field": "name", "message": "Expected `str`, got `int`", "value": 1}])}),
@@ -100,7 +102,8 @@ ERROR_REPLIES = {
         "DATABASE_CONNECTION_ERROR", "Database temporarily unavailable", retry_after=5)}, ("Retry-After",)),
 }  # fmt: skip
 _NAMES = {400: "MalformedRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge",
-          422: "ValidationError", 500: "InternalServerError", 503: "ServiceUnavailable"}  # fmt: skip
+          415: "UnsupportedMediaType", 422: "ValidationError", 500: "InternalServerError",
+          503: "ServiceUnavailable"}  # fmt: skip
 
 OPERATIONS = {
     "health": Operation("Liveness", "Whether this process can serve. No I/O: it never touches the database.",
@@ -195,6 +198,8 @@ def _response(reply: Reply) -> dict[str, Any]:
     if reply.examples:
         media["examples"] = {name: {"value": value} for name, value in reply.examples.items()}
     headers = {name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-ID", *reply.headers)}
+    if reply.body is None and reply.media_type == "application/json" and not reply.examples:
+        return {"description": reply.description, "headers": headers}  # no body at all (204)
     return {"description": reply.description, "headers": headers, "content": {reply.media_type: media}}
 
 

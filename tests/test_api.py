@@ -134,6 +134,23 @@ async def test_created_answers_201_with_location_and_none_answers_204() -> None:
 
 
 @pytest.mark.anyio
+async def test_location_is_given_the_path_prefix_the_app_is_served_under() -> None:
+    """Behind a proxy that serves the app under `/api` (root_path), `/pets/1` is `/api/pets/1` to the client."""
+    async with serve(create_app(make_settings(), endpoints=[pets]), root_path="/api") as client:
+        created = await client.post("/api/pets", json={"name": "Rex"})
+    assert (created.status_code, created.headers["location"]) == (201, "/api/pets/1")
+
+
+@pytest.mark.anyio
+async def test_a_204_is_documented_without_a_body() -> None:
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        spec = (await client.get("/openapi.json")).json()
+    removed = spec["paths"]["/pets/{pet_id}"]["delete"]["responses"]["204"]
+    assert "content" not in removed
+    assert removed["headers"] == {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+
+
+@pytest.mark.anyio
 async def test_query_bounds_are_422_naming_the_parameter() -> None:
     async with serve(create_app(make_settings(), endpoints=[pets])) as client:
         response = await client.get("/pets/7", params={"age": "-1"})

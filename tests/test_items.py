@@ -106,6 +106,35 @@ async def test_a_body_that_is_not_json_is_400(migrated_url: str, content: bytes)
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
+    ("media_type", "status"),
+    [
+        ("text/plain", 415),  # what a cross-site form may send without a CORS preflight
+        ("application/x-www-form-urlencoded", 415),  # curl -d's default
+        ("multipart/form-data; boundary=x", 415),
+        ("application/jsonp", 415),
+        ("application/json; charset=utf-8", 201),
+        ("Application/JSON", 201),
+        ("application/merge-patch+json", 201),
+    ],
+)
+async def test_a_body_must_be_declared_as_json_when_its_type_is_declared(
+    migrated_url: str, media_type: str, status: int
+) -> None:
+    """JSON sent as text/plain is refused (415) and nothing is stored: a browser sends such bodies across sites."""
+    async with items_client(migrated_url) as client:
+        response = await client.post("/items", content=b'{"name": "typed"}', headers={"content-type": media_type})
+        stored = (await client.get("/items")).json()["items"]
+    assert response.status_code == status
+    if status == 415:
+        assert response.json()["error"] == "UNSUPPORTED_MEDIA_TYPE"
+        assert response.json()["message"] == "Unsupported media type: send the body as application/json"
+        assert stored == []
+    else:
+        assert [item["name"] for item in stored] == ["typed"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
     ("sent", "fields"),
     [
         ({"name": 1, "tags": "x"}, ["name", "tags"]),  # every wrong field named, not just the first

@@ -81,8 +81,8 @@ async def test_openapi_lists_the_error_envelope_for_every_error_status(client: h
     spec = await _spec(client)
     shared = spec["components"]["responses"]
     envelope = {"$ref": "#/components/schemas/ErrorBody"}
-    names = {"MalformedRequest", "NotFound", "MethodNotAllowed", "Conflict", "PayloadTooLarge", "ValidationError",
-             "InternalServerError", "ServiceUnavailable"}  # fmt: skip
+    names = {"MalformedRequest", "NotFound", "MethodNotAllowed", "Conflict", "PayloadTooLarge", "UnsupportedMediaType",
+             "ValidationError", "InternalServerError", "ServiceUnavailable"}  # fmt: skip
     assert set(shared) == names
     assert all(shared[name]["content"]["application/json"]["schema"] == envelope for name in names)
     assert "Retry-After" in shared["ServiceUnavailable"]["headers"]
