@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
@@ -33,6 +33,9 @@ logger = logging.getLogger("service.errors")
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
+# What the access line and the metrics say of a request whose client left before its body was
+# read (nginx's status for it): not a 500, which would page someone for a client's dropped connection.
+CLIENT_CLOSED_REQUEST = 499
 # W3C Trace Context, version 00: the trace ID (not all zeros) and the parent ID (not all zeros).
 _TRACEPARENT = re.compile(rb"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _VARY_ORIGIN = (b"vary", b"Origin")
@@ -50,7 +53,7 @@ class RequestContext:
     arrives; the request goes to CORS only when it has an `Origin`; any exception becomes the
     envelope, by the app's exception handlers (`errors.handler_for`) or as a 500; the response
     gets the request ID, `nosniff` and (when a cache may store it) `Vary: Origin`; the access
-    line and the metrics are written.
+    line and the metrics are written (status 499 for a client that left before its body was read).
 
     The request ID is the caller's `X-Request-ID` when it is well formed, else a new UUID; a
     valid W3C `traceparent` puts its trace ID on every log line of the request.
@@ -122,6 +125,8 @@ class RequestContext:
                 if chunked:
                     receive = _within_limit(receive, self.max_body_bytes)
             await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer, and no fault of ours
+            status = status or CLIENT_CLOSED_REQUEST
         except Exception as exc:  # the boundary: every error is answered with the envelope
             if status:
                 logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])

@@ -36,6 +36,11 @@ async def chatty() -> Nothing:
     raise RuntimeError("boom")
 
 
+@chatty_routes.post("/chatty", summary="Reads a body")
+async def read_body(body: Nothing) -> Nothing:
+    return body
+
+
 async def run(env: dict[str, str], *requests: tuple[str, dict[bytes, bytes]]) -> list[str]:
     """Serve `requests` and return the response request IDs."""
     app = create_app(make_settings(**env), endpoints=[chatty_routes])
@@ -105,6 +110,33 @@ async def test_json_logs_are_one_object_per_line_with_request_id_and_traceback(
     assert (access["method"], access["path"], access["status"]) == ("GET", "/chatty", 500)
     assert isinstance(access["duration_ms"], float)
     assert access["client"] == "127.0.0.1:123"
+
+
+async def test_a_client_gone_before_its_body_arrived_is_a_499_line_not_a_500_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No traceback and no 5xx for a dropped connection: one access line with 499, nginx's status, counted so."""
+    app = create_app(make_settings(LOG_JSON="true"), endpoints=[chatty_routes])
+    scope = {"type": "http", "method": "POST", "path": "/chatty", "raw_path": b"/chatty", "query_string": b"",
+             "root_path": "", "headers": [(b"content-length", b"100")], "client": ("127.0.0.1", 9),
+             "state": {}}  # fmt: skip
+    sent: list[object] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: object) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    async with serve(app) as client:
+        metrics = (await client.get("/metrics")).text
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert sent == []  # nobody is listening
+    assert [e for e in entries if e["level"] == "ERROR" or "exception" in e] == []
+    [access] = [e for e in entries if e["logger"] == "service.access" and e["path"] == "/chatty"]
+    assert (access["method"], access["status"]) == ("POST", 499)
+    assert 'http_requests_total{method="POST",route="/chatty",status="499"} 1.0' in metrics
 
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
