@@ -90,11 +90,12 @@ class RequestContext:
         for name, value in scope["headers"]:  # the one pass over the headers
             if name not in _READ:
                 continue
+            # A field value's surrounding whitespace is not part of it (RFC 9110), and httptools keeps it.
             if name == REQUEST_ID_HEADER:
-                incoming = value if _VALID_REQUEST_ID.fullmatch(value) else None
+                incoming = value if _VALID_REQUEST_ID.fullmatch(value := value.strip(b" \t")) else None
             elif name == b"origin":
                 has_origin = True
-            elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value)):
+            elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value.strip(b" \t"))):
                 trace_id = trace[1].decode()
             elif name == b"content-length":
                 body_length = int(value) if value.isdigit() else None

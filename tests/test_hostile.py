@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -133,6 +134,22 @@ def test_hostile_request_ids_get_a_fresh_id_and_are_never_echoed_or_logged(
     assert value not in response
     assert value.decode(errors="replace") not in server.output()
     assert MARKER.encode() not in response
+
+
+def test_whitespace_around_the_request_id_and_traceparent_is_not_part_of_them(server: UvicornProcess) -> None:
+    """RFC 9110 trims a field value; httptools keeps trailing blanks, so the service trims them itself."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = send_raw(
+        server,
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Request-ID: \t spaced-id \t\r\n"
+        b"traceparent:  00-" + trace.encode() + b"-00f067aa0ba902b7-01  \r\nConnection: close\r\n\r\n",
+    )
+    assert header(response, b"x-request-id") == b"spaced-id"
+    deadline = time.monotonic() + 5
+    while '"request_id":"spaced-id"' not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log writer's thread writes it
+    [line] = [json.loads(x) for x in server.output().splitlines() if '"request_id":"spaced-id"' in x]
+    assert (line["status"], line["trace_id"]) == (404, trace)
 
 
 def test_header_injection_through_crlf_cannot_add_response_headers(server: UvicornProcess) -> None:
