@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ PREPARED_STATEMENT_LOST = (
 
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
+logger = logging.getLogger("service.database")
 _LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
 # What a row already in the table refuses: a 409, as PostgREST answers them too.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError, asyncpg.ExclusionViolationError)
@@ -84,6 +86,7 @@ class Database:
         self._idle: list[tuple[Connection, float]] = []  # (connection, monotonic time given back), oldest first
         self._connections: set[Connection] = set()  # every open one, idle or in use
         self._closing = False
+        self._failure: str | None = None  # why the last block failed, until one goes through
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -144,10 +147,14 @@ class Database:
         except TimeoutError:
             raise DatabaseConnectionError("No database connection available", retry_after=1) from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._failing_because(exc)
             message = "Database temporarily unavailable"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         try:
             yield conn
+            if self._failure is not None:  # a block went through: say so once, after the failure's line
+                logger.info("Database available again (after: %s)", self._failure)
+                self._failure = None
         except (asyncio.CancelledError, TimeoutError):
             _discard(conn)  # mid-query: a clean release could wait on the server
             raise
@@ -155,6 +162,7 @@ class Database:
             if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
                 raise  # the handler's own misuse (two queries at once): a 500, not a retry
             _discard(conn)
+            self._failing_because(exc)
             message = "Database connection lost"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         except _CONFLICTS as exc:
@@ -166,6 +174,16 @@ class Database:
                 await self._give_back(conn, stateless)
             finally:
                 self._queue.release()
+
+    def _failing_because(self, exc: BaseException) -> None:
+        """One warning when requests start failing for a reason (the envelope says only "unavailable").
+
+        Logged per change, not per request: an outage under load would otherwise be a line per request.
+        """
+        reason = describe_failure(exc)
+        if reason != self._failure:
+            self._failure = reason
+            logger.warning("Database unavailable to requests: %s", reason)
 
     async def _take(self) -> Connection:
         """The most recently used idle connection still open, else a new one (the queue bounds how many)."""
@@ -288,6 +306,8 @@ def describe_failure(exc: BaseException) -> str:
         case asyncpg.InvalidSQLStatementNameError() | asyncpg.DuplicatePreparedStatementError():
             # The classic sign of a transaction-pooling PgBouncer in front of a statement cache.
             return PREPARED_STATEMENT_LOST
+        case asyncpg.ConnectionDoesNotExistError() | asyncpg.ConnectionFailureError() | asyncpg.AdminShutdownError():
+            return "Database connection lost"
         case ConnectionRefusedError():
             return "Database is unreachable: connection refused"
         case OSError():

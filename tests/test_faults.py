@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,6 +75,27 @@ async def test_stopped_database_gives_503_fast_while_liveness_stays_200(cluster:
         assert body["database_connected"] is False
         assert body["response_time_ms"] is None
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_requests_failing_on_the_database_log_why_once_and_its_return_once(
+    cluster: Cluster, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 503 envelope says only "unavailable"; the log says why, once per change, not once per request."""
+    async with service(database_url) as client:
+        assert (await client.get("/hold?seconds=0")).status_code == 204
+        cluster.stop()
+        with caplog.at_level(logging.INFO, logger="service.database"):
+            failed = [(await client.get("/hold?seconds=0")).status_code for _ in range(5)]
+            cluster.start()
+            served = [(await client.get("/hold?seconds=0")).status_code for _ in range(3)]
+    assert failed == [503] * 5
+    assert served == [204] * 3
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "service.database"]
+    assert lines[0] == ("WARNING", "Database unavailable to requests: Database connection lost")
+    assert lines[-1][0] == "INFO"
+    assert lines[-1][1].startswith("Database available again (after: ")
+    assert len(lines) <= 3  # lost, then refused while it is down, then back: never one per request
+    assert all(level == "WARNING" for level, _ in lines[:-1])
 
 
 async def test_restarted_database_recovers_without_restarting_the_service(cluster: Cluster, database_url: str) -> None:
