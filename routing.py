@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable
+from urllib.parse import quote
 
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errors import not_found
+from responses import send_bytes
 
 
 class HotPaths:
@@ -24,10 +26,12 @@ class HotPaths:
       404: it gets `errors.not_found`, the router's own answer, from one match against all the
       route patterns at once instead of the router's two passes over every route (the second for
       the slash redirect). Scanners and typos make this the commonest error.
+    - A path no route matches but for its trailing slash gets the router's 307 to the other
+      spelling, with a relative `Location` where the router's names the `Host` header's host.
 
-    Everything else (other methods, near-misses, a `root_path`) goes on to the router, which
-    answers 405s, redirects and the rest as before. Like the router, it leaves the route it
-    chose in `scope["route"]` (metrics label by it).
+    Everything else (other methods, a `root_path`, routes of other kinds) goes on to the router,
+    which answers 405s and the rest as before. Like the router, it leaves the route it chose in
+    `scope["route"]` (metrics label by it).
     """
 
     def __init__(self, app: ASGIApp, *, probes: list[Route]) -> None:
@@ -44,19 +48,43 @@ class HotPaths:
             if route is not None and scope["method"] in ("GET", "HEAD"):
                 scope["route"] = route
                 return route.app(scope, receive, send)
-            if self._unrouted(scope["app"].routes, path):
+            unrouted = self._unrouted(scope["app"].router, path)
+            if unrouted is _NOWHERE:
                 return not_found(scope, receive, send)
+            if unrouted is not None:
+                return _redirect(scope, send, unrouted)
         return self.app(scope, receive, send)
 
-    def _unrouted(self, routes: list[BaseRoute], path: str) -> bool:
-        """True only when the router would certainly answer 404 (no redirect either)."""
+    def _unrouted(self, router: Router, path: str) -> str | None:
+        """For a path no route's pattern matches, what the router would certainly answer: a 404
+        (`_NOWHERE`), or a redirect to the path with its trailing slash added or removed (that path).
+        None when a route matches, or when the router may answer otherwise (a route of another kind)."""
+        routes = router.routes
         if len(routes) != self._routes_seen:  # read from the live router: a route added late is seen
             self._routes_seen = len(routes)
             self._any_route = _any_of(routes)
-        if self._any_route is None:
-            return False
+        if self._any_route is None or self._any_route.match(path) is not None:
+            return None
         other = path[:-1] if path.endswith("/") else path + "/"
-        return self._any_route.match(path) is None and self._any_route.match(other) is None
+        if self._any_route.match(other) is None:
+            return _NOWHERE
+        # `//host/`'s relative redirect would name another host: the router's absolute one does not.
+        return other if router.redirect_slashes and path != "/" and not other.startswith("//") else None
+
+
+def _redirect(scope: Scope, send: Send, path: str) -> Awaitable[None]:
+    """The router's 307 to the same path without (or with) its trailing slash, with a relative `Location`.
+
+    Starlette's builds an absolute URL from the request's `Host` header, so a client naming any
+    host (`Host: evil.example`) was sent there; a path on its own keeps the client where it is.
+    """
+    location = quote(path, safe="/:@!$&'()*+,;=~").encode()  # the decoded path, escaped again
+    if query := scope.get("query_string"):
+        location += b"?" + query
+    return send_bytes(scope, send, 307, b"", ((b"location", location),))
+
+
+_NOWHERE = ""  # `_unrouted`'s answer for a path the router would answer with a 404
 
 
 def _any_of(routes: list[BaseRoute]) -> re.Pattern[str] | None:

@@ -291,12 +291,17 @@ async def test_certain_404_skips_the_router_with_the_same_envelope(debug: bool) 
 
 
 @pytest.mark.anyio
-async def test_trailing_slash_near_miss_still_redirects() -> None:
-    """`/health/` is not a certain 404: the router still redirects it to `/health`."""
-    async with counting_router_404s(create_app(production(enable_docs=False))) as (client, _):
-        response = await client.get("/health/", follow_redirects=False)
-    assert response.status_code == 307
-    assert response.headers["location"].endswith("/health")
+async def test_trailing_slash_near_miss_redirects_to_a_path_never_to_the_host_header() -> None:
+    """`/health/` is 307 to `/health` (query kept) as the router answers, but with a relative `Location`:
+    the router's absolute one named whatever host the request's `Host` header named."""
+    app = create_app(production(enable_docs=False), endpoints=[things])
+    async with counting_router_404s(app) as (client, seen):
+        response = await client.get("/health/?verbose=1", headers={"Host": "evil.example"}, follow_redirects=False)
+        added = await client.get("/things/caf%C3%A9/", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (307, "/health?verbose=1")
+    assert response.headers["x-request-id"]
+    assert (added.status_code, added.headers["location"]) == (307, "/things/caf%C3%A9")
+    assert seen == []
 
 
 @pytest.mark.anyio
