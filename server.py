@@ -6,7 +6,8 @@
   without a complete head `REQUEST_HEAD_TIMEOUT` after they opened (or after their previous
   response), and that drains on SIGTERM: readiness answers 503 for `SHUTDOWN_DRAIN_SECONDS`
   while everything is still served, then the usual graceful shutdown. A second signal ends
-  the drain at once. It exits 0 rather than re-raising the signal.
+  the drain at once (a worker counts a signal to its process group once, though it arrives
+  both directly and relayed by the supervisor). It exits 0 rather than re-raising the signal.
 - `WEB_CONCURRENCY` > 1: `workers.supervise` runs one `DrainingServer` per worker process.
 
 The request hot path pays only a few attribute updates per request; the head timeout and
@@ -17,6 +18,7 @@ timer per request.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import os
@@ -63,18 +65,58 @@ class DrainingServer(uvicorn.Server):
 
     config: EdgeConfig
 
-    def __init__(self, config: EdgeConfig, supervisor: int | None = None) -> None:
+    def __init__(self, config: EdgeConfig, supervisor: int | None = None, relay: socket.socket | None = None) -> None:
         super().__init__(config)
         self.supervisor = supervisor  # a worker's parent: if it dies, the worker shuts down too
+        self.relay = relay  # a worker's end of the supervisor's relay: each signal it receives, a byte each
         self.drain_ends: float | None = None
         self._drain_announced = False
+        self._signals = self._direct = self._relayed = 0  # acted on; received here; received by the supervisor
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.relay is not None:
+            self.relay.setblocking(False)
+            self._loop.add_reader(self.relay.fileno(), self._read_relay)
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs as a signal handler: only flags here; on_tick does the rest (and the logging).
+        # Runs as a signal handler, which may interrupt the relay's reader mid-count: the loop
+        # acts on it instead, right after.
+        self._loop.call_soon_threadsafe(self._signalled, sig, False)
+
+    def _read_relay(self) -> None:
+        assert self.relay is not None  # only read when there is one
+        try:
+            received = self.relay.recv(64)
+        except BlockingIOError:
+            return
+        if not received:  # the supervisor is gone: on_tick notices and shuts down
+            self._loop.remove_reader(self.relay.fileno())
+            return
+        for sig in received:
+            self._signalled(sig, relayed=True)
+
+    def _signalled(self, sig: int, relayed: bool) -> None:
+        """Act once on each SIGTERM or SIGINT the operator sent, however many ways it came.
+
+        A signal sent to a worker's whole process group (Ctrl-C in a terminal, `kill -TERM -PGID`,
+        systemd's `KillMode=control-group`) reaches it twice: directly, and relayed by the
+        supervisor, which received it too. Each way is counted apart, and the operator sent as many
+        signals as the larger count: only a signal that raises it is acted on. The first starts the
+        drain, the next ends it, and one more SIGINT forces the exit (uvicorn's own).
+        """
+        if relayed:
+            self._relayed += 1
+        else:
+            self._direct += 1
+        if max(self._direct, self._relayed) == self._signals:
+            return  # this one came the other way first
+        self._signals += 1
         if self.drain_ends is None and self.started and self.config.drain_seconds > 0:
             self.drain_ends = time.monotonic() + self.config.drain_seconds
             self.lifespan.state["shutting_down"] = True  # read by health.ReadinessEndpoint
-            return
+            return  # on_tick logs it, and ends the drain when its time is up
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         self.should_exit = True  # uvicorn's handler would also re-raise the signal at exit: we exit 0
@@ -130,6 +172,6 @@ def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None =
     raise SystemExit(supervise(config, settings.web_concurrency, functools.partial(run_worker, config)))
 
 
-def run_worker(config: EdgeConfig, sockets: list[socket.socket]) -> None:
-    """One worker process's server, on the supervisor's socket."""
-    DrainingServer(config, supervisor=os.getppid()).run(sockets)
+def run_worker(config: EdgeConfig, relay: socket.socket, sockets: list[socket.socket]) -> None:
+    """One worker process's server, on the supervisor's socket; `relay` brings the signals the supervisor receives."""
+    DrainingServer(config, supervisor=os.getppid(), relay=relay).run(sockets)

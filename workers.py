@@ -1,15 +1,19 @@
 """The supervisor of `WEB_CONCURRENCY` worker processes, for `python -m app` (server.py).
 
-It binds the socket once, spawns the workers on it, forwards every SIGTERM and SIGINT to each
-(the first starts each worker's drain, the next ends it), replaces a worker that dies, and stops
-everything when one fails to start. Its own lines go through the service's logging, so in
-production every line of every process is JSON. When the operator set no
-`PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it at exit, so
-`/metrics` counts every request whichever worker answers.
+It binds the socket once, spawns the workers on it, relays every SIGTERM and SIGINT to each (the
+first starts each worker's drain, the next ends it), replaces a worker that dies, and stops
+everything when one fails to start. It relays a signal as a byte on a socket pair of the worker's
+own, not as a signal: one sent to the whole process group (Ctrl-C, systemd) reaches each worker
+directly too, and the worker must tell the two apart to count it once. Its own lines go through
+the service's logging, so in production every line of every process is JSON. When the operator
+set no `PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it at
+exit, so `/metrics` counts every request whichever worker answers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -28,9 +32,11 @@ logger = logging.getLogger("service.server")
 
 
 def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) -> int:
-    """Run `workers` processes of `serve(sockets=...)` on one socket until a signal; returns the exit status.
+    """Run `workers` processes of `serve(relay, sockets=...)` on one socket until a signal; returns the exit status.
 
     `serve` must be picklable (a module-level function, or a partial of one): workers are spawned.
+    `relay` is the worker's end of a socket pair on which each signal the supervisor receives
+    arrives as a byte, its number.
     """
     private_metrics = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -42,15 +48,16 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
         signal.signal(handled, lambda number, frame: received.append(number))
     sockets = [config.bind_socket()]
     logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
-    processes = [_start_worker(config, sockets, serve) for _ in range(workers)]
+    relays: dict[multiprocessing.process.BaseProcess, socket.socket] = {}  # each worker's, the supervisor's end
+    processes = [_start_worker(config, sockets, serve, relays) for _ in range(workers)]
     status, forwarded = 0, 0
     try:
         while any(process.is_alive() for process in processes):
             wait([process.sentinel for process in processes], timeout=0.1)
-            for sig in received[forwarded:]:  # each one: the first starts the drain, the next ends it
+            if received[forwarded:]:  # each one: the first starts the drain, the next ends it
                 for process in processes:
-                    if process.pid is not None and process.is_alive():
-                        os.kill(process.pid, sig)
+                    with contextlib.suppress(OSError):  # the worker has exited (its end is closed)
+                        relays[process].send(bytes(received[forwarded:]))
             forwarded = len(received)
             if received:
                 continue
@@ -61,9 +68,10 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
                     received.append(signal.SIGTERM)
                 elif process.exitcode is not None and status == 0:
                     logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
-                    processes[index] = _start_worker(config, sockets, serve)
+                    relays.pop(process).close()
+                    processes[index] = _start_worker(config, sockets, serve, relays)
     finally:
-        for sock in sockets:
+        for sock in (*sockets, *relays.values()):
             sock.close()
         if private_metrics is not None:
             shutil.rmtree(private_metrics, ignore_errors=True)
@@ -72,8 +80,15 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
 
 
 def _start_worker(
-    config: uvicorn.Config, sockets: list[socket.socket], serve: Callable[..., None]
+    config: uvicorn.Config,
+    sockets: list[socket.socket],
+    serve: Callable[..., None],
+    relays: dict[multiprocessing.process.BaseProcess, socket.socket],
 ) -> multiprocessing.process.BaseProcess:
-    process = get_subprocess(config, serve, sockets)
+    relay, workers_end = socket.socketpair()
+    relay.setblocking(False)  # a byte per signal never fills it; should it, the supervisor still never waits
+    process = get_subprocess(config, functools.partial(serve, workers_end), sockets)
     process.start()
+    workers_end.close()  # the worker has its own copy
+    relays[process] = relay
     return process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -91,5 +92,34 @@ def test_every_worker_drains(tmp_path: Path) -> None:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
         assert time.monotonic() - second < 5
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize(("first", "second"), [("SIGTERM", "group"), ("SIGINT", "supervisor")])
+def test_a_signal_to_the_process_group_drains_every_worker_once(tmp_path: Path, first: str, second: str) -> None:
+    """2 workers: one signal to the process group (systemd, Ctrl-C) drains; a second (group or supervisor) ends it."""
+    env = {"SHUTDOWN_DRAIN_SECONDS": "60", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        os.killpg(server.process.pid, getattr(signal, first))  # its own session: the test is not in the group
+        readiness_when_draining(server, within=0.5)
+        time.sleep(1)
+        for _ in range(20):  # new connections spread over both workers: both still drain, and serve
+            with httpx.Client(timeout=5) as fresh:
+                assert fresh.get(f"{server.url}/health/db").json()["errors"] == ["Service is shutting down"]
+                assert fresh.get(f"{server.url}/").status_code == 200
+        assert server.output().count("Draining: /health/db answers 503") == 2
+        assert "Shutting down" not in server.output()
+        ended = time.monotonic()
+        if second == "group":
+            os.killpg(server.process.pid, signal.SIGTERM)
+        else:
+            server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - ended < 5
     finally:
         server.kill()
