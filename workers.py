@@ -1,13 +1,13 @@
 """The supervisor of `WEB_CONCURRENCY` worker processes, for `python -m app` (server.py).
 
-It binds the socket once, spawns the workers on it, relays every SIGTERM and SIGINT to each (the
-first starts each worker's drain, the next ends it), replaces a worker that dies, and stops
-everything when one fails to start. It relays a signal as a byte on a socket pair of the worker's
-own, not as a signal: one sent to the whole process group (Ctrl-C, systemd) reaches each worker
-directly too, and the worker must tell the two apart to count it once. Its own lines go through
-the service's logging, so in production every line of every process is JSON. When the operator
-set no `PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it at
-exit, so `/metrics` counts every request whichever worker answers.
+It binds the socket once, spawns the workers on it, relays every SIGTERM and SIGINT to each the
+moment it arrives (the first starts each worker's drain, the next ends it), replaces a worker that
+dies, and stops everything when one fails to start. It relays a signal as a byte on a socket pair
+of the worker's own, not as a signal: one sent to the whole process group (Ctrl-C, systemd) reaches
+each worker directly too, and the worker must tell the two apart to count it once. Its own lines
+go through the service's logging, so in production every line of every process is JSON. When the
+operator set no `PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it
+at exit, so `/metrics` counts every request whichever worker answers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from types import FrameType
 
 import uvicorn
 from uvicorn._subprocess import get_subprocess
@@ -43,35 +44,44 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
         private_metrics = tempfile.mkdtemp(prefix="prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
         logger.info("Workers merge their metrics in %s (removed at exit)", private_metrics)
-    received: list[int] = []
+    # The handlers do nothing themselves: Python's own handler writes each signal's number to the
+    # wakeup socket the moment it arrives, and that wakes `wait` below at once, so the workers hear
+    # of it without delay (the readiness 503 starts then). The loop relays it, not the handler,
+    # which could run in the middle of a worker being replaced.
+    wakeup, wakeup_writer = socket.socketpair()
+    wakeup.setblocking(False)
+    wakeup_writer.setblocking(False)
+    signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
     for handled in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(handled, lambda number, frame: received.append(number))
+        signal.signal(handled, _written_to_the_wakeup_socket)
     sockets = [config.bind_socket()]
     logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
     relays: dict[multiprocessing.process.BaseProcess, socket.socket] = {}  # each worker's, the supervisor's end
     processes = [_start_worker(config, sockets, serve, relays) for _ in range(workers)]
-    status, forwarded = 0, 0
+    status, stopping = 0, False
     try:
-        while any(process.is_alive() for process in processes):
-            wait([process.sentinel for process in processes], timeout=0.1)
-            if received[forwarded:]:  # each one: the first starts the drain, the next ends it
-                for process in processes:
-                    with contextlib.suppress(OSError):  # the worker has exited (its end is closed)
-                        relays[process].send(bytes(received[forwarded:]))
-            forwarded = len(received)
-            if received:
-                continue
+        # Only live workers' sentinels: a dead one's is always ready, and would spin the loop.
+        while running := [process for process in processes if process.exitcode is None]:
+            wait([wakeup, *(process.sentinel for process in running)])
+            signals = _signals_received(wakeup)
             for index, process in enumerate(processes):
+                if stopping or signals:
+                    break
                 if process.exitcode == STARTUP_FAILURE:
                     logger.error("Worker [%s] failed to start: stopping", process.pid)
-                    status = STARTUP_FAILURE
-                    received.append(signal.SIGTERM)
-                elif process.exitcode is not None and status == 0:
+                    status, signals = STARTUP_FAILURE, [signal.SIGTERM]
+                elif process.exitcode is not None:
                     logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
                     relays.pop(process).close()
                     processes[index] = _start_worker(config, sockets, serve, relays)
+            if signals:  # each one: the first starts the drain, the next ends it
+                stopping = True
+                for process in processes:
+                    with contextlib.suppress(OSError):  # the worker has exited (its end is closed)
+                        relays[process].send(bytes(signals))
     finally:
-        for sock in (*sockets, *relays.values()):
+        signal.set_wakeup_fd(-1)
+        for sock in (*sockets, *relays.values(), wakeup, wakeup_writer):
             sock.close()
         if private_metrics is not None:
             shutil.rmtree(private_metrics, ignore_errors=True)
@@ -92,3 +102,15 @@ def _start_worker(
     workers_end.close()  # the worker has its own copy
     relays[process] = relay
     return process
+
+
+def _written_to_the_wakeup_socket(number: int, frame: FrameType | None) -> None:
+    """A signal's Python handler: installed for Python to write the signal to the wakeup socket (SIG_IGN would not)."""
+
+
+def _signals_received(wakeup: socket.socket) -> list[int]:
+    """The signals written to the wakeup socket since the last call, in order; one byte each."""
+    try:
+        return list(wakeup.recv(1024))  # any more are still there, and wake the next `wait` at once
+    except BlockingIOError:
+        return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -96,9 +97,31 @@ def test_every_worker_drains(tmp_path: Path) -> None:
         server.kill()
 
 
+def test_every_worker_is_unready_at_once_when_the_supervisor_is_signalled(tmp_path: Path) -> None:
+    """With 2 workers, /health/db is the drain's 503 5 ms after SIGTERM: the supervisor relays it at once."""
+    env = {"SHUTDOWN_DRAIN_SECONDS": "2", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.005)  # room for a busy machine to schedule the supervisor, then a worker (its old poll: 100 ms)
+        for _ in range(5):  # new connections, to either worker
+            fresh = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)  # no TLS context to build first
+            fresh.request("GET", "/health/db")
+            assert json.loads(fresh.getresponse().read())["errors"] == ["Service is shutting down"]
+            fresh.close()
+        assert server.process.wait(30) == 0
+    finally:
+        server.kill()
+
+
 @pytest.mark.parametrize(("first", "second"), [("SIGTERM", "group"), ("SIGINT", "supervisor")])
 def test_a_signal_to_the_process_group_drains_every_worker_once(tmp_path: Path, first: str, second: str) -> None:
-    """2 workers: one signal to the process group (systemd, Ctrl-C) drains; a second (group or supervisor) ends it."""
+    """2 workers: SIGTERM or SIGINT to the whole group (systemd, Ctrl-C) reaches each worker directly and
+    relayed by the supervisor, and is one signal: the drain runs. A second one, to the group or the supervisor, ends it.
+    """
     env = {"SHUTDOWN_DRAIN_SECONDS": "60", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
     server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
     try:
