@@ -41,7 +41,8 @@ class EdgeProtocol(HttpToolsProtocol):
     exactly only when its chunks could have held more than the limit, which ordinary requests
     never reach. Writes: every response's cycle writes through the connection's `ResponseWriter`.
     Time: `awaiting_head_since` and `idle_since`, read by `DrainingServer.sweep`:
-    the head timeout, and uvicorn's keep-alive timeout without uvicorn's timer per response
+    the head timeout, the same timeout for a body that stops arriving (`awaits_body`), and
+    uvicorn's keep-alive timeout without uvicorn's timer per response
     (`call_later` and its `cancel` on the next request cost uvloop about 1 µs a request; the
     sweep looks at every connection twice a second instead).
     """
@@ -50,7 +51,9 @@ class EdgeProtocol(HttpToolsProtocol):
         super().__init__(config, **kwargs)
         self.max_head_bytes = config.max_head_bytes
         self.awaiting_head_since: float | None = None  # monotonic; None while a request is served
-        self.idle_since: float | None = None  # monotonic; set after a response, None once bytes arrive
+        # monotonic; set after a response, or by the sweep when it sees the app wait for body bytes;
+        # None once bytes arrive
+        self.idle_since: float | None = None
         self._head_bytes: int | None = None  # counted bytes of the head being parsed, None outside one
         self._head_slack = 0  # length of the chunk the head began in (an upper bound of its share)
         self._chunk = 0
@@ -120,6 +123,22 @@ class EdgeProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, app)
         else:  # idle, waiting for the next request's head
             self.awaiting_head_since = self.idle_since = time.monotonic()
+
+    def awaits_body(self) -> bool:
+        """Whether the app waits for request body bytes that only the client can send now.
+
+        Not while the client waits for `100 Continue` (the app has not asked for the body yet),
+        nor while reading is paused (the app is behind, or the request waits behind another).
+        """
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and cycle.more_body
+            and not cycle.response_complete
+            and not cycle.message_event.is_set()
+            and not cycle.waiting_for_100_continue
+            and not self.flow.read_paused
+        )
 
     def _head_size(self) -> int:
         """The head's size as sent, give or take optional whitespace."""

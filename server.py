@@ -4,7 +4,8 @@
   with a `Content-Length` written in one piece.
 - `DrainingServer` is uvicorn's server that, every half second, closes connections still
   without a complete head `REQUEST_HEAD_TIMEOUT` after they opened (or after their previous
-  response), and that drains on SIGTERM: readiness answers 503 for `SHUTDOWN_DRAIN_SECONDS`
+  response), or whose request body the app waits for and no byte of it has come for as long;
+  and that drains on SIGTERM: readiness answers 503 for `SHUTDOWN_DRAIN_SECONDS`
   while everything is still served, then the usual graceful shutdown. A second signal ends
   the drain at once (a worker counts a signal to its process group once, though it arrives
   both directly and relayed by the supervisor). It exits 0 rather than re-raising the signal.
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -54,6 +56,15 @@ class EdgeConfig(uvicorn.Config):
             log_config=None,  # logs.configure_logging owns every handler and format
             access_log=False,  # the app writes its own access line, with the request ID
             server_header=False,  # no `server: uvicorn` on every response: it tells scanners what to try
+            # After the drain, requests still in flight get as long as a /health/db probe may take
+            # (rounded up: uvicorn counts whole seconds), so a probe of a hung database still
+            # answers, as the contract promises; then they are cancelled, so a client that never
+            # finishes sending its request cannot hold the exit back. The exit comes within
+            # SHUTDOWN_DRAIN_SECONDS + this + the pool's close (db.CLOSE_TIMEOUT, 10 s): 30 s with
+            # deploy/kubernetes.yaml's settings, inside its 40 s grace period, whose arithmetic
+            # already counted on in-flight requests ending within this. Not a setting of its own:
+            # that would be one more number to keep inside the grace period.
+            timeout_graceful_shutdown=math.ceil(settings.database_health_check_timeout),
         )
         self.max_head_bytes = settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout
@@ -136,15 +147,33 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     def sweep(self) -> None:
-        """Close every connection idle past the keep-alive timeout, or waiting for a head past the head timeout."""
+        """Close every connection that has kept the server waiting on its client too long.
+
+        Waiting for a request head: past the head timeout since the connection opened or its
+        previous response, or idle past the keep-alive timeout since that response. Waiting for
+        request body bytes the app asked for: none for the head timeout, counted from the first
+        sweep that sees the wait (so up to one sweep more) in `idle_since`, which every byte
+        received clears. A body trickling faster than that is not cut off, as with nginx's
+        `client_body_timeout`; what bounds it is `MAX_BODY_BYTES`, and the shutdown's own bound.
+        """
         now = time.monotonic()
         head_cutoff, idle_cutoff = now - self.config.head_timeout, now - self.config.timeout_keep_alive
         for connection in list(self.server_state.connections):
-            if isinstance(connection, EdgeProtocol):
-                head, idle = connection.awaiting_head_since, connection.idle_since
-                if (head is not None and head < head_cutoff) or (idle is not None and idle < idle_cutoff):
-                    connection.awaiting_head_since = connection.idle_since = None
-                    connection.transport.close()
+            if not isinstance(connection, EdgeProtocol):
+                continue
+            head, idle = connection.awaiting_head_since, connection.idle_since
+            if head is not None:
+                expired = head < head_cutoff or (idle is not None and idle < idle_cutoff)
+            elif connection.awaits_body():
+                expired = idle is not None and idle < head_cutoff
+                if idle is None:
+                    connection.idle_since = now
+            else:  # the app is at work: a wait for its body starts again when it asks for more
+                connection.idle_since = None
+                continue
+            if expired:
+                connection.awaiting_head_since = connection.idle_since = None
+                connection.transport.close()
 
 
 def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None = None) -> None:

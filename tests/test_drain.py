@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -146,3 +149,36 @@ def test_a_signal_to_the_process_group_drains_every_worker_once(tmp_path: Path, 
         assert time.monotonic() - ended < 5
     finally:
         server.kill()
+
+
+def test_a_request_that_never_ends_cannot_hold_the_shutdown_back(tmp_path: Path) -> None:
+    """A body trickling forever is given DATABASE_HEALTH_CHECK_TIMEOUT (2 s) after the drain, then cancelled; exit 0."""
+    env = {"SHUTDOWN_DRAIN_SECONDS": "1", "DATABASE_HEALTH_CHECK_TIMEOUT": "2"}
+    server = UvicornProcess(env, "examples.items:app", log_path=tmp_path / "out.log", command="python -m app")
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:  # a byte every 0.5 s: never idle for the head timeout
+        with contextlib.suppress(OSError):
+            sock.sendall(
+                b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n"
+            )
+            while not stop.wait(0.5):
+                sock.sendall(b" ")
+
+    try:
+        server.wait_ready()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sender = threading.Thread(target=trickle, args=(sock,))
+            sender.start()
+            time.sleep(1)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                assert server.process.wait(15) == 0
+            finally:
+                stop.set()
+                sender.join()
+        assert 1 + 2 <= time.monotonic() - signalled < 1 + 2 + 3  # the drain, the bound, then the pool's close
+    finally:
+        server.kill()
+    assert "timeout graceful shutdown exceeded" in server.output()

@@ -303,6 +303,23 @@ def test_slow_clients_are_closed_on_time_and_never_block_health(server: UvicornP
     print(f"slow clients closed after {low:.2f}..{high:.2f} s; /health took at most {probe * 1000:.0f} ms")
 
 
+def test_a_request_body_that_stops_arriving_is_closed_after_the_head_timeout() -> None:
+    """A body trickling a byte a second outlives the 2 s timeout; once it stops, the connection is closed 2 s on."""
+    with (
+        edge_serving(writer_app(threading.Event()), REQUEST_HEAD_TIMEOUT="2") as port,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(4):  # the app reads each byte and waits for the next
+            sock.sendall(b"a")
+            time.sleep(1)
+        sock.sendall(b"a")
+        stopped = time.monotonic()
+        assert sock.recv(1) == b""  # no answer: the app never got its whole body
+        waited = time.monotonic() - stopped
+    assert 2 <= waited < 2 + 1.5  # the timeout, then up to two sweeps (0.5 s each) and slack
+
+
 # One write per response (edge.ResponseWriter) ------------------------------------------------
 
 
@@ -326,10 +343,10 @@ def test_a_response_with_a_content_length_leaves_in_one_write(server: UvicornPro
 
 
 @contextlib.contextmanager
-def edge_serving(app: Starlette) -> Iterator[int]:
-    """`app` served by the production server's protocol, in a thread; yields the port."""
+def edge_serving(app: Starlette, **env: str) -> Iterator[int]:
+    """`app` served by the production server's protocol, in a thread, with these settings; yields the port."""
     port = free_port()
-    server = DrainingServer(EdgeConfig(app, make_settings(PORT=str(port), SHUTDOWN_DRAIN_SECONDS="0")))
+    server = DrainingServer(EdgeConfig(app, make_settings(PORT=str(port), SHUTDOWN_DRAIN_SECONDS="0", **env)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
