@@ -1,11 +1,12 @@
 """One connection of `python -m app`: its request heads bounded, its responses written whole.
 
-`EdgeProtocol` is uvicorn's httptools protocol with three changes made where the bytes pass:
+`EdgeProtocol` is uvicorn's httptools protocol with these changes, made where the bytes pass:
 - a request head over `MAX_REQUEST_HEAD_BYTES` gets the 431 envelope and the connection is
   closed; the parser stops at most two reads past the limit, so nothing large is buffered; the
   time a head may take is kept by `server.DrainingServer.sweep`, from the marks left here;
 - a request the parser refuses (malformed HTTP, TLS on the plain port) gets the 400 envelope
   where uvicorn sends plain text, after the answers to the requests before it;
+- each refused request (400, 431) gets its access line, as every request the app answers does;
 - a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two.
 """
 
@@ -20,6 +21,7 @@ from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from errors import CODES, MESSAGES, ErrorBody
+from logs import log_refusal
 from middleware import new_request_id
 from responses import ENCODER, utc_timestamp
 
@@ -44,8 +46,12 @@ class EdgeProtocol(HttpToolsProtocol):
     the head timeout, the same timeout for a body that stops arriving (`awaits_body`), and
     uvicorn's keep-alive timeout without uvicorn's timer per response
     (`call_later` and its `cancel` on the next request cost uvloop about 1 µs a request; the
-    sweep looks at every connection twice a second instead).
+    sweep looks at every connection twice a second instead). A refused request's access line
+    counts its duration from `awaiting_head_since` too.
     """
+
+    # Set by refuse() alone, so a class default rather than one more assignment per connection.
+    _refused_since = 0.0  # monotonic: where a refused request's access line counts its duration from
 
     def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -96,10 +102,10 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         counted = self._head_bytes or 0
         self._head_bytes = None
-        self.awaiting_head_since = None
         if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             self.refuse(431)
             raise _HeadRefused  # stops the parser; data_received knows it was answered
+        self.awaiting_head_since = None  # after the check: a refusal's access line counts from it
         _on_headers_complete(self)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
@@ -156,6 +162,8 @@ class EdgeProtocol(HttpToolsProtocol):
         Requests before the refused one on the connection (pipelined) get their responses first.
         """
         self._refused = status
+        since = self.awaiting_head_since  # None when it came while a request before it was served
+        self._refused_since = time.monotonic() if since is None else since
         self._head_bytes = None
         self.awaiting_head_since = None
         if self.cycle is not None and not self.cycle.response_complete:
@@ -164,11 +172,12 @@ class EdgeProtocol(HttpToolsProtocol):
         self._send_refusal()
 
     def _send_refusal(self) -> None:
-        if self.transport.is_closing():
-            return
         status, request_id = self._refused, new_request_id()
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-        self.logger.warning(_REFUSALS[status], client, status, extra={"request_id": request_id})
+        method = self.parser.get_method() if self.url else b""  # a method is parsed before the target
+        log_refusal(method, self.url, status, time.monotonic() - self._refused_since, client, request_id)
+        if self.transport.is_closing():  # the client has gone: its line is written all the same
+            return
         body = ENCODER.encode(ErrorBody(CODES[status], MESSAGES[status], utc_timestamp(), request_id))
         head = [
             STATUS_LINE[status],
@@ -239,11 +248,6 @@ class ResponseWriter(asyncio.Transport):
         return self.transport.get_extra_info(name, default)
 
 
-# The warning each refusal writes, with the request ID its envelope carries: (client, status).
-_REFUSALS = {
-    400: "Invalid HTTP request received from %s: answered %d",
-    431: "Request head over MAX_REQUEST_HEAD_BYTES from %s: answered %d",
-}
 _start_asgi_task = HttpToolsProtocol._start_asgi_task
 _on_message_begin = HttpToolsProtocol.on_message_begin
 _on_headers_complete = HttpToolsProtocol.on_headers_complete

@@ -1,4 +1,4 @@
-"""Logging: text or JSON lines, the request ID on each, and the access line middleware writes per request.
+"""Logging: text or JSON lines, the request ID on each, and the access line written per request.
 
 Every line goes through one handler, `logstream.BufferedHandler`: formatted on the caller's
 thread, written by a thread of its own, so a log stream that stops draining never stalls the
@@ -13,6 +13,7 @@ import time
 import traceback
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 from starlette.types import Scope
@@ -25,6 +26,7 @@ from settings import Redactor, Settings
 # sent a valid one (logs join its traces). One variable: set and reset once per request.
 REQUEST: ContextVar[tuple[str | None, str | None]] = ContextVar("request", default=(None, None))
 _HANDLER_NAME = "service"
+REFUSED_PATH_CHARACTERS = 1024  # of a refused request's path in its access line: a 431's URL can be 70 KB
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client", "log_lines_dropped")
 access_logger = logging.getLogger("service.access")
 _service_logger = logging.getLogger("service")
@@ -171,6 +173,22 @@ def configure_logging(settings: Settings) -> None:
     uvicorn_access.handlers.clear()
     uvicorn_access.propagate = False
     uvicorn_access.disabled = True
+
+
+def log_refusal(method: bytes, target: bytes, status: int, seconds: float, client: str, request_id: str) -> None:
+    """The access line of a request the server refused itself (400, 431): the app never saw it.
+
+    `target` is the request target as far as the parser read it, and `method` its method; both
+    are "-" when the parser never reached a target (it knows no method either then). The path is
+    written as in every access line (no query, percent-decoded, escaped when not printable) and
+    cut to `REFUSED_PATH_CHARACTERS`.
+    """
+    if target:
+        path = unquote(target[:REFUSED_PATH_CHARACTERS].partition(b"?")[0].decode("latin-1"))
+        method_text, path = method.decode("ascii"), _printable(path)[:REFUSED_PATH_CHARACTERS]
+    else:
+        method_text = path = "-"
+    write_access_line(method_text, path, status, round(seconds * 1000, 2), client, request_id)
 
 
 def _printable(text: str) -> str:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -151,10 +152,18 @@ def test_a_head_at_the_limit_is_served_and_one_byte_more_gets_the_431_envelope(s
     assert f"\r\nx-request-id: {envelope['request_id']}\r\n".encode() in head.lower() + b"\r\n"
 
 
+def logged_with(server: UvicornProcess, request_id: str) -> list[dict[str, Any]]:
+    """The JSON lines naming `request_id`, once the log writer's thread has written them."""
+    deadline = time.monotonic() + 5
+    while request_id not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [json.loads(line) for line in server.output().splitlines() if request_id in line]
+
+
 def test_a_request_the_parser_refuses_gets_the_400_envelope_with_its_request_id_logged(
     server: UvicornProcess,
 ) -> None:
-    """Malformed HTTP is the 400 envelope, not uvicorn's plain text; the warning logged names the same request ID."""
+    """Malformed HTTP is the 400 envelope, not uvicorn's plain text; its one access line names the same request ID."""
     answer = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nNo colon in this header\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
@@ -166,12 +175,29 @@ def test_a_request_the_parser_refuses_gets_the_400_envelope_with_its_request_id_
     assert envelope["error"] == "VALIDATION_ERROR"
     assert set(envelope) == {"error", "message", "timestamp", "request_id"}
     assert f"x-request-id: {envelope['request_id']}".encode() in lines
-    deadline = time.monotonic() + 5
-    while envelope["request_id"] not in server.output() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the log writer's thread writes it
-    logged = [json.loads(line) for line in server.output().splitlines() if envelope["request_id"] in line]
-    assert [(r["level"], r["request_id"]) for r in logged] == [("WARNING", envelope["request_id"])]
-    assert "answered 400" in logged[0]["message"]
+    logged = logged_with(server, envelope["request_id"])
+    assert [(r["logger"], r["level"], r["method"], r["path"], r["status"]) for r in logged] == [
+        ("service.access", "INFO", "GET", "/", 400)
+    ]
+    assert logged[0]["client"].startswith("127.0.0.1:")
+    assert logged[0]["duration_ms"] >= 0
+    garbage = exchange(server.port, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")  # TLS: no method, no path
+    request_id = json.loads(garbage.partition(b"\r\n\r\n")[2])["request_id"]
+    assert [(r["method"], r["path"], r["status"]) for r in logged_with(server, request_id)] == [("-", "-", 400)]
+
+
+def test_a_head_over_the_limit_gets_one_access_line_with_the_first_kib_of_its_path(server: UvicornProcess) -> None:
+    """The 431 is logged as any request is, once, with its request ID; a long URL's path is cut to 1 KiB."""
+    answer = exchange(server.port, b"GET /" + b"a" * 9000 + b"?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ")
+    logged = logged_with(server, json.loads(body)["request_id"])
+    assert [(r["logger"], r["level"], r["method"], r["status"]) for r in logged] == [
+        ("service.access", "INFO", "GET", 431)
+    ]
+    assert logged[0]["path"] == "/" + "a" * 1023
+    assert logged[0]["client"].startswith("127.0.0.1:")
+    assert logged[0]["duration_ms"] >= 0
 
 
 def test_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(server: UvicornProcess) -> None:
