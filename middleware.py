@@ -49,8 +49,8 @@ class RequestContext:
     """The service's one request layer: every response passes through it, 500s and refusals included.
 
     Per request, in one place: the headers are read once (request ID, trace, origin, body
-    length); a body over `max_body_bytes` is refused (413) and a chunked one is counted as it
-    arrives; the request goes to CORS only when it has an `Origin`; any exception becomes the
+    length); a body over `max_body_bytes` is refused (413), and one of no readable length (chunked)
+    is counted as it arrives; the request goes to CORS only when it has an `Origin`; any exception becomes the
     envelope, by the app's exception handlers (`errors.handler_for`) or as a 500; the response
     gets the request ID, `nosniff` and (when a cache may store it) `Vary: Origin`; the access
     line and the metrics are written (status 499 for a client that left before its body was read).
@@ -86,7 +86,7 @@ class RequestContext:
             return
         started = time.perf_counter()
         incoming = trace_id = body_length = None
-        has_origin = chunked = False
+        has_origin = uncounted = False
         for name, value in scope["headers"]:  # the one pass over the headers
             if name not in _READ:
                 continue
@@ -98,9 +98,11 @@ class RequestContext:
             elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value.strip(b" \t"))):
                 trace_id = trace[1].decode()
             elif name == b"content-length":
+                value = value.strip(b" \t")
                 body_length = int(value) if value.isdigit() else None
+                uncounted = body_length is None  # a length we cannot read: the body is counted as it arrives
             elif name == b"transfer-encoding":
-                chunked = True
+                uncounted = True
         request_id = incoming.decode() if incoming else new_request_id()
         own_headers = [(REQUEST_ID_HEADER, incoming or request_id.encode()), _NOSNIFF]
         token = REQUEST.set((request_id, trace_id))
@@ -123,7 +125,7 @@ class RequestContext:
             if self.max_body_bytes is not None:
                 if body_length is not None and body_length > self.max_body_bytes:
                     raise PayloadTooLargeError(_too_large(self.max_body_bytes), headers=_CLOSE)
-                if chunked:
+                if uncounted:
                     receive = _within_limit(receive, self.max_body_bytes)
             await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
         except ClientDisconnect:  # gone while sending its body: nobody to answer, and no fault of ours
@@ -208,7 +210,7 @@ class CORS(CORSMiddleware):
 
 
 def _within_limit(receive: Receive, limit: int) -> Receive:
-    """`receive` for a chunked body: `PayloadTooLargeError` as soon as more than `limit` bytes arrived."""
+    """`receive` for a body of no known length: `PayloadTooLargeError` as soon as more than `limit` bytes arrived."""
     received = 0
 
     async def receive_within_limit() -> Message:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import msgspec
 import pytest
-from service import make_settings, running_uvicorn, serve
+from service import SERVER_COMMANDS, make_settings, running_uvicorn, serve
 from starlette.applications import Starlette
 
 from api import Endpoints
@@ -100,3 +100,17 @@ def test_uvicorn_refuses_a_declared_oversized_body_without_waiting_for_it() -> N
     assert status_line == b"HTTP/1.1 413 Request Entity Too Large"
     assert b'"error":"PAYLOAD_TOO_LARGE"' in rest
     assert elapsed < 5
+
+
+@pytest.mark.parametrize("command", SERVER_COMMANDS)
+def test_blanks_after_a_declared_length_do_not_hide_it(command: str) -> None:
+    """httptools keeps `Content-Length: 200017 `'s trailing blank; read as no length, the body went uncounted."""
+    with running_uvicorn({"MAX_BODY_BYTES": str(LIMIT)}, command=command) as server:
+        for blanks in (b" ", b"\t", b" \t "):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 200017" + blanks + b"\r\n\r\n")
+                received = b""
+                while not received.rstrip().endswith(b"}") and (chunk := sock.recv(65536)):
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 413 "), (blanks, received[:80])
+            assert b'"error":"PAYLOAD_TOO_LARGE"' in received
