@@ -19,6 +19,7 @@ from errors import MESSAGES, FieldError, MalformedRequestError, RequestValidatio
 from openapi import Param
 
 Binder = Callable[[Request], Awaitable[Any]]
+SHOWN_CHARACTERS = 256  # the longest offending string a 422 echoes in `validation_errors[].value`
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the problem is
 # application/json, or a structured +json type (application/merge-patch+json), with any parameters.
 _JSON_MEDIA_TYPE = re.compile(r"\s*application/(?:[\w.-]+\+)?json\s*(?:;|$)", re.IGNORECASE)
@@ -113,7 +114,9 @@ def validation_errors(
                 errors.append(_field_error(field_exc, value, field.encode_name))
         if kind.__struct_config__.forbid_unknown_fields:
             errors += [
-                FieldError(name, "Unknown field", value) for name, value in document.items() if name not in known
+                FieldError(name, "Unknown field", _shown(value))
+                for name, value in document.items()
+                if name not in known
             ]
     return errors or [_field_error(exc, document, prefix)]
 
@@ -124,4 +127,15 @@ def _field_error(exc: msgspec.ValidationError, value: Any, prefix: str) -> Field
     match = _MSGSPEC_PATH.search(text)
     path = match.group(1) if match else ""
     field = f"{prefix}.{path}" if prefix and path and not path.startswith("[") else prefix + path
-    return FieldError(field, text[: match.start()] if match else text, None if path else value)
+    return FieldError(field, text[: match.start()] if match else text, None if path else _shown(value))
+
+
+def _shown(value: Any) -> Any:
+    """The offending value, echoed when it is a scalar of a readable size; else null.
+
+    A list or object may nest a thousand levels (the envelope could not even be encoded) and a
+    string may be a megabyte: the field's name and message say what is wrong with them.
+    """
+    if isinstance(value, str):
+        return value if len(value) <= SHOWN_CHARACTERS else None
+    return value if isinstance(value, int | float | bool) else None

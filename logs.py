@@ -185,13 +185,14 @@ def log_refusal(method: bytes, target: bytes, status: int, seconds: float, clien
     """
     if target:
         path = unquote(target[:REFUSED_PATH_CHARACTERS].partition(b"?")[0].decode("latin-1"))
-        method_text, path = method.decode("ascii"), _printable(path)[:REFUSED_PATH_CHARACTERS]
+        method_text, path = method.decode("ascii"), printable(path)[:REFUSED_PATH_CHARACTERS]
     else:
         method_text = path = "-"
     write_access_line(method_text, path, status, round(seconds * 1000, 2), client, request_id)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """`text` safe for a log line: control characters (CR, LF, ESC) escaped, so no line can forge another."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
@@ -200,5 +201,5 @@ def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> No
     client = scope.get("client")
     client_text = f"{client[0]}:{client[1]}" if client else "-"
     write_access_line(
-        scope["method"], _printable(scope["path"]), status, round(seconds * 1000, 2), client_text, request_id
+        scope["method"], printable(scope["path"]), status, round(seconds * 1000, 2), client_text, request_id
     )

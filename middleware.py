@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from errors import EXCEPTION_HANDLERS, MESSAGES, PayloadTooLargeError, error_response, handler_for, server_error
-from logs import REQUEST, log_access
+from logs import REQUEST, log_access, printable
 
 logger = logging.getLogger("service.errors")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -132,9 +132,13 @@ class RequestContext:
             status = status or CLIENT_CLOSED_REQUEST
         except Exception as exc:  # the boundary: every error is answered with the envelope
             if status:
-                logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
+                logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))
                 raise  # too late for a response of our own; the server closes the connection
-            response = await self._error_response(scope, receive, exc)
+            try:
+                response = await self._error_response(scope, receive, exc)
+            except Exception:  # a handler that fails, or an envelope that cannot be encoded: still ours
+                logger.exception("The error response to %s %s failed", scope["method"], printable(scope["path"]))
+                response = server_error(exc, debug=self.debug)
             if has_origin and self.cors is not None:  # a browser reads an error only with its CORS headers
                 response = self.cors(response)
             await response(scope, receive, send_with_context)
@@ -152,7 +156,7 @@ class RequestContext:
         and answered by the handler registered for 500, as in Starlette, else by our 500."""
         handler = handler_for(self.handlers, exc)
         if handler is None:
-            logger.exception("Unhandled exception in %s %s", scope["method"], scope["path"])
+            logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))
             handler = self.handlers.get(500)
             if handler is None:
                 return server_error(exc, debug=self.debug)

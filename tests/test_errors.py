@@ -315,3 +315,21 @@ async def test_a_handler_registered_for_500_answers_what_nothing_else_handles(ca
     logged = [r for r in caplog.records if r.getMessage() == "Unhandled exception in GET /explode"]
     assert len(logged) == 1
     assert logged[0].exc_info is not None
+
+
+async def test_an_exception_handler_that_fails_is_answered_with_the_500_envelope(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failing handler (or an envelope that cannot be encoded) still gets the envelope, its headers and a log line."""
+
+    def broken(request: Request, exc: Exception) -> Response:
+        raise KeyError("the handler's own bug")
+
+    app = create_app(make_settings(), endpoints=[raising_routes])
+    app.add_exception_handler(PaymentRequiredError, broken)
+    async with serve(app) as client:
+        response = await client.get("/pay", headers={"Origin": ORIGIN, "X-Request-ID": "pay-2"})
+    assert assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")["request_id"] == "pay-2"
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    [logged] = [r for r in caplog.records if r.getMessage() == "The error response to GET /pay failed"]
+    assert logged.exc_info is not None

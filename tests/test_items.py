@@ -159,6 +159,26 @@ async def test_wrong_shape_is_422_naming_each_field(migrated_url: str, sent: obj
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        (b"5", 5),
+        (b'"' + b"x" * 201 + b'"', "x" * 201),  # too long for the field, short enough to echo
+        (b'"' + b"x" * 300 + b'"', None),  # not echoed past 256 characters
+        (b"[" * 50 + b"]" * 50, None),  # echoed nested ~970 deep, its envelope could not be encoded
+        (b'{"a": [1, 2]}', None),
+    ],
+    ids=["int", "string", "long-string", "nested-list", "object"],
+)
+async def test_a_422_echoes_only_a_readable_scalar_as_the_value(migrated_url: str, name: bytes, shown: object) -> None:
+    async with items_client(migrated_url) as client:
+        response = await client.post("/items", content=b'{"name": ' + name + b"}")
+    assert response.status_code == 422
+    [error] = response.json()["validation_errors"]
+    assert (error["field"], error["value"]) == ("name", shown)
+
+
+@pytest.mark.anyio
 async def test_get_returns_the_same_body_and_404_when_absent(migrated_url: str) -> None:
     async with items_client(migrated_url) as client:
         created = (await client.post("/items", json={"name": "kept", "tags": ["t"]})).json()

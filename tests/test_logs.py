@@ -36,6 +36,11 @@ async def chatty() -> Nothing:
     raise RuntimeError("boom")
 
 
+@chatty_routes.get("/boom/{anything}", summary="Fails, whatever the path says")
+async def boom(anything: str) -> Nothing:
+    raise RuntimeError("boom")
+
+
 @chatty_routes.post("/chatty", summary="Reads a body")
 async def read_body(body: Nothing) -> Nothing:
     return body
@@ -137,6 +142,18 @@ async def test_a_client_gone_before_its_body_arrived_is_a_499_line_not_a_500_err
     [access] = [e for e in entries if e["logger"] == "service.access" and e["path"] == "/chatty"]
     assert (access["method"], access["status"]) == ("POST", 499)
     assert 'http_requests_total{method="POST",route="/chatty",status="499"} 1.0' in metrics
+
+
+async def test_a_path_cannot_forge_a_log_line_through_the_unhandled_exception_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """CR, LF and ESC in the path are escaped in the error line too, as in the access line: no forged line."""
+    await run({}, ("/boom/x%0D%0A2026-01-01 00:00:00,000 - service.access - INFO - FORGED%1B[31m", {}))
+    err = capsys.readouterr().err
+    assert not [line for line in err.splitlines() if line.startswith("2026-01-01")]
+    assert "\x1b" not in err
+    [error] = [line for line in err.splitlines() if " - service.errors - ERROR - " in line]
+    assert "Unhandled exception in GET /boom/x\\r\\n2026-01-01 00:00:00,000 - service.access" in error
 
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
