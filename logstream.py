@@ -132,9 +132,12 @@ class BufferedHandler(logging.Handler):
             "service.logs", logging.WARNING, __file__, 0,
             "%d log lines were dropped: the log stream was not draining", (count,), None,
         )  # fmt: skip
-        record.request_id = None
+        record.request_id = record.trace_id = None  # what the service's filter gives every record
         record.log_lines_dropped = count
-        return self.format(record) + "\n"
+        try:
+            return self.format(record) + "\n"
+        except Exception:  # the writer thread must not die of a format: every later line would be lost
+            return f"{record.getMessage()}\n"
 
 
 def _restart_after_fork(handler: BufferedHandler | None) -> None:
