@@ -27,6 +27,10 @@ DEFAULT_LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_SECRET_KEY_LENGTH = 32
+# The exit status of invalid settings: uvicorn's for a worker that failed to start (its
+# STARTUP_FAILURE). `uvicorn --workers N`, which WEB_CONCURRENCY sets, stops on it; on any other
+# status it starts the worker again, and would do so forever.
+CONFIGURATION_ERROR = 3
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
@@ -219,7 +223,7 @@ def load_settings_or_exit(environ: Mapping[str, str]) -> Settings:
 
 def _exit_with(message: str) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(CONFIGURATION_ERROR)
 
 
 def _check_environment_rules(s: Settings) -> list[str]:

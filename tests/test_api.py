@@ -18,6 +18,7 @@ from service import ROOT, make_settings, serve
 
 from api import Context, Created, Endpoints
 from app import create_app
+from settings import CONFIGURATION_ERROR
 
 
 class Pet(msgspec.Struct):
@@ -245,5 +246,5 @@ def test_importing_a_module_builds_no_app_until_app_is_asked_for(tmp_path: Path)
         imported = run([sys.executable, "-c", f"import {module} as m; print('app' in vars(m))"])
         assert (imported.returncode, imported.stdout) == (0, "False\n"), imported.stderr
         asked = run([sys.executable, "-c", f"import {module} as m; m.app"])
-        assert asked.returncode == 2
+        assert asked.returncode == CONFIGURATION_ERROR
         assert asked.stderr.startswith("Invalid settings (2 problem(s)):")

@@ -45,6 +45,23 @@ def test_unsafe_production_configuration_exits_with_one_message(tmp_path: Path, 
     assert output.startswith("Invalid settings (4 problem(s)):")
 
 
+def test_invalid_settings_stop_uvicorn_workers_instead_of_restarting_them(tmp_path: Path) -> None:
+    """uvicorn reads WEB_CONCURRENCY itself: its supervisor restarted workers that exited 2, forever.
+
+    On status 3 it stops, though it then exits 0 itself: uvicorn's choice, not ours to change.
+    """
+    env = {"ENVIRONMENT": "production", "WEB_CONCURRENCY": "2"}
+    server = UvicornProcess(env, log_path=tmp_path / "out.log")
+    try:
+        server.process.wait(30)  # raises if it is still restarting them
+    finally:
+        server.kill()
+    output = server.output()
+    assert output.count("Invalid settings (2 problem(s)):") in (1, 2)  # one per worker that got that far
+    assert "failed to start, stopping the parent process" in output
+    assert "died" not in output  # uvicorn's line for a worker it starts again
+
+
 def test_production_logs_are_json_lines_with_one_access_line_per_request(
     database_url: str, tmp_path: Path, server_command: str
 ) -> None:
