@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable
 from urllib.parse import quote
 
+from starlette._utils import get_route_path  # the router's own reading of a path under a root_path
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -29,8 +30,9 @@ class HotPaths:
     - A path no route matches but for its trailing slash gets the router's 307 to the other
       spelling, with a relative `Location` where the router's names the `Host` header's host.
 
-    Everything else (other methods, a `root_path`, routes of other kinds) goes on to the router,
-    which answers 405s and the rest as before. Like the router, it leaves the route it chose in
+    Paths are read as the router reads them, without the app's `root_path`. Everything else
+    (other methods, routes of other kinds) goes on to the router, which answers 405s and the
+    rest as before. Like the router, it leaves the route it chose in
     `scope["route"]` (metrics label by it).
     """
 
@@ -42,8 +44,8 @@ class HotPaths:
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing on the chosen app's awaitable: no coroutine of its own.
-        if scope["type"] == "http" and not scope.get("root_path"):
-            path: str = scope["path"]
+        if scope["type"] == "http":
+            path: str = get_route_path(scope) if scope.get("root_path") else scope["path"]  # as the router reads it
             route = self.probes.get(path)
             if route is not None and scope["method"] in ("GET", "HEAD"):
                 scope["route"] = route
@@ -52,13 +54,14 @@ class HotPaths:
             if unrouted is _NOWHERE:
                 return not_found(scope, receive, send)
             if unrouted is not None:
-                return _redirect(scope, send, unrouted)
+                return _redirect(scope, send)
         return self.app(scope, receive, send)
 
     def _unrouted(self, router: Router, path: str) -> str | None:
         """For a path no route's pattern matches, what the router would certainly answer: a 404
         (`_NOWHERE`), or a redirect to the path with its trailing slash added or removed (that path).
-        None when a route matches, or when the router may answer otherwise (a route of another kind)."""
+        None when a route matches, or when the router may answer otherwise (a route of another kind).
+        `path` is the route path, without the app's `root_path`."""
         routes = router.routes
         if len(routes) != self._routes_seen:  # read from the live router: a route added late is seen
             self._routes_seen = len(routes)
@@ -68,17 +71,20 @@ class HotPaths:
         other = path[:-1] if path.endswith("/") else path + "/"
         if self._any_route.match(other) is None:
             return _NOWHERE
-        # `//host/`'s relative redirect would name another host: the router's absolute one does not.
-        return other if router.redirect_slashes and path != "/" and not other.startswith("//") else None
+        return other if router.redirect_slashes and path != "/" else None
 
 
-def _redirect(scope: Scope, send: Send, path: str) -> Awaitable[None]:
+def _redirect(scope: Scope, send: Send) -> Awaitable[None]:
     """The router's 307 to the same path without (or with) its trailing slash, with a relative `Location`.
 
     Starlette's builds an absolute URL from the request's `Host` header, so a client naming any
     host (`Host: evil.example`) was sent there; a path on its own keeps the client where it is.
+    The path is the whole one (`root_path` included), as the client must ask for it.
     """
-    location = quote(path, safe="/:@!$&'()*+,;=~").encode()  # the decoded path, escaped again
+    path: str = scope["path"]
+    other = path[:-1] if path.endswith("/") else path + "/"
+    # `//host/...` on its own would name a host; `/.//host/...` is the same path, relative.
+    location = quote("/." + other if other.startswith("//") else other, safe="/:@!$&'()*+,;=~").encode()
     if query := scope.get("query_string"):
         location += b"?" + query
     return send_bytes(scope, send, 307, b"", ((b"location", location),))

@@ -26,6 +26,7 @@ from app import create_app
 from logs import JsonFormatter, configure_logging
 from middleware import RequestContext, new_request_id
 from responses import utc_second, utc_timestamp
+from routing import HotPaths
 from settings import Redactor, Settings
 
 ORIGIN = "http://localhost:3000"
@@ -49,8 +50,10 @@ async def test_probe_answers_alike_through_the_fast_path_and_the_router(path: st
     app = create_app(production())
     async with serve(app) as client:
         fast = await client.get(path)
-    async with serve(app, root_path="/api") as client:
-        routed = await client.get(f"/api{path}")  # a root_path sends every request through the router
+        hot_paths = app.middleware_stack.app  # type: ignore[union-attr]  # built by the first request
+        assert isinstance(hot_paths, HotPaths)
+        hot_paths.probes = {}  # from here on the router dispatches the probes
+        routed = await client.get(path)
     assert fast.status_code == routed.status_code
     assert sorted(fast.headers.keys()) == sorted(routed.headers.keys())
     assert fast.json().keys() == routed.json().keys()
@@ -262,7 +265,9 @@ async def test_unknown_path_gets_the_same_envelope_as_a_raised_404(debug: bool) 
 
 
 @asynccontextmanager
-async def counting_router_404s(app: Starlette) -> AsyncIterator[tuple[httpx.AsyncClient, list[str]]]:
+async def counting_router_404s(
+    app: Starlette, root_path: str = ""
+) -> AsyncIterator[tuple[httpx.AsyncClient, list[str]]]:
     """A client, and the paths the router itself answered with its 404 (the shortcut skips it)."""
     seen: list[str] = []
     router_default = app.router.default
@@ -272,7 +277,7 @@ async def counting_router_404s(app: Starlette) -> AsyncIterator[tuple[httpx.Asyn
         await router_default(scope, receive, send)
 
     app.router.default = default
-    async with serve(app) as client:
+    async with serve(app, root_path=root_path) as client:
         yield client, seen
 
 
@@ -301,6 +306,20 @@ async def test_trailing_slash_near_miss_redirects_to_a_path_never_to_the_host_he
     assert (response.status_code, response.headers["location"]) == (307, "/health?verbose=1")
     assert response.headers["x-request-id"]
     assert (added.status_code, added.headers["location"]) == (307, "/things/caf%C3%A9")
+    assert seen == []
+
+
+@pytest.mark.anyio
+async def test_under_a_root_path_probes_404s_and_redirects_take_the_same_shortcuts() -> None:
+    """Behind a proxy's prefix paths are read as the router reads them; a redirect keeps the prefix."""
+    app = create_app(production(enable_docs=False))
+    async with counting_router_404s(app, root_path="/api") as (client, seen):
+        probe = await client.get("/api/health")
+        missing = await client.get("/api/nope")
+        redirect = await client.get("/api/health/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert probe.status_code == 200
+    assert missing.json()["error"] == "NOT_FOUND_ERROR"
+    assert (redirect.status_code, redirect.headers["location"]) == (307, "/api/health")
     assert seen == []
 
 
