@@ -29,6 +29,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Generic, TypedDict, TypeVar
+from urllib.parse import quote
 
 import msgspec
 from starlette.requests import Request
@@ -200,7 +201,8 @@ class Endpoint:
             path = result.location
             if path.startswith("/"):  # a path in the app: behind a proxy's prefix, the client needs the prefix too
                 path = scope.get("root_path", "") + path
-            location = (b"location", path.encode())
+            # Escaped: a location made of a decoded path segment may hold CR, LF, blanks or non-ASCII.
+            location = (b"location", quote(path, safe=_URL_CHARACTERS).encode())
             await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location))
         else:
             await send_bytes(scope, send, self.status, ENCODER.encode(result))
@@ -219,6 +221,7 @@ class Endpoint:
 
 
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}
+_URL_CHARACTERS = "/:?#[]@!$&'()*+,;=%~"  # left as they are in a Location: reserved ones, and escapes
 
 
 def _is_struct(kind: Any) -> bool:

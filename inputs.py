@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 from starlette.requests import Request
 
 from errors import MESSAGES, FieldError, MalformedRequestError, RequestValidationError, UnsupportedMediaTypeError
@@ -44,14 +45,34 @@ def query_params(kind: type[msgspec.Struct]) -> list[Param]:
 
 
 def query_binder(kind: type[msgspec.Struct]) -> Binder:
+    # Fields that take several values (`?tag=a&tag=b` for `tag: list[str]`) get every one; the rest the last.
+    many = [f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))]
+
     async def query(request: Request) -> Any:
-        values = dict(request.query_params)
+        params = request.query_params
+        values: dict[str, Any] = dict(params)
+        for name in many:
+            if name in values:
+                values[name] = params.getlist(name)
         try:
             return msgspec.convert(values, kind, strict=False)
         except msgspec.ValidationError as exc:
             raise RequestValidationError(validation_errors(exc, values, kind=kind, strict=False)) from None
 
     return query
+
+
+def _takes_many(info: msgspec.inspect.Type) -> bool:
+    """Whether a query field is a sequence (list, set, tuple), bounds and `| None` aside."""
+    if isinstance(info, msgspec.inspect.Metadata):
+        return _takes_many(info.type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_takes_many(member) for member in info.types)
+    return isinstance(info, _SEQUENCES)
+
+
+_SEQUENCES = (msgspec.inspect.ListType, msgspec.inspect.SetType, msgspec.inspect.FrozenSetType,
+              msgspec.inspect.VarTupleType, msgspec.inspect.TupleType)  # fmt: skip
 
 
 def body_binder(kind: type[msgspec.Struct]) -> Binder:

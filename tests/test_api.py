@@ -53,6 +53,22 @@ async def remove_pet(pet_id: uuid.UUID) -> None:
     return None
 
 
+class Tagged(msgspec.Struct):
+    tag: list[str] = []
+    ids: Annotated[list[int], msgspec.Meta(max_length=3)] | None = None
+    kind: str = "any"
+
+
+@pets.get("/pets-tagged", summary="Several values of one query parameter")
+async def tagged_pets(query: Tagged) -> Tagged:
+    return query
+
+
+@pets.post("/pets/named/{name}", summary="A location made of a path segment")
+async def name_pet(name: str) -> Created[Pet]:
+    return Created(Pet(2, name), location=f"/pets/named/{name}")
+
+
 @pets.get("/pets-db", summary="Needs the database")
 async def count_pets(ctx: Context) -> Pet:
     async with ctx.connection() as conn:
@@ -132,6 +148,30 @@ async def test_created_answers_201_with_location_and_none_answers_204() -> None:
         {"id": 1, "name": "Rex"},
     )
     assert (removed.status_code, removed.content) == (204, b"")
+
+
+@pytest.mark.anyio
+async def test_a_sequence_query_field_takes_every_value_given() -> None:
+    """`?tag=a&tag=b` for `tag: list[str]`, as the OpenAPI document says (an array); other fields take the last."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        many = await client.get("/pets-tagged?tag=a&tag=b&ids=1&ids=2&kind=cat&kind=dog")
+        one = await client.get("/pets-tagged?tag=a")
+        bad = await client.get("/pets-tagged?ids=1&ids=x")
+        too_many = await client.get("/pets-tagged?ids=1&ids=2&ids=3&ids=4")
+    assert many.json() == {"tag": ["a", "b"], "ids": [1, 2], "kind": "dog"}
+    assert one.json() == {"tag": ["a"], "ids": None, "kind": "any"}
+    assert (bad.status_code, [e["field"] for e in bad.json()["validation_errors"]]) == (422, ["ids[1]"])
+    assert (too_many.status_code, [e["field"] for e in too_many.json()["validation_errors"]]) == (422, ["ids"])
+
+
+@pytest.mark.anyio
+async def test_a_location_from_a_path_segment_is_escaped() -> None:
+    """A decoded segment may hold CR/LF: unescaped, the server refused the header and the client got nothing."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        created = await client.post("/pets/named/a%0D%0ASet-Cookie:x=1 %C3%A9")
+    assert created.status_code == 201
+    assert created.headers["location"] == "/pets/named/a%0D%0ASet-Cookie:x=1%20%C3%A9"
+    assert "set-cookie" not in created.headers
 
 
 @pytest.mark.anyio
