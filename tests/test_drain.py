@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -76,14 +77,23 @@ def test_a_second_signal_ends_the_drain(tmp_path: Path) -> None:
         server.kill()
 
 
-def test_every_worker_drains(tmp_path: Path) -> None:
-    """With 2 workers, each answers 503 during the drain and serves the rest; a second signal ends both drains."""
-    env = {"SHUTDOWN_DRAIN_SECONDS": "60", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
+@contextlib.contextmanager
+def two_workers(tmp_path: Path, drain_seconds: str) -> Iterator[UvicornProcess]:
+    """`python -m app` with 2 workers, both started; killed afterwards, whatever the test did."""
+    env = {"SHUTDOWN_DRAIN_SECONDS": drain_seconds, "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
     server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
     try:
         server.wait_ready()
         while server.output().count("Application startup complete") < 2:
             time.sleep(0.1)
+        yield server
+    finally:
+        server.kill()
+
+
+def test_every_worker_drains(tmp_path: Path) -> None:
+    """With 2 workers, each answers 503 during the drain and serves the rest; a second signal ends both drains."""
+    with two_workers(tmp_path, drain_seconds="60") as server:
         server.process.send_signal(signal.SIGTERM)
         readiness_when_draining(server, within=0.5)
         time.sleep(0.3)
@@ -96,18 +106,11 @@ def test_every_worker_drains(tmp_path: Path) -> None:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
         assert time.monotonic() - second < 5
-    finally:
-        server.kill()
 
 
 def test_every_worker_is_unready_at_once_when_the_supervisor_is_signalled(tmp_path: Path) -> None:
     """With 2 workers, /health/db is the drain's 503 5 ms after SIGTERM: the supervisor relays it at once."""
-    env = {"SHUTDOWN_DRAIN_SECONDS": "2", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
-    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
-    try:
-        server.wait_ready()
-        while server.output().count("Application startup complete") < 2:
-            time.sleep(0.1)
+    with two_workers(tmp_path, drain_seconds="2") as server:
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.005)  # room for a busy machine to schedule the supervisor, then a worker (its old poll: 100 ms)
         for _ in range(5):  # new connections, to either worker
@@ -116,8 +119,6 @@ def test_every_worker_is_unready_at_once_when_the_supervisor_is_signalled(tmp_pa
             assert json.loads(fresh.getresponse().read())["errors"] == ["Service is shutting down"]
             fresh.close()
         assert server.process.wait(30) == 0
-    finally:
-        server.kill()
 
 
 @pytest.mark.parametrize(("first", "second"), [("SIGTERM", "group"), ("SIGINT", "supervisor")])
@@ -125,12 +126,7 @@ def test_a_signal_to_the_process_group_drains_every_worker_once(tmp_path: Path, 
     """2 workers: SIGTERM or SIGINT to the whole group (systemd, Ctrl-C) reaches each worker directly and
     relayed by the supervisor, and is one signal: the drain runs. A second one, to the group or the supervisor, ends it.
     """
-    env = {"SHUTDOWN_DRAIN_SECONDS": "60", "WEB_CONCURRENCY": "2", "LOG_JSON": "true"}
-    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
-    try:
-        server.wait_ready()
-        while server.output().count("Application startup complete") < 2:
-            time.sleep(0.1)
+    with two_workers(tmp_path, drain_seconds="60") as server:
         os.killpg(server.process.pid, getattr(signal, first))  # its own session: the test is not in the group
         readiness_when_draining(server, within=0.5)
         time.sleep(1)
@@ -147,8 +143,6 @@ def test_a_signal_to_the_process_group_drains_every_worker_once(tmp_path: Path, 
             server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
         assert time.monotonic() - ended < 5
-    finally:
-        server.kill()
 
 
 def test_a_request_that_never_ends_cannot_hold_the_shutdown_back(tmp_path: Path) -> None:
