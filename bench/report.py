@@ -44,6 +44,8 @@ def summarise(
         for route in routes:
             for key in ("rps", "p50_ms", "p99_ms", "non_2xx", "socket_errors", "body_bytes"):
                 figures[f"{key}:{route}"] = statistics.median(run["routes"][route][key] for run in runs)
+            # 1.0 when no route of the app served it (an app without the reference resource, say).
+            figures[f"unrouted:{route}"] = float(any(run["routes"][route].get("unrouted") for run in runs))
         if name != "baseline":
             _spread(figures, "startup_ratio", [r[name]["startup_ms"] / r["baseline"]["startup_ms"] for r in rounds])
             _spread(figures, "rss_ratio", [r[name]["rss_loaded_mib"] / r["baseline"]["rss_loaded_mib"] for r in rounds])
@@ -81,6 +83,8 @@ def render(
             if ratio and route in (reference or {}):
                 ratio += f" (to {(reference or {})[route]})"
             p99 = f"{f[f'p99_ratio:{route}']:.2f}x" if name != "baseline" else ""
+            if p99 and route in (reference or {}):
+                p99 += f" (to {(reference or {})[route]})"
             lines.append(
                 f"| {route} | {name} | {f[f'rps:{route}']:.0f} | {ratio} | {f[f'p50_ms:{route}']:.2f} "
                 f"| {f[f'p99_ms:{route}']:.2f} | {p99} | {f[f'non_2xx:{route}']:.0f} "
@@ -104,8 +108,12 @@ def render(
         for figure, key, op, goal in TARGETS:
             if key not in summary[name]:
                 continue
+            route = key.partition(":")[2]
+            if route in (reference or {}) and summary[name].get(f"unrouted:{route}"):
+                lines.append(f"| {figure} | {op} {goal} | (no such route) | | |")
+                continue
             bound = float(pool_size) if goal is None else goal
-            value = summary[name][key]
+            value = round(summary[name][key], 2)  # the verdict of the figure shown, not of digits not shown
             met = value >= bound if op == ">=" else value <= bound
             shown = f"{op} {pool_size} (pool size)" if goal is None else f"{op} {goal}"
             low, high = summary[name].get(f"low:{key}"), summary[name].get(f"high:{key}")
@@ -146,11 +154,14 @@ def render_side_by_side(
     sections: Sequence[tuple[tuple[int, int] | None, dict[str, dict[str, float]]]],
     subjects: list[str],
     routes: list[str],
+    reference: dict[str, str] | None = None,
 ) -> str:
     """One table: every server on every route, with its ratios to the ceiling of the same round.
 
     `sections` pairs each summary with its (connections, workers), or None for the default run.
+    A route named in `reference` is put against the ceiling's answer to the route it maps to.
     """
+    reference = reference or {}
     scaled = sections[0][0] is not None
     head = "| connections | workers " if scaled else ""
     lines = [
@@ -163,8 +174,10 @@ def render_side_by_side(
             for name in [*subjects, "baseline"]:
                 f = summary[name]
                 ceiling = name == "baseline"
-                ratio = "1.00 (ceiling)" if ceiling else f"{f[f'rps_ratio:{route}']:.2f}"
-                p99 = "" if ceiling else f"{f[f'p99_ratio:{route}']:.2f}x"
+                to = f" (to {reference[route]})" if route in reference else ""
+                # The ceiling's own answer to a route put against another of its routes is no 1.00.
+                ratio = ("" if to else "1.00 (ceiling)") if ceiling else f"{f[f'rps_ratio:{route}']:.2f}{to}"
+                p99 = "" if ceiling else f"{f[f'p99_ratio:{route}']:.2f}x{to}"
                 lines.append(
                     f"{cells}| {route} | {name} | {f[f'rps:{route}']:.0f} | {ratio} | {f[f'p99_ms:{route}']:.2f} "
                     f"| {p99} | {f['rss_loaded_mib']:.1f} | {f['startup_ms']:.0f} |"

@@ -42,6 +42,7 @@ ROUTES = {"/health": "/health", "/health/db": "/health/db", "404": "/no-such-rou
           ITEMS: "/items/01a22927-b7e3-7799-94c0-ac970239e0b2"}  # fmt: skip
 SCALE_ROUTES = {"/health": "/health", "/health/db": "/health/db"}
 SCALE = [(1, 1), (64, 1), (512, 1), (64, 2)]  # (connections, workers) of each --scale table
+UNKNOWN_PATH = b'"message":"Resource not found"'  # the 404 of a path no route serves (not the items lookup's)
 EXPECTED_STATUS = {"/health": 200, "/health/db": 200, "404": 404, ITEMS: 404}
 REFERENCE = {ITEMS: "/health/db"}  # a route whose ratio is to another of the ceiling's routes
 EDGE_BASELINE = "baseline on python -m app's server"
@@ -97,8 +98,9 @@ def measure_round(
 ) -> dict[str, Any]:
     """One round: every server started, then each route loaded on each server back to back.
 
-    Pairs of runs that are compared sit seconds apart, so a burst of load from elsewhere on
-    the machine is unlikely to hit one side of a ratio only.
+    The two runs of a ratio sit at most one route's turn apart (a warm-up and a measured run per
+    server: about 20 s with two servers, 50 s with six), so a burst of load from elsewhere on the
+    machine is unlikely to hit one side of a ratio only.
     """
     running: dict[str, Running] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -111,13 +113,15 @@ def measure_round(
             results[name] = {"startup_ms": live.startup_ms, "rss_idle_mib": live.rss_mib(), "routes": {}}
         for route, path in routes.items():
             for name, live in running.items():
-                status, body = live.get(path)
-                with postgres.counting_connections() as opened:
+                with postgres.counting_connections() as opened:  # the first GET may open the first connection
+                    status, body = live.get(path)
                     wrk(live.port, path, args.warmup, args.connections)
                     figures = wrk(live.port, path, args.duration, args.connections)
                     if route == "/health/db":
                         results[name]["db_connections"] = opened()
-                results[name]["routes"][route] = {"status": status, "body_bytes": len(body), **figures}
+                results[name]["routes"][route] = {
+                    "status": status, "body_bytes": len(body), "unrouted": body.find(UNKNOWN_PATH) >= 0, **figures
+                }  # fmt: skip
         time.sleep(SETTLE)
         for name, live in running.items():
             results[name]["rss_loaded_mib"] = live.rss_mib()
@@ -226,6 +230,8 @@ def measure(postgres: Postgres, args: argparse.Namespace, routes: dict[str, str]
     for number in range(args.rounds):
         order = [*subjects, baseline]
         order = order[number % len(order) :] + order[: number % len(order)]  # alternate who goes first
+        if number % 2:  # and reversed every other round: with fewer rounds than servers, no one always goes last
+            order.reverse()
         rounds.append(measure_round(order, postgres, args, number + 1, routes))
     names = [s.name for s in subjects]
     return {"names": names, "rounds": rounds, "summary": summarise(rounds, names, list(routes), REFERENCE)}
@@ -280,7 +286,11 @@ def main() -> int:
                 for name in [n for n in result["names"] if n.startswith("python -m app")]:
                     text += "\n\n" + render_own_ceiling(result["rounds"], name, EDGE_BASELINE, list(ROUTES), REFERENCE)
             if args.peers:
-                text = render_side_by_side([(None, result["summary"])], result["names"], list(ROUTES)) + "\n\n" + text
+                text = (
+                    render_side_by_side([(None, result["summary"])], result["names"], list(ROUTES), REFERENCE)
+                    + "\n\n"
+                    + text
+                )
     finally:
         postgres.destroy()
     kind = "smoke" if args.smoke else "soak" if args.soak else "scale" if args.scale else "bench"
@@ -302,6 +312,11 @@ def _problems(rounds: list[dict[str, Any]]) -> int:
                     problems.append(f"round {number}: {name} answered {route} with {figures['status']}")
                 if EXPECTED_STATUS[route] < 400 and figures["non_2xx"]:
                     problems.append(f"round {number}: {name} gave {figures['non_2xx']} non-2xx on {route}")
+                if figures["requests"] == 0 or figures["socket_errors"] > figures["requests"] // 1000:
+                    problems.append(
+                        f"round {number}: {name} served {figures['requests']} requests on {route}"
+                        f" with {figures['socket_errors']} socket errors"
+                    )
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

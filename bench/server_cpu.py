@@ -120,8 +120,9 @@ def main() -> None:
         cpu = [round(c, 1) for _, c, _ in runs]
         print(f"{args.route} {name}: requests/s {rps}, CPU µs/request {cpu}")
         if name != "uvicorn app:app":
-            ratios = [round(c / b, 2) for (_, c, _), (_, b, _) in zip(runs, base, strict=True)]
-            print(f"  CPU/request vs uvicorn app:app per round {ratios}, median {statistics.median(ratios):.2f}")
+            ratios = [c / b for (_, c, _), (_, b, _) in zip(runs, base, strict=True)]
+            shown = [round(ratio, 2) for ratio in ratios]  # the median of the ratios themselves, not of these
+            print(f"  CPU/request vs uvicorn app:app per round {shown}, median {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":
