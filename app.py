@@ -148,6 +148,13 @@ def create_app(
         routes.append(route)
         operations[route.name] = operation
     metrics = Metrics() if settings.enable_metrics else None
+    if metrics is not None and settings.web_concurrency > 1 and not metrics.multiprocess:
+        # uvicorn reads WEB_CONCURRENCY as its --workers; `python -m app` gives its workers a directory.
+        logger.warning(
+            "WEB_CONCURRENCY=%d without PROMETHEUS_MULTIPROC_DIR: each worker's /metrics counts only its "
+            "own requests (python -m app merges them; see deploy/README.md)",
+            settings.web_concurrency,
+        )
     if metrics is not None:
         routes.append(Route("/metrics", MetricsEndpoint(metrics), methods=["GET"], name="metrics"))
     if settings.enable_docs:

@@ -26,6 +26,7 @@ from multiprocessing.connection import wait
 from types import FrameType
 
 import uvicorn
+from prometheus_client import multiprocess
 from uvicorn._subprocess import get_subprocess
 from uvicorn.config import STARTUP_FAILURE
 
@@ -39,6 +40,7 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     `relay` is the worker's end of a socket pair on which each signal the supervisor receives
     arrives as a byte, its number.
     """
+    sockets = [config.bind_socket()]  # first: a port already taken leaves nothing behind
     private_metrics = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         private_metrics = tempfile.mkdtemp(prefix="prometheus-")
@@ -54,7 +56,6 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
     for handled in (signal.SIGINT, signal.SIGTERM):
         signal.signal(handled, _written_to_the_wakeup_socket)
-    sockets = [config.bind_socket()]
     logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
     relays: dict[multiprocessing.process.BaseProcess, socket.socket] = {}  # each worker's, the supervisor's end
     processes = [_start_worker(config, sockets, serve, relays) for _ in range(workers)]
@@ -72,6 +73,9 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
                     status, signals = STARTUP_FAILURE, [signal.SIGTERM]
                 elif process.exitcode is not None:
                     logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
+                    # A worker killed outright never took its live gauges (open connections) out of the
+                    # sums itself; its counters' files stay, so what it counted still counts.
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]  # not annotated upstream
                     relays.pop(process).close()
                     processes[index] = _start_worker(config, sockets, serve, relays)
             if signals:  # each one: the first starts the drain, the next ends it

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
+from service import make_settings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -150,3 +152,17 @@ def test_durations_land_in_the_first_bucket_whose_bound_holds_them() -> None:
     assert value(text, "http_requests_total", method="GET", route="/x", status="200") == 4
     assert value(text, "http_requests_total", method="GET", route="/x", status="500") == 1
     assert value(text, "log_lines_dropped_total") == dropped_log_lines()  # the process's own count, whatever it is
+
+
+def test_several_workers_without_a_shared_directory_are_warned_of(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """uvicorn reads WEB_CONCURRENCY as --workers: unmerged, each scrape would count one worker's requests."""
+    warning = "WEB_CONCURRENCY=2 without PROMETHEUS_MULTIPROC_DIR"
+    create_app(make_settings(WEB_CONCURRENCY="2"))
+    assert [r.levelname for r in caplog.records if r.getMessage().startswith(warning)] == ["WARNING"]
+    caplog.clear()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # as python -m app gives its workers
+    create_app(make_settings(WEB_CONCURRENCY="2"))
+    create_app(make_settings())
+    assert not [r for r in caplog.records if r.getMessage().startswith(warning)]

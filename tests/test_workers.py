@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -126,3 +128,32 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "Z"
+
+
+def test_a_worker_killed_outright_leaves_the_pool_gauges_and_its_replacement_joins_them(
+    database_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL to a worker (an OOM kill): the supervisor replaces it and takes its gauges out of the sums."""
+    env = production(database_url, WEB_CONCURRENCY="2", DATABASE_POOL_SIZE="3", SHUTDOWN_DRAIN_SECONDS="0")
+    server = UvicornProcess(env, log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        while server.output().count("Application startup complete") < 2:
+            time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        while value(_metrics(server.url), "db_pool_connections_max") != 6:  # 2 workers x pool of 3
+            assert time.monotonic() < deadline, "the second worker never published its pool"
+            time.sleep(0.2)
+        victim = next(
+            int(e["message"].split("[")[1].rstrip("]"))
+            for e in _entries(server)
+            if "Started server process" in e["message"]
+        )
+        os.kill(victim, signal.SIGKILL)
+        while server.output().count("Application startup complete") < 3:  # its replacement
+            assert time.monotonic() < deadline + 20, "the worker was not replaced"
+            time.sleep(0.1)
+        time.sleep(FLUSH_INTERVAL * 2)  # the replacement publishes its pool within one interval
+        assert value(_metrics(server.url), "db_pool_connections_max") == 6  # not 9: the dead worker's left
+    finally:
+        assert server.terminate() == 0
