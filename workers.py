@@ -63,7 +63,9 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     try:
         # Only live workers' sentinels: a dead one's is always ready, and would spin the loop.
         while running := [process for process in processes if process.exitcode is None]:
-            wait([wakeup, *(process.sentinel for process in running)])
+            # And a look each second: in loaded test runs a worker killed outright sometimes went
+            # unnoticed here (cause not found), and was never replaced; its exit code still tells.
+            wait([wakeup, *(process.sentinel for process in running)], timeout=1.0)
             signals = _signals_received(wakeup)
             for index, process in enumerate(processes):
                 if stopping or signals:
