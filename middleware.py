@@ -49,11 +49,12 @@ class RequestContext:
     """The service's one request layer: every response passes through it, 500s and refusals included.
 
     Per request, in one place: the headers are read once (request ID, trace, origin, body
-    length); a body over `max_body_bytes` is refused (413), and one of no readable length (chunked)
-    is counted as it arrives; the request goes to CORS only when it has an `Origin`; any exception becomes the
-    envelope, by the app's exception handlers (`errors.handler_for`) or as a 500; the response
-    gets the request ID, `nosniff` and (when a cache may store it) `Vary: Origin`; the access
-    line and the metrics are written (status 499 for a client that left before its body was read).
+    length); a body over `max_body_bytes` is refused (413), and one of no readable length
+    (chunked) is counted as it arrives; the request goes to CORS only when it has an `Origin`;
+    any exception becomes the envelope, by the app's exception handlers (`errors.handler_for`)
+    or as a 500; the response gets the request ID, `nosniff` and (when a cache may store it)
+    `Vary: Origin`; the access line and the metrics are written (status 499 for a client that
+    left before its body was read).
 
     The request ID is the caller's `X-Request-ID` when it is well formed, else a new UUID; a
     valid W3C `traceparent` puts its trace ID on every log line of the request.
