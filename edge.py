@@ -173,9 +173,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _send_refusal(self) -> None:
         status, request_id = self._refused, new_request_id()
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
         method = self.parser.get_method() if self.url else b""  # a method is parsed before the target
-        log_refusal(method, self.url, status, time.monotonic() - self._refused_since, client, request_id)
+        log_refusal(method, self.url, status, time.monotonic() - self._refused_since, self.client, request_id)
         if self.transport.is_closing():  # the client has gone: its line is written all the same
             return
         body = ENCODER.encode(ErrorBody(CODES[status], MESSAGES[status], utc_timestamp(), request_id))

@@ -175,7 +175,9 @@ def configure_logging(settings: Settings) -> None:
     uvicorn_access.disabled = True
 
 
-def log_refusal(method: bytes, target: bytes, status: int, seconds: float, client: str, request_id: str) -> None:
+def log_refusal(
+    method: bytes, target: bytes, status: int, seconds: float, client: tuple[str, int] | None, request_id: str
+) -> None:
     """The access line of a request the server refused itself (400, 431): the app never saw it.
 
     `target` is the request target as far as the parser read it, and `method` its method; both
@@ -188,7 +190,7 @@ def log_refusal(method: bytes, target: bytes, status: int, seconds: float, clien
         method_text, path = method.decode("ascii"), printable(path)[:REFUSED_PATH_CHARACTERS]
     else:
         method_text = path = "-"
-    write_access_line(method_text, path, status, round(seconds * 1000, 2), client, request_id)
+    write_access_line(method_text, path, status, round(seconds * 1000, 2), client_text(client), request_id)
 
 
 def printable(text: str) -> str:
@@ -198,8 +200,10 @@ def printable(text: str) -> str:
 
 def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:
     """The request's one access line: method, path, status, duration, client and request ID."""
-    client = scope.get("client")
-    client_text = f"{client[0]}:{client[1]}" if client else "-"
-    write_access_line(
-        scope["method"], printable(scope["path"]), status, round(seconds * 1000, 2), client_text, request_id
-    )
+    client = client_text(scope.get("client"))
+    write_access_line(scope["method"], printable(scope["path"]), status, round(seconds * 1000, 2), client, request_id)
+
+
+def client_text(client: tuple[str, int] | None) -> str:
+    """An access line's client address, `host:port`, or `-` when the server knows none."""
+    return f"{client[0]}:{client[1]}" if client else "-"

@@ -67,9 +67,9 @@ def next_id(directory: Path, name: str) -> str:
     return f"{max(numbers, default=0) + 1:04d}.{name}"
 
 
-def new(directory: Path, name: str, latest: str | None) -> tuple[Path, Path]:
-    """Write the next numbered migration and its rollback into `directory`, ready to edit."""
-    stem = next_id(directory, name)
+def new(directory: Path, stem: str, latest: str | None) -> tuple[Path, Path]:
+    """Write migration `stem` (`next_id`'s) and its rollback into `directory`, ready to edit."""
+    name = stem.partition(".")[2]
     forward, backward = directory / f"{stem}.sql", directory / f"{stem}.rollback.sql"
     depends = f"-- depends: {latest}\n" if latest else ""
     forward.write_text(f"-- {name}\n{depends}\n-- Write the change here, e.g. CREATE TABLE ...;\n")
@@ -215,7 +215,7 @@ def _new(args: argparse.Namespace) -> int:
     # The latest of the target folder, else of the folders before it (the foundation's, whose
     # uuid_generate_v7 a new table's key uses).
     latest = next((ids[-1] for d in reversed(args.sources) if (ids := migrations_on_disk(d))), None)
-    for path in new(directory, args.migration_name, latest):
+    for path in new(directory, stem, latest):
         print(path)
     return 0
 

@@ -50,18 +50,18 @@ class HotPaths:
             if route is not None and scope["method"] in ("GET", "HEAD"):
                 scope["route"] = route
                 return route.app(scope, receive, send)
-            unrouted = self._unrouted(scope["app"].router, path)
-            if unrouted is _NOWHERE:
+            answer = self._certain_answer(scope["app"].router, path)
+            if answer == 404:
                 return not_found(scope, receive, send)
-            if unrouted is not None:
+            if answer == 307:
                 return _redirect(scope, send)
         return self.app(scope, receive, send)
 
-    def _unrouted(self, router: Router, path: str) -> str | None:
-        """For a path no route's pattern matches, what the router would certainly answer: a 404
-        (`_NOWHERE`), or a redirect to the path with its trailing slash added or removed (that path).
-        None when a route matches, or when the router may answer otherwise (a route of another kind).
-        `path` is the route path, without the app's `root_path`."""
+    def _certain_answer(self, router: Router, path: str) -> int | None:
+        """For a path no route's pattern matches, what the router would certainly answer: 404, or
+        307 to the path with its trailing slash added or removed. None when a route matches, or
+        when the router may answer otherwise (a route of another kind). `path` is the route path,
+        without the app's `root_path`."""
         routes = router.routes
         if len(routes) != self._routes_seen:  # read from the live router: a route added late is seen
             self._routes_seen = len(routes)
@@ -70,8 +70,8 @@ class HotPaths:
             return None
         other = path[:-1] if path.endswith("/") else path + "/"
         if self._any_route.match(other) is None:
-            return _NOWHERE
-        return other if router.redirect_slashes and path != "/" else None
+            return 404
+        return 307 if router.redirect_slashes and path != "/" else None
 
 
 def _redirect(scope: Scope, send: Send) -> Awaitable[None]:
@@ -88,9 +88,6 @@ def _redirect(scope: Scope, send: Send) -> Awaitable[None]:
     if query := scope.get("query_string"):
         location += b"?" + query
     return send_bytes(scope, send, 307, b"", ((b"location", location),))
-
-
-_NOWHERE = ""  # `_unrouted`'s answer for a path the router would answer with a 404
 
 
 def _any_of(routes: list[BaseRoute]) -> re.Pattern[str] | None:
