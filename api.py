@@ -39,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 from db import NOT_CONFIGURED, Connection, Database
 from errors import DatabaseConnectionError
 from inputs import Binder, body_binder, path_binder, query_binder, query_params
+from metrics import Metrics
 from openapi import Operation, Param, Reply
 from responses import ENCODER, JSON_HEADERS, send_bytes
 from settings import Settings
@@ -55,6 +56,7 @@ class State(TypedDict):
     database: Database | None
     started_at: float
     shutting_down: bool  # set by the production server (server.py) when SIGTERM starts its drain
+    metrics: Metrics | None  # where the production server counts the requests it refuses itself (edge.py)
 
 
 @dataclass(frozen=True, slots=True)

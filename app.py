@@ -105,7 +105,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
     if metrics is not None and metrics.multiprocess:
         refresher = asyncio.create_task(metrics.refresh_pool_gauges(database))
     try:
-        yield {"database": database, "started_at": time.monotonic(), "shutting_down": False}
+        yield {"database": database, "started_at": time.monotonic(), "shutting_down": False, "metrics": metrics}
     finally:
         if refresher is not None:
             refresher.cancel()

@@ -6,7 +6,8 @@
   time a head may take is kept by `server.DrainingServer.sweep`, from the marks left here;
 - a request the parser refuses (malformed HTTP, TLS on the plain port) gets the 400 envelope
   where uvicorn sends plain text, after the answers to the requests before it;
-- each refused request (400, 431) gets its access line, as every request the app answers does;
+- each refused request (400, 431) gets its access line and is counted in `/metrics`, as every
+  request the app answers is;
 - a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two.
 """
 
@@ -26,6 +27,7 @@ from middleware import new_request_id
 from responses import ENCODER, utc_timestamp
 
 if TYPE_CHECKING:
+    from metrics import Metrics
     from server import EdgeConfig
 
 # A held head and a body up to this size are joined into one buffer; a larger body is handed
@@ -174,7 +176,11 @@ class EdgeProtocol(HttpToolsProtocol):
     def _send_refusal(self) -> None:
         status, request_id = self._refused, new_request_id()
         method = self.parser.get_method() if self.url else b""  # a method is parsed before the target
-        log_refusal(method, self.url, status, time.monotonic() - self._refused_since, self.client, request_id)
+        seconds = time.monotonic() - self._refused_since
+        log_refusal(method, self.url, status, seconds, self.client, request_id)
+        metrics: Metrics | None = self.app_state.get("metrics")  # the app's, when built by app.create_app
+        if metrics is not None:  # no route answered it: counted under `<unmatched>`
+            metrics.record({"method": method.decode("latin-1")}, status, seconds)
         if self.transport.is_closing():  # the client has gone: its line is written all the same
             return
         body = ENCODER.encode(ErrorBody(CODES[status], MESSAGES[status], utc_timestamp(), request_id))

@@ -25,8 +25,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from test_metrics import value
 
 from edge import JOIN_LIMIT
+from metrics import UNMATCHED
 from server import DrainingServer, EdgeConfig
 
 pytestmark = pytest.mark.slow
@@ -198,6 +200,18 @@ def test_a_head_over_the_limit_gets_one_access_line_with_the_first_kib_of_its_pa
     assert logged[0]["path"] == "/" + "a" * 1023
     assert logged[0]["client"].startswith("127.0.0.1:")
     assert logged[0]["duration_ms"] >= 0
+
+
+def test_refused_requests_are_counted_in_the_metrics_as_unmatched(server: UvicornProcess) -> None:
+    """What the server refuses before the app sees it is in `http_requests_total`, as each has its access line."""
+    exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nNo colon in this header\r\n\r\n")
+    exchange(server.port, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")  # TLS: no method
+    exchange(server.port, b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert value(text, "http_requests_total", method="GET", route=UNMATCHED, status="400") == 1
+    assert value(text, "http_requests_total", method="OTHER", route=UNMATCHED, status="400") == 1
+    assert value(text, "http_requests_total", method="POST", route=UNMATCHED, status="431") == 1
+    assert value(text, "http_request_duration_seconds_count", method="POST", route=UNMATCHED) == 1
 
 
 def test_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(server: UvicornProcess) -> None:
