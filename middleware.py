@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, 
 
 from errors import EXCEPTION_HANDLERS, MESSAGES, PayloadTooLargeError, error_response, handler_for, server_error
 from logs import REQUEST, log_access, printable
+from routing import route_for
 
 logger = logging.getLogger("service.errors")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -125,6 +126,7 @@ class RequestContext:
         try:
             if self.max_body_bytes is not None:
                 if body_length is not None and body_length > self.max_body_bytes:
+                    scope["route"] = route_for(scope)  # refused before routing, counted by its route all the same
                     raise PayloadTooLargeError(_too_large(self.max_body_bytes), headers=_CLOSE)
                 if uncounted:
                     receive = _within_limit(receive, self.max_body_bytes)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from urllib.parse import quote
 
 from starlette._utils import get_route_path  # the router's own reading of a path under a root_path
-from starlette.routing import BaseRoute, Mount, Route, Router
+from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errors import not_found
@@ -72,6 +72,21 @@ class HotPaths:
         if self._any_route.match(other) is None:
             return 404
         return 307 if router.redirect_slashes and path != "/" else None
+
+
+def route_for(scope: Scope) -> BaseRoute | None:
+    """The route the app's router would hand `scope` to (a full match, else the first partial
+    one, which answers 405), without calling it: what a request refused before routing is
+    labelled by in the metrics."""
+    router = getattr(scope.get("app"), "router", None)
+    partial = None
+    for route in router.routes if isinstance(router, Router) else ():
+        match = route.matches(scope)[0]
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
 
 
 def _redirect(scope: Scope, send: Send) -> Awaitable[None]:

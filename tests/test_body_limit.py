@@ -11,9 +11,11 @@ import msgspec
 import pytest
 from service import SERVER_COMMANDS, make_settings, running_uvicorn, serve
 from starlette.applications import Starlette
+from test_metrics import value
 
 from api import Endpoints
 from app import create_app
+from metrics import UNMATCHED
 
 LIMIT = 1000
 
@@ -57,9 +59,16 @@ async def test_a_body_within_the_limit_is_served() -> None:
 
 @pytest.mark.anyio
 async def test_content_length_over_the_limit_is_refused_before_the_handler() -> None:
+    """Refused before routing, and counted in the metrics by the route it was for all the same."""
     async with serve(limited_app()) as client:
         response = await client.post("/blobs", content=b"{" + b" " * LIMIT + b"}")
-    assert_413(response)
+        assert_413(response)
+        assert_413(await client.put("/blobs", content=b" " * (LIMIT + 1)))  # the route's 405, had it been read
+        assert_413(await client.post("/nothing-here", content=b" " * (LIMIT + 1)))
+        text = (await client.get("/metrics")).text
+    assert value(text, "http_requests_total", method="POST", route="/blobs", status="413") == 1
+    assert value(text, "http_requests_total", method="PUT", route="/blobs", status="413") == 1
+    assert value(text, "http_requests_total", method="POST", route=UNMATCHED, status="413") == 1
 
 
 @pytest.mark.anyio
