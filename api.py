@@ -32,6 +32,7 @@ from typing import Any, Generic, TypedDict, TypeVar
 from urllib.parse import quote
 
 import msgspec
+from starlette.convertors import PathConvertor, StringConvertor
 from starlette.requests import Request
 from starlette.routing import Route, compile_path
 from starlette.types import Receive, Scope, Send
@@ -40,7 +41,7 @@ from db import NOT_CONFIGURED, Connection, Database
 from errors import DatabaseConnectionError
 from inputs import Binder, body_binder, path_binder, query_binder, query_params
 from metrics import Metrics
-from openapi import Operation, Param, Reply
+from openapi import Operation, Param, Reply, type_schema
 from responses import ENCODER, JSON_HEADERS, send_bytes
 from settings import Settings
 
@@ -103,6 +104,9 @@ class _Declaration:
     errors: tuple[int, ...]
 
 
+_UNTYPED = (StringConvertor, PathConvertor)  # `{name}` and `{name:path}`: text, typed by the annotation
+
+
 class Endpoints:
     """A group of routes with one OpenAPI tag; `create_app(endpoints=[...])` serves it."""
 
@@ -117,6 +121,14 @@ class Endpoints:
         if method not in _METHODS:
             raise ValueError(f"{method} {path}: the method must be one of {', '.join(_METHODS)}")
         errors = tuple(errors)
+        _, _, convertors = compile_path(path)
+        if typed := [name for name, convertor in convertors.items() if not isinstance(convertor, _UNTYPED)]:
+            # Starlette's would answer a value they cannot take with a 404, or a 500 (4,301 digits for
+            # `int`), where an annotated parameter gets the 422 naming it.
+            raise ValueError(
+                f"{method} {path}: type the path parameter {typed[0]!r} by the handler's annotation "
+                f"(`{{{typed[0]}}}` and `{typed[0]}: int`), not by a converter in the path"
+            )
         if unknown := [status for status in errors if status not in _ERROR_STATUSES]:
             raise ValueError(f"{method} {path}: errors must be HTTP error statuses (400..599), not {unknown}")
 
@@ -179,7 +191,8 @@ class Endpoint:
 
             return context
         if name in path_names:
-            self.params.append(Param(name, "path", msgspec.json.schema(kind), required=True))
+            schema, components = type_schema(kind)
+            self.params.append(Param(name, "path", schema, required=True, components=components))
             return path_binder(name, kind)
         if name == "query" and _is_struct(kind):
             self.params += query_params(kind)

@@ -17,7 +17,7 @@ import msgspec.inspect
 from starlette.requests import Request
 
 from errors import MESSAGES, FieldError, MalformedRequestError, RequestValidationError, UnsupportedMediaTypeError
-from openapi import Param
+from openapi import Param, type_schema
 
 Binder = Callable[[Request], Awaitable[Any]]
 SHOWN_CHARACTERS = 256  # the longest offending string a 422 echoes in `validation_errors[].value`
@@ -38,10 +38,11 @@ def path_binder(name: str, kind: Any) -> Binder:
 
 
 def query_params(kind: type[msgspec.Struct]) -> list[Param]:
-    _, components = msgspec.json.schema_components([kind])
-    schema = components[kind.__name__]
+    _, components = type_schema(kind)
+    schema = components.pop(kind.__name__)  # the Struct itself is not documented, its fields are
     required = set(schema.get("required", ()))
-    return [Param(name, "query", prop, name in required) for name, prop in schema.get("properties", {}).items()]
+    properties = schema.get("properties", {})
+    return [Param(name, "query", prop, name in required, components) for name, prop in properties.items()]
 
 
 def query_binder(kind: type[msgspec.Struct]) -> Binder:

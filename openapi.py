@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import re
 from collections.abc import Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -30,6 +31,8 @@ from settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 SCHEMA_REF = "#/components/schemas/{name}"
+_NO_CONTENT = frozenset({204, 304})  # statuses whose responses never have a body
+_CONVERTOR = re.compile(r"{(\w+):\w+}")
 _T = "2025-09-23T10:30:00Z"  # the contract's example timestamp
 _REQUEST_ID = "550e8400-e29b-41d4-a716-446655440000"
 
@@ -51,6 +54,7 @@ class Param(msgspec.Struct, frozen=True):
     location: str  # "path" or "query"
     schema: dict[str, Any]
     required: bool
+    components: dict[str, Any] = {}  # the schemas `schema` refers to (an Enum's, a Struct's)
 
 
 class Operation(msgspec.Struct, frozen=True):
@@ -63,6 +67,12 @@ class Operation(msgspec.Struct, frozen=True):
     parameters: tuple[Param, ...] = ()
     request_body: type[msgspec.Struct] | None = None
     errors: frozenset[int] = frozenset()
+
+
+def type_schema(kind: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`kind`'s JSON schema, and the schemas it refers to, named as in `components.schemas`."""
+    (schema,), components = msgspec.json.schema_components([kind], ref_template=SCHEMA_REF)
+    return schema, components
 
 
 def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -149,25 +159,29 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
     _, schemas = msgspec.json.schema_components(
         sorted([*bodies, ErrorBody], key=lambda t: t.__name__), ref_template=SCHEMA_REF
     )
+    for op in operations.values():
+        for param in op.parameters:
+            schemas.update(param.components)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if isinstance(route, Route):
             for method in sorted((route.methods or {"GET"}) - {"HEAD"}):
-                paths.setdefault(route.path, {})[method.lower()] = _operation(route.name, operations[route.name])
+                path = _CONVERTOR.sub(r"{\1}", route.path)  # OpenAPI names `{rest:path}` `{rest}`
+                paths.setdefault(path, {})[method.lower()] = _operation(route.name, operations[route.name])
     return {
         "openapi": "3.1.0",
         "info": {"title": settings.app_name, "version": settings.app_version, "description": _DESCRIPTION},
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "responses": {_NAMES[status]: _response(reply) for status, reply in ERROR_REPLIES.items()},
+            "responses": {_NAMES[status]: _response(status, reply) for status, reply in ERROR_REPLIES.items()},
             "headers": _HEADERS,
         },
     }
 
 
 def _operation(name: str, op: Operation) -> dict[str, Any]:
-    responses: dict[str, Any] = {str(status): _response(reply) for status, reply in op.replies.items()}
+    responses: dict[str, Any] = {str(status): _response(status, reply) for status, reply in op.replies.items()}
     envelope = {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name="ErrorBody")}}}
     for status in sorted(op.errors | {500}):
         if status in _NAMES:  # one of the contract's: the shared response, with its example
@@ -191,15 +205,15 @@ def _operation(name: str, op: Operation) -> dict[str, Any]:
     return {**operation, "responses": responses}
 
 
-def _response(reply: Reply) -> dict[str, Any]:
+def _response(status: int, reply: Reply) -> dict[str, Any]:
     media: dict[str, Any] = {}
     if reply.body is not None:
         media["schema"] = {"$ref": SCHEMA_REF.format(name=reply.body.__name__)}
     if reply.examples:
         media["examples"] = {name: {"value": value} for name, value in reply.examples.items()}
     headers = {name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-ID", *reply.headers)}
-    if reply.body is None and reply.media_type == "application/json" and not reply.examples:
-        return {"description": reply.description, "headers": headers}  # no body at all (204)
+    if status in _NO_CONTENT:
+        return {"description": reply.description, "headers": headers}
     return {"description": reply.description, "headers": headers, "content": {reply.media_type: media}}
 
 

@@ -61,6 +61,13 @@ async def test_openapi_documents_every_route_and_method(client: httpx.AsyncClien
 
 
 @pytest.mark.anyio
+async def test_the_document_describes_its_own_body(client: httpx.AsyncClient) -> None:
+    """`GET /openapi.json` answers a JSON body, not nothing as a 204 would."""
+    ok = (await _spec(client))["paths"]["/openapi.json"]["get"]["responses"]["200"]
+    assert list(ok["content"]) == ["application/json"]
+
+
+@pytest.mark.anyio
 async def test_openapi_health_responses_use_the_handlers_structs(client: httpx.AsyncClient) -> None:
     """Health operations answer 200 and 503 with the Liveness/Readiness schemas msgspec generated."""
     spec = await _spec(client)
