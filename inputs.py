@@ -1,13 +1,16 @@
 """Request input: path segments, the query string and the JSON body, decoded into their annotations.
 
 Each decoder is built once per route, at start-up. Only what the client sent maps to the client's
-errors: a body declared as anything but JSON is a 415, a body that is not JSON a 400, input of the
+errors: a body declared as anything but UTF-8 JSON, or compressed, is a 415 (read as it is, it
+would be "not JSON"), a body that is not JSON a 400, a non-finite number (`nan`, `inf`) in the
+path or the query a 422, as JSON refuses one in the body, and input of the
 wrong shape a 422 naming every field that is wrong (msgspec reports the first; the error path
 looks at each field on its own). A body without a `Content-Type` is read as JSON.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,19 +23,25 @@ from errors import MESSAGES, FieldError, MalformedRequestError, RequestValidatio
 from openapi import Param, type_schema
 
 Binder = Callable[[Request], Awaitable[Any]]
+NOT_FINITE = "Expected a finite number"
 SHOWN_CHARACTERS = 256  # the longest offending string a 422 echoes in `validation_errors[].value`
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the problem is
 # application/json, or a structured +json type (application/merge-patch+json), with any parameters.
 _JSON_MEDIA_TYPE = re.compile(r"\s*application/(?:[\w.-]+\+)?json\s*(?:;|$)", re.IGNORECASE)
+_CHARSET = re.compile(r';\s*charset\s*=\s*"?([^";\s]*)', re.IGNORECASE)  # JSON is UTF-8 (RFC 8259)
+_UTF8 = re.compile(r"utf-?8", re.IGNORECASE)
 
 
 def path_binder(name: str, kind: Any) -> Binder:
     async def path(request: Request) -> Any:
         raw = request.path_params[name]
         try:
-            return msgspec.convert(raw, kind, strict=False)
+            value = msgspec.convert(raw, kind, strict=False)
         except msgspec.ValidationError as exc:
             raise RequestValidationError(validation_errors(exc, raw, prefix=name)) from None
+        if not _finite(value):
+            raise RequestValidationError([FieldError(name, NOT_FINITE, _shown(raw))])
+        return value
 
     return path
 
@@ -48,6 +57,8 @@ def query_params(kind: type[msgspec.Struct]) -> list[Param]:
 def query_binder(kind: type[msgspec.Struct]) -> Binder:
     # Fields that take several values (`?tag=a&tag=b` for `tag: list[str]`) get every one; the rest the last.
     many = [f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))]
+    # Fields that may hold a float: text converted to one may be `nan` or `inf`, which JSON cannot carry.
+    floats = [f for f in msgspec.structs.fields(kind) if _holds_float(msgspec.inspect.type_info(f.type))]
 
     async def query(request: Request) -> Any:
         params = request.query_params
@@ -56,11 +67,42 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
             if name in values:
                 values[name] = params.getlist(name)
         try:
-            return msgspec.convert(values, kind, strict=False)
+            decoded = msgspec.convert(values, kind, strict=False)
         except msgspec.ValidationError as exc:
             raise RequestValidationError(validation_errors(exc, values, kind=kind, strict=False)) from None
+        if wrong := [f.encode_name for f in floats if not _finite(getattr(decoded, f.name))]:
+            raise RequestValidationError([FieldError(name, NOT_FINITE, _shown(values[name])) for name in wrong])
+        return decoded
 
     return query
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity in `value` (a float, or a sequence of them): the JSON body refuses them too."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_finite(item) for item in value)
+    return True
+
+
+def _holds_float(info: msgspec.inspect.Type) -> bool:
+    """Whether a query field's type may hold a float, bounds, `| None` and sequences aside."""
+    if isinstance(info, msgspec.inspect.FloatType):
+        return True
+    if isinstance(info, msgspec.inspect.Metadata):
+        return _holds_float(info.type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_holds_float(member) for member in info.types)
+    if isinstance(info, msgspec.inspect.TupleType):
+        return any(_holds_float(member) for member in info.item_types)
+    if isinstance(info, _ONE_ITEM_TYPE):
+        return _holds_float(info.item_type)
+    return False
+
+
+_ONE_ITEM_TYPE = (msgspec.inspect.ListType, msgspec.inspect.SetType, msgspec.inspect.FrozenSetType,
+                  msgspec.inspect.VarTupleType)  # fmt: skip
 
 
 def _takes_many(info: msgspec.inspect.Type) -> bool:
@@ -85,6 +127,11 @@ def body_binder(kind: type[msgspec.Struct]) -> Binder:
             # A browser sends text/plain and form bodies across sites without asking first (no CORS
             # preflight); read as JSON anyway, they would let any page post on a signed-in user's behalf.
             raise UnsupportedMediaTypeError(f"{MESSAGES[415]}: send the body as application/json")
+        if media_type is not None and (charset := _CHARSET.search(media_type)) and not _UTF8.fullmatch(charset[1]):
+            raise UnsupportedMediaTypeError(f"{MESSAGES[415]}: send the body in UTF-8, not {charset[1][:40]!r}")
+        coding = request.headers.get("content-encoding", "").strip()
+        if coding and coding.lower() != "identity":  # read as it is, a gzipped body is "not JSON"
+            raise UnsupportedMediaTypeError(f"{MESSAGES[415]}: send the body uncompressed, not {coding[:40]!r}")
         raw = await request.body()
         try:
             return decoder.decode(raw)

@@ -101,8 +101,9 @@ ERROR_REPLIES = {
                {"conflict": _error("CONFLICT_ERROR", "Already exists (unique constraint orders_reference_key)")}),
     413: Reply("The request body is larger than MAX_BODY_BYTES", ErrorBody,
                {"too_large": _error("PAYLOAD_TOO_LARGE", "Request body too large: the limit is 1048576 bytes")}),
-    415: Reply("The body is not declared as JSON (`Content-Type`)", ErrorBody, {"unsupported": _error(
-        "UNSUPPORTED_MEDIA_TYPE", "Unsupported media type: send the body as application/json")}),
+    415: Reply("The body is not declared as UTF-8 JSON (`Content-Type`), or is compressed", ErrorBody,
+               {"unsupported": _error("UNSUPPORTED_MEDIA_TYPE",
+                                      "Unsupported media type: send the body as application/json")}),
     422: Reply("The request is well formed but invalid", ErrorBody, {"invalid": _error(
         "VALIDATION_ERROR", "Request validation failed",
         validation_errors=[{"field": "name", "message": "Expected `str`, got `int`", "value": 1}])}),

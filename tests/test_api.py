@@ -86,6 +86,15 @@ async def pets_by_color(shade: Color, query: ByColor) -> Pet:
     return Pet(0, f"{shade.value}-{query.color.value}")
 
 
+class Weights(msgspec.Struct):
+    extra: list[float] = []
+
+
+@pets.get("/pets/weighing/{grams}", summary="Floats, in the path and in a list of the query")
+async def weigh_pet(grams: float, query: Weights) -> Pet:
+    return Pet(0, f"{grams} {query.extra}")
+
+
 @pets.get("/files/{rest:path}", summary="A path parameter that takes slashes")
 async def pet_file(rest: str) -> Pet:
     return Pet(0, rest)
@@ -288,6 +297,22 @@ async def test_enum_parameters_are_documented_by_a_valid_document() -> None:
     assert spec["components"]["schemas"]["Color"]["enum"] == ["blue", "red"]
     assert (answer.status_code, answer.json()["name"]) == (200, "blue-red")
     assert (wrong.status_code, wrong.json()["validation_errors"][0]["field"]) == (422, "shade")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-Infinity"])
+async def test_a_number_that_is_not_finite_is_422_in_the_path_and_the_query(text: str) -> None:
+    """Text converts to `nan` or `inf`, which a JSON body cannot carry and a response would turn into null."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        in_query = await client.get(f"/pets/by-color/red?ratio={text}")
+        in_path = await client.get(f"/pets/weighing/{text}")
+        in_list = await client.get(f"/pets/weighing/2?extra=1.5&extra={text}")
+        fine = await client.get("/pets/weighing/2.5?extra=1e3")
+    for response, field in ((in_query, "ratio"), (in_path, "grams"), (in_list, "extra")):
+        assert response.status_code == 422
+        assert response.json()["validation_errors"] == [{"field": field, "message": "Expected a finite number",
+                                                         "value": None if field == "extra" else text}]  # fmt: skip
+    assert (fine.status_code, fine.json()["name"]) == (200, "2.5 [1000.0]")
 
 
 @pytest.mark.anyio
