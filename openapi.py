@@ -172,6 +172,9 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
     return {
         "openapi": "3.1.0",
         "info": {"title": settings.app_name, "version": settings.app_version, "description": _DESCRIPTION},
+        # Relative to the document's own URL: behind a proxy's path prefix (`/api/openapi.json`),
+        # Swagger UI's "Try it out" calls `/api/items`, where with no server it would call `/items`.
+        "servers": [{"url": ".", "description": "This service, where this document is served"}],
         "paths": paths,
         "components": {
             "schemas": schemas,

@@ -6,6 +6,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 import msgspec
@@ -58,6 +59,14 @@ async def test_openapi_documents_every_route_and_method(client: httpx.AsyncClien
     documented = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert documented == expected
     assert {"/", "/health", "/health/db", "/openapi.json", "/docs", "/redoc"} <= set(spec["paths"])
+
+
+@pytest.mark.anyio
+async def test_the_server_is_where_the_document_is_served(client: httpx.AsyncClient) -> None:
+    """A relative server URL: behind a proxy's `/api` prefix, the operations are under `/api` too."""
+    servers = (await _spec(client))["servers"]
+    assert [server["url"] for server in servers] == ["."]
+    assert urljoin("http://host/api/openapi.json", servers[0]["url"]) == "http://host/api/"
 
 
 @pytest.mark.anyio
