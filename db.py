@@ -18,7 +18,14 @@ from typing import Any, TypeAlias
 import asyncpg
 import msgspec
 
-from errors import DATABASE_RETRY_AFTER, ConflictError, DatabaseConnectionError, MalformedRequestError
+from errors import (
+    DATABASE_RETRY_AFTER,
+    MESSAGES,
+    ConflictError,
+    DatabaseConnectionError,
+    MalformedRequestError,
+    OperationTimeoutError,
+)
 from settings import Settings
 
 # What a handler holds; generic only for the type checker (asyncpg's stubs), so written as a string.
@@ -35,9 +42,33 @@ PREPARED_STATEMENT_LOST = (
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
 logger = logging.getLogger("service.database")
-_LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError)
+# asyncpg's InternalClientError: a connection whose server already sent its last word (a
+# terminated backend) is handed a query before asyncpg has noticed it closed.
+_LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, asyncpg.InternalClientError)
+# Lost only if the connection is closed: else the handler's own (a file it cannot open, two
+# queries at once on one connection), a 500 with its traceback rather than a retry.
+_LOST_IF_CLOSED = (OSError, asyncpg.InterfaceError)
 # What a row already in the table refuses: a 409, as PostgREST answers them too.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError, asyncpg.ExclusionViolationError)
+# What a concurrent transaction refuses (SQLSTATE class 40: a serialization failure, a deadlock;
+# 55P03: a row locked, with NOWAIT or lock_timeout): a 409 too; the same request again may pass.
+_CONCURRENT = (asyncpg.TransactionRollbackError, asyncpg.LockNotAvailableError)
+
+
+class _Connection(asyncpg.Connection):
+    """asyncpg's connection, whose reset on release also undoes what asyncpg's leaves behind.
+
+    asyncpg's reset rolls back and closes cursors, LISTEN, settings and advisory locks. It
+    leaves the role (`SET ROLE`, `SET SESSION AUTHORIZATION`: a tenant's role for row-level
+    security would carry over to the next request) and temporary tables (one request's rows
+    readable by the next). Same round trip: the statements join asyncpg's in one query.
+    """
+
+    def get_reset_query(self) -> str:
+        reset: str = super().get_reset_query()
+        if "RESET ALL" not in reset:  # not PostgreSQL itself (no such statements): as asyncpg decided
+            return reset
+        return f"SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n{reset}\nDISCARD TEMP;"
 
 
 class PoolUsage(msgspec.Struct):
@@ -77,6 +108,7 @@ class Database:
         assert settings.database_url is not None
         self.dsn = asyncpg_dsn(settings.database_url)
         self.connect_options: dict[str, Any] = {
+            "connection_class": _Connection,
             "statement_cache_size": settings.database_statement_cache_size,
             "server_settings": {"application_name": settings.app_name[:63]},
         }
@@ -128,9 +160,12 @@ class Database:
         connection lost mid-query, `DatabaseConnectionError` (503, Retry-After); a row other rows
         refuse (a unique key taken, a foreign key or exclusion constraint), `ConflictError` (409);
         a value no column can hold (SQLSTATE class 22: a NUL in text, a number out of range, or
-        an argument asyncpg cannot encode for its parameter), `MalformedRequestError` (400). The
-        handler's own misuse of its connection (two queries at once on it) stays a 500, its
-        traceback logged, instead of passing for a lost connection.
+        an argument asyncpg cannot encode for its parameter), `MalformedRequestError` (400); a
+        concurrent transaction's refusal (class 40, 55P03), `ConflictError` saying to try again;
+        a statement timeout (57014), `OperationTimeoutError` (504); a server out of resources
+        (class 53), `DatabaseConnectionError`. The handler's own misuse of its connection (two
+        queries at once on it) or `OSError` stays a 500, its traceback logged, instead of
+        passing for a lost connection.
         `stateless=True` promises that the block only reads outside any transaction, leaving
         nothing in the session (no SET, LISTEN, lock or cursor): giving it back then skips the
         reset round trip (a transaction left open is still rolled back).
@@ -159,14 +194,22 @@ class Database:
             _discard(conn)  # mid-query: a clean release could wait on the server
             raise
         except (*_LOST_CONNECTION, asyncpg.InterfaceError) as exc:
-            if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
-                raise  # the handler's own misuse (two queries at once): a 500, not a retry
+            if isinstance(exc, _LOST_IF_CLOSED) and not conn.is_closed():
+                raise  # the handler's own: a 500 with its traceback, not a retry
             _discard(conn)
             self._failing_because(exc)
             message = "Database connection lost"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         except _CONFLICTS as exc:
             raise ConflictError(_conflict_message(exc)) from exc
+        except _CONCURRENT as exc:
+            raise ConflictError(f"Conflicts with a concurrent transaction ({_condition(exc)}): try again") from exc
+        except asyncpg.QueryCanceledError as exc:  # 57014: statement_timeout, or cancelled by an administrator
+            raise OperationTimeoutError(f"{MESSAGES[504]} (database: {_condition(exc)})") from exc
+        except asyncpg.InsufficientResourcesError as exc:  # SQLSTATE class 53: out of memory, disk full
+            self._failing_because(exc)
+            message = f"Database temporarily unavailable ({_condition(exc)})"
+            raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         except asyncpg.DataError as exc:  # SQLSTATE class 22: a value sent that no column can hold
             raise MalformedRequestError(_refused_value_message(exc)) from exc
         finally:
@@ -207,7 +250,7 @@ class Database:
             return
         if not stateless or conn.is_in_transaction():
             try:
-                # Rolls back, then the reset query: cursors, LISTEN, settings, advisory locks.
+                # Rolls back, then the reset query: cursors, LISTEN, settings, advisory locks, role, temp tables.
                 await conn.reset(timeout=self.acquire_timeout)
             except BaseException as exc:
                 self._connections.discard(conn)
@@ -274,9 +317,13 @@ def _conflict_message(exc: asyncpg.IntegrityConstraintViolationError) -> str:
 
 def _refused_value_message(exc: asyncpg.DataError) -> str:
     """The kind of value the database refused (its condition's name), never the value itself."""
-    words = re.findall(r"[A-Z][a-z0-9]*", type(exc).__name__.removesuffix("Error"))
-    kind = " ".join(words).lower()
+    kind = _condition(exc)
     return f"A value the database cannot store ({kind})" if kind != "data" else "A value the database cannot store"
+
+
+def _condition(exc: asyncpg.PostgresError) -> str:
+    """The server's condition by its name (`deadlock detected`), never its message, which may echo values."""
+    return " ".join(re.findall(r"[A-Z][a-z0-9]*", type(exc).__name__.removesuffix("Error"))).lower()
 
 
 async def applied_migrations(conn: Connection) -> frozenset[str] | None:

@@ -20,6 +20,7 @@ from service import ROOT, make_settings, serve
 
 from api import Context, Created, Endpoints
 from app import create_app
+from db import Connection
 from settings import CONFIGURATION_ERROR
 
 
@@ -126,6 +127,140 @@ async def query_twice_at_once(ctx: Context) -> Row:
     async with ctx.connection() as conn:
         await asyncio.gather(conn.execute("SELECT pg_sleep(0.1)"), conn.execute("SELECT 1"))
     raise AssertionError("asyncpg refuses the second query")
+
+
+session = Endpoints(tag="session")
+
+
+class Seen(msgspec.Struct):
+    role: str
+    temp_tables: int
+    backend: int
+
+
+@session.post("/session/dirty", summary="Leaves a role and a temporary table in its session")
+async def leave_session_state(ctx: Context) -> Seen:
+    async with ctx.connection() as conn:
+        await conn.execute("SET ROLE tenant_a; CREATE TEMP TABLE scratch AS SELECT 'tenant A secret' AS note")
+        return await _seen(conn)
+
+
+@session.get("/session", summary="What the next request's session holds")
+async def read_session_state(ctx: Context) -> Seen:
+    async with ctx.connection() as conn:
+        return await _seen(conn)
+
+
+async def _seen(conn: Connection) -> Seen:
+    row = await conn.fetchrow(
+        "SELECT current_user::text AS role, pg_backend_pid() AS backend,"
+        " (SELECT count(*) FROM pg_class WHERE relpersistence = 't' AND relkind = 'r')::int AS temp_tables"
+    )
+    assert row is not None
+    return Seen(row["role"], row["temp_tables"], row["backend"])
+
+
+@session.get("/session/raise/{sqlstate}", summary="The database refuses with a condition")
+async def raise_condition(ctx: Context, sqlstate: str) -> Seen:
+    async with ctx.connection() as conn:
+        await conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'the server says so' USING ERRCODE = '{sqlstate}'; END $$")
+    raise AssertionError("the database refused")
+
+
+@session.get("/session/own-oserror", summary="A handler's own OSError inside the block")
+async def own_oserror(ctx: Context) -> Seen:
+    async with ctx.connection() as conn:
+        await conn.execute("SELECT 1")
+        raise FileNotFoundError(2, "No such file or directory", "/nonexistent/config.json")
+
+
+@pytest.mark.anyio
+async def test_a_requests_role_and_temporary_tables_do_not_reach_the_next_request(database_url: str) -> None:
+    """asyncpg's reset leaves `SET ROLE` and temp tables: a tenant's role or rows would reach the next request."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("DROP ROLE IF EXISTS tenant_a; CREATE ROLE tenant_a; GRANT tenant_a TO CURRENT_USER")
+        owner = await admin.fetchval("SELECT current_user::text")
+    finally:
+        await admin.close()
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
+    async with serve(create_app(settings, endpoints=[session])) as client:
+        dirty = (await client.post("/session/dirty")).json()
+        after = (await client.get("/session")).json()
+    assert (dirty["role"], dirty["temp_tables"]) == ("tenant_a", 1)
+    assert after == {"role": owner, "temp_tables": 0, "backend": dirty["backend"]}  # the same connection, clean
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("sqlstate", "status", "message"),
+    [
+        ("40001", 409, "Conflicts with a concurrent transaction (serialization): try again"),
+        ("40P01", 409, "Conflicts with a concurrent transaction (deadlock detected): try again"),
+        ("55P03", 409, "Conflicts with a concurrent transaction (lock not available): try again"),
+        ("57014", 504, "The operation timed out (database: query canceled)"),
+        ("53200", 503, "Database temporarily unavailable (out of memory)"),
+    ],
+)
+async def test_conditions_a_retry_may_clear_are_not_500s(
+    database_url: str, sqlstate: str, status: int, message: str
+) -> None:
+    """A serialization failure, a deadlock, a lock not available, a statement timeout, a server out of memory:
+    each is the envelope naming the condition (never the server's message), and the connection stays pooled."""
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
+    async with serve(create_app(settings, endpoints=[session])) as client:
+        before = (await client.get("/session")).json()["backend"]
+        response = await client.get(f"/session/raise/{sqlstate}")
+        after = (await client.get("/session")).json()["backend"]
+    assert (response.status_code, response.json()["message"]) == (status, message)
+    assert after == before
+
+
+@pytest.mark.anyio
+async def test_a_handlers_own_oserror_in_the_block_is_a_500_and_keeps_the_connection(database_url: str) -> None:
+    """Not a 'connection lost' 503 with a retry: the database did nothing wrong."""
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
+    async with serve(create_app(settings, endpoints=[session])) as client:
+        before = (await client.get("/session")).json()["backend"]
+        response = await client.get("/session/own-oserror")
+        after = (await client.get("/session")).json()["backend"]
+    assert (response.status_code, response.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert after == before
+
+
+@pytest.mark.anyio
+async def test_backends_terminated_under_load_are_503s_never_500s(database_url: str) -> None:
+    """A pooled connection whose server already said goodbye, before asyncpg noticed (its InternalClientError),
+    is a lost connection: 503 and replaced, never a 500; the readiness probe retries on a fresh one."""
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="4")
+    statuses: list[int] = []
+    probes: list[str] = []  # the readiness errors seen
+    async with serve(create_app(settings, endpoints=[session])) as client:
+
+        async def load() -> None:
+            while len(statuses) < 3000:
+                statuses.append((await client.get("/session")).status_code)
+                if len(statuses) % 50 == 0:
+                    probes.extend((await client.get("/health/db")).json().get("errors", []))
+
+        async def terminate() -> None:
+            admin = await asyncpg.connect(database_url)
+            try:
+                while len(statuses) < 3000:
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                        settings.app_name,
+                    )
+                    await asyncio.sleep(0.05)
+            finally:
+                await admin.close()
+
+        await asyncio.gather(terminate(), *(load() for _ in range(8)))
+    assert 500 not in statuses
+    assert set(statuses) <= {200, 503}
+    # Twice in a row on a connection just terminated may still fail it, but as a lost connection.
+    assert not [error for error in probes if "InternalClientError" in error]
 
 
 @pytest.mark.anyio
