@@ -34,7 +34,7 @@ CONFIGURATION_ERROR = 3
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)([^&]*)")
+_QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)([^&\s]*)")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
 _DEVELOPMENT: Environment = "development"
 _ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
@@ -125,26 +125,28 @@ def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
     `PYTHON_DOTENV_DISABLED=1`, python-dotenv's own switch, leaves the file out (the tests set it).
     """
     disabled = os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y")
-    values = {} if disabled else {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    try:
+        values = {} if disabled else {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8: a mistake, not a crash
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        _exit_with(str(SettingsError([f"{env_file}: cannot be read ({reason})"])))
     values.update(os.environ)
     return values
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by `***`, for messages and logs: in the user part, and in
-    the query string, where libpq and asyncpg also read one (`?password=...`)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "***"
-    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
-    if password is None and query == parts.query:
-        return url
-    netloc = parts.netloc
-    if password is not None:
-        netloc = netloc.rpartition("@")[0].partition(":")[0] + ":***@" + netloc.rpartition("@")[2]
-    return parts._replace(netloc=netloc, query=query).geturl()
+    """The URL with its passwords replaced by `***`, for messages and logs, however malformed it is.
+
+    Everything between the scheme and the last `@` but the user name is masked, so a password
+    with an unescaped `/`, `#` or `?` (a URL that does not parse) cannot show; so is every
+    `password=` and `sslpassword=` (the query string, or libpq's `key=value` form).
+    """
+    masked = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, separator, rest = masked.partition("://") if "://" in masked else ("", "", masked)
+    credentials, at, place = rest.rpartition("@")
+    if at and ":" in credentials:
+        rest = f"{credentials.partition(':')[0]}:***@{place}"
+    return f"{scheme}{separator}{rest}"
 
 
 def _passwords(url: str) -> list[str]:

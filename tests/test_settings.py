@@ -8,7 +8,15 @@ import msgspec
 import pytest
 from dotenv import dotenv_values
 
-from settings import DEFAULT_LOG_FORMAT, Settings, SettingsError, load_settings, mask_url, read_environment
+from settings import (
+    CONFIGURATION_ERROR,
+    DEFAULT_LOG_FORMAT,
+    Settings,
+    SettingsError,
+    load_settings,
+    mask_url,
+    read_environment,
+)
 
 GOOD_KEY = "k" * 20 + "Zq81-x_m3LpRt0wY"  # 36 characters, no placeholder
 PRODUCTION = {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
@@ -280,6 +288,40 @@ def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
     assert {"Qu%40ry-Secret-99", "Qu@ry-Secret-99"} <= set(load_settings({"DATABASE_URL": url}).secrets)
     [problem] = problems({"DATABASE_URL": "postgresql://app@db:99999/prod?password=Qu-Secret-99"})
     assert problem == "DATABASE_URL='postgresql://app@db:99999/prod?password=***': has an invalid port"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "app:TopSecretPw1@db.internal:5432/app",  # no scheme
+        "postgresql//app:TopSecretPw1@db.internal/app",
+        "postgresql://app:Top/SecretPw1@db.internal:5432/app",  # an unescaped `/`: the URL does not parse
+        "postgresql://app:Top#Secret?Pw1@db.internal:5432/app",
+        "host=db.internal user=app password=TopSecretPw1 dbname=app",  # libpq's keyword form
+        "postgresql://app@db:99999/app?sslpassword=TopSecretPw1",
+    ],
+)
+def test_a_refused_database_url_never_shows_its_password(url: str) -> None:
+    """However malformed the URL, the refusal shows it with the password masked, never in clear."""
+    [problem] = problems({"DATABASE_URL": url})
+    assert problem.startswith("DATABASE_URL='")
+    assert "Secret" not in problem
+    assert "***" in problem
+
+
+def test_an_unreadable_dotenv_is_one_message_and_exit_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `.env` that is not UTF-8 is a configuration mistake, not a traceback (and uvicorn stops its workers)."""
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"APP_NAME=caf\xe9\n")
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        read_environment(env_file)
+    assert exit_.value.code == CONFIGURATION_ERROR
+    assert (
+        capsys.readouterr().err == f"Invalid settings (1 problem(s)):\n  {env_file}: cannot be read (not UTF-8 text)\n"
+    )
 
 
 def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
