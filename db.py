@@ -61,14 +61,31 @@ class _Connection(asyncpg.Connection):
     asyncpg's reset rolls back and closes cursors, LISTEN, settings and advisory locks. It
     leaves the role (`SET ROLE`, `SET SESSION AUTHORIZATION`: a tenant's role for row-level
     security would carry over to the next request) and temporary tables (one request's rows
-    readable by the next). Same round trip: the statements join asyncpg's in one query.
+    readable by the next). Same round trip: the statements join asyncpg's in one query, with
+    `CLIENT_CHECK` again after its `RESET ALL`.
     """
 
+    _service_reset: str | None = None
+
     def get_reset_query(self) -> str:
-        reset: str = super().get_reset_query()
-        if "RESET ALL" not in reset:  # not PostgreSQL itself (no such statements): as asyncpg decided
-            return reset
-        return f"SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n{reset}\nDISCARD TEMP;"
+        if self._service_reset is None:
+            reset: str = super().get_reset_query()
+            if "RESET ALL" in reset:  # PostgreSQL itself (not a look-alike without these statements)
+                reset = f"SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n{reset}\nDISCARD TEMP;{client_check(self)}"
+            self._service_reset = reset
+        return self._service_reset
+
+
+# A connection closed mid-query (a request cancelled or timed out: the connection is dropped at
+# once) leaves its backend running the query, a write that may still commit after the client was
+# told 504, and one backend more than the pool holds. Told to check every second that its client
+# is still there, the server ends such a query and rolls it back (PostgreSQL 14 and later).
+CLIENT_CHECK = "SET client_connection_check_interval = 1000;"
+
+
+def client_check(conn: Connection) -> str:
+    """`CLIENT_CHECK` for servers that have the setting, else nothing."""
+    return f"\n{CLIENT_CHECK}" if conn.get_server_version().major >= 14 else ""
 
 
 class PoolUsage(msgspec.Struct):
@@ -237,6 +254,13 @@ class Database:
             self._connections.discard(conn)  # the server closed it while it was idle
         conn = await asyncpg.connect(self.dsn, **self.connect_options)
         self._connections.add(conn)
+        try:
+            if check := client_check(conn):
+                await conn.execute(check)
+        except BaseException:
+            self._connections.discard(conn)
+            _discard(conn)
+            raise
         return conn
 
     async def _give_back(self, conn: Connection, stateless: bool) -> None:

@@ -174,6 +174,38 @@ async def own_oserror(ctx: Context) -> Seen:
         raise FileNotFoundError(2, "No such file or directory", "/nonexistent/config.json")
 
 
+@session.post("/session/late-write", summary="A write that waits for a lock longer than the request may")
+async def write_too_late(ctx: Context) -> Seen:
+    async with ctx.connection() as conn, asyncio.timeout(0.5):
+        await conn.execute("UPDATE counters SET value = value + 1")
+    raise AssertionError("the row is locked")
+
+
+@pytest.mark.anyio
+async def test_a_write_whose_request_timed_out_never_commits_later(database_url: str) -> None:
+    """The client is told 504; the query it left behind on the server is ended and rolled back, not
+    committed once the lock it waited for is released, and no backend outlives the pool's connection."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("CREATE TABLE counters (value int NOT NULL); INSERT INTO counters VALUES (0)")
+        settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
+        async with admin.transaction():
+            await admin.execute("SELECT * FROM counters FOR UPDATE")  # held while the request waits
+            async with serve(create_app(settings, endpoints=[session])) as client:
+                response = await client.post("/session/late-write")
+                await asyncio.sleep(2.5)  # the server checks its clients every second
+                left = await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", settings.app_name
+                )
+        await asyncio.sleep(0.5)  # the lock is released: a query still waiting would commit now
+        value = await admin.fetchval("SELECT value FROM counters")
+    finally:
+        await admin.close()
+    assert (response.status_code, response.json()["error"]) == (504, "TIMEOUT_ERROR")
+    assert left == 0
+    assert value == 0
+
+
 @pytest.mark.anyio
 async def test_a_requests_role_and_temporary_tables_do_not_reach_the_next_request(database_url: str) -> None:
     """asyncpg's reset leaves `SET ROLE` and temp tables: a tenant's role or rows would reach the next request."""
