@@ -49,6 +49,9 @@ MESSAGES = {
 DATABASE_RETRY_AFTER = 5  # seconds: long enough for a pool to reconnect after a restart
 
 
+SHUTTING_DOWN = "Service is shutting down"  # readiness while draining, and a request cut short by the shutdown
+
+
 class FieldError(msgspec.Struct):
     field: str
     message: str

@@ -15,12 +15,12 @@ import msgspec
 from starlette.types import Receive, Scope, Send
 
 from db import NOT_CONFIGURED, Database, PoolUsage
+from errors import SHUTTING_DOWN
 from responses import ENCODER, JSON_HEADERS, send_bytes, utc_timestamp
 from settings import Settings
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 MigrationStatus = Literal["up_to_date", "pending", "unknown"]
-SHUTTING_DOWN = "Service is shutting down"
 _HEADERS = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 logger = logging.getLogger("service.health")
 

@@ -12,6 +12,7 @@ certain 404s without the router), and the router.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import random
@@ -26,7 +27,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
-from errors import EXCEPTION_HANDLERS, MESSAGES, PayloadTooLargeError, error_response, handler_for, server_error
+from errors import (
+    EXCEPTION_HANDLERS,
+    MESSAGES,
+    SHUTTING_DOWN,
+    PayloadTooLargeError,
+    error_response,
+    handler_for,
+    server_error,
+)
 from logs import REQUEST, log_access, printable
 from routing import route_for
 
@@ -133,6 +142,12 @@ class RequestContext:
             await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
         except ClientDisconnect:  # gone while sending its body: nobody to answer, and no fault of ours
             status = status or CLIENT_CLOSED_REQUEST
+        except asyncio.CancelledError:  # the server, shutting down, gave up waiting for this request
+            if status:
+                raise  # too late for an answer: the server closes the connection
+            # The client gets the envelope, not the server's plain-text 500; it may retry elsewhere.
+            refusal = error_response(503, "SERVICE_UNAVAILABLE", SHUTTING_DOWN, headers=_CLOSE)
+            await refusal(scope, receive, send_with_context)
         except Exception as exc:  # the boundary: every error is answered with the envelope
             if status:
                 logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))

@@ -172,7 +172,14 @@ def test_a_request_that_never_ends_cannot_hold_the_shutdown_back(tmp_path: Path)
             finally:
                 stop.set()
                 sender.join()
+            answer = sock.recv(65536)
         assert 1 + 2 <= time.monotonic() - signalled < 1 + 2 + 3  # the drain, the bound, then the pool's close
     finally:
         server.kill()
     assert "timeout graceful shutdown exceeded" in server.output()
+    # The request cut short is answered with the envelope (not the server's plain text), and logged as such.
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(body)["error"] == "SERVICE_UNAVAILABLE"
+    assert json.loads(body)["message"] == "Service is shutting down"
+    assert "POST /items 503 " in server.output()
