@@ -35,7 +35,7 @@ CONFIGURATION_ERROR = 3
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
 _QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)([^&\s]*)")
-_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
 _DEVELOPMENT: Environment = "development"
 _ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -338,6 +338,15 @@ def _log_format(raw: str) -> str:
     return raw
 
 
+def _as_sent(origin: str) -> str:
+    """An origin as a browser sends it: scheme and host in lowercase, without the scheme's default port."""
+    origin = origin.strip().lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     if raw.startswith("["):
         try:
@@ -348,8 +357,10 @@ def _origins(raw: str) -> tuple[str, ...]:
             raise ValueError("must be a JSON list of strings or a comma-separated list")
     else:
         items = raw.split(",")
-    origins = tuple(item.strip() for item in items if item.strip())
+    origins = tuple(_as_sent(item) for item in items if item.strip())
     bad = [o for o in origins if o != "*" and not _ORIGIN.match(o)]
     if bad:
-        raise ValueError(f"each origin must be '*' or scheme://host[:port] with no path (bad: {', '.join(bad)})")
+        raise ValueError(
+            f"each origin must be '*' or scheme://host[:port], with no path, user or wildcard (bad: {', '.join(bad)})"
+        )
     return origins

@@ -164,6 +164,18 @@ def test_cors_origins_accept_json_and_comma_lists() -> None:
     assert load_settings({"CORS_ORIGINS": "https://a.example, http://localhost:8080"}).cors_origins == expected
 
 
+def test_cors_origins_are_read_as_browsers_send_them() -> None:
+    """Lowercase, without the default port: `Origin: https://a.example` matches what was configured."""
+    origins = load_settings({"CORS_ORIGINS": "HTTPS://A.Example:443, http://B.example:80, http://c.example:8080"})
+    assert origins.cors_origins == ("https://a.example", "http://b.example", "http://c.example:8080")
+
+
+@pytest.mark.parametrize("origin", ["https://*.example.com", "https://user:pw@a.example"])
+def test_cors_origins_that_no_browser_sends_are_refused(origin: str) -> None:
+    [problem] = problems({"CORS_ORIGINS": origin})
+    assert "each origin must be '*' or scheme://host[:port], with no path, user or wildcard" in problem
+
+
 def test_cors_origin_with_a_path_is_refused() -> None:
     """A trailing slash never matches a browser's Origin header, so it is an error, not a silent miss."""
     [problem] = problems({"CORS_ORIGINS": "https://a.example/"})
