@@ -6,6 +6,7 @@ variable at once; cross-variable rules live in `_check_environment_rules`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 Environment = Literal["development", "staging", "production"]
 T = TypeVar("T")
@@ -34,6 +36,7 @@ CONFIGURATION_ERROR = 3
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
+_ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
 _QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)([^&\s]*)")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
 _DEVELOPMENT: Environment = "development"
@@ -125,13 +128,28 @@ def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
     `PYTHON_DOTENV_DISABLED=1`, python-dotenv's own switch, leaves the file out (the tests set it).
     """
     disabled = os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y")
-    try:
-        values = {} if disabled else {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-    except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8: a mistake, not a crash
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        _exit_with(str(SettingsError([f"{env_file}: cannot be read ({reason})"])))
+    path = Path(env_file)
+    values: dict[str, str] = {}
+    if not disabled and path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # python-dotenv's reading, a BOM aside
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8: a mistake, not a crash
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            _exit_with(str(SettingsError([f"{env_file}: cannot be read ({reason})"])))
+        # python-dotenv skips a line it cannot parse with a warning, and start-up would go on
+        # without it: an unclosed quote on `ENVIRONMENT="production` would start a development server.
+        if unparsed := [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]:
+            _exit_with(str(SettingsError([_unparsed(env_file, line.line, line.string) for line in unparsed])))
+        values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
     values.update(os.environ)
     return values
+
+
+def _unparsed(env_file: str | Path, number: int, text: str) -> str:
+    """A `.env` line python-dotenv cannot parse, named by its variable, never its value (it may be a secret)."""
+    name = _ENV_NAME.match(text)
+    where = f"{env_file}, line {number}" + (f" ({name[1]})" if name else "")
+    return f"{where}: cannot be parsed as NAME=value (an unclosed quote?)"
 
 
 def mask_url(url: str) -> str:

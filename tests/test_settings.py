@@ -336,6 +336,22 @@ def test_an_unreadable_dotenv_is_one_message_and_exit_3(
     )
 
 
+def test_a_dotenv_line_that_cannot_be_parsed_stops_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """python-dotenv would skip it and start without it: here an unclosed quote is refused, named, not shown."""
+    env_file = tmp_path / ".env"
+    env_file.write_text('DEBUG=false\nexport SECRET_KEY="s3cr3t-value\nENVIRONMENT=production\n')
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        read_environment(env_file)
+    assert exit_.value.code == CONFIGURATION_ERROR
+    assert capsys.readouterr().err.splitlines() == [  # the quote runs on to the end: one problem
+        "Invalid settings (1 problem(s)):",
+        f"  {env_file}, line 2 (SECRET_KEY): cannot be parsed as NAME=value (an unclosed quote?)",
+    ]
+
+
 def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`.env` is only a fallback: a real variable always wins."""
     env_file = tmp_path / ".env"
