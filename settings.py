@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 from dotenv import dotenv_values
@@ -36,6 +36,8 @@ CONFIGURATION_ERROR = 3
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
+_ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
 _QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)([^&\s]*)")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
@@ -300,9 +302,19 @@ def _database_url(raw: str) -> str:
     if "://" not in raw or scheme not in DATABASE_SCHEMES:
         raise ValueError("must start with postgresql://, postgres:// or postgresql+asyncpg://")
     try:
-        urlsplit(raw).port  # noqa: B018 - parsing the port is the check
+        parts = urlsplit(raw)
     except ValueError:
-        raise ValueError("has an invalid port") from None
+        raise ValueError(f"is not a valid URL ({_ESCAPE_HINT})") from None
+    # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        port = host.rpartition("]")[2].partition(":")[2]
+        if port and not port.isdigit():  # `app:pass/word@db`: the password's `:` read as the port's
+            raise ValueError(f"has an invalid port ({_ESCAPE_HINT})")
+        if port and not 0 < int(port) < 65536:
+            raise ValueError("has an invalid port")
+    sslmode = parse_qs(parts.query).get("sslmode", [None])[-1]
+    if sslmode is not None and sslmode not in SSL_MODES:
+        raise ValueError(f"has an unknown sslmode (one of {', '.join(SSL_MODES)})")
     return raw
 
 

@@ -321,6 +321,37 @@ def test_a_refused_database_url_never_shows_its_password(url: str) -> None:
     assert "***" in problem
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:pw@db1:5432,db2:5433/app",  # libpq's failover form
+        "postgresql://app:pw@db1,[::1]:5433/app",
+        "postgresql://app:pw@db/app?sslmode=verify-full",
+        "postgresql:///app?host=/run/postgresql",
+    ],
+)
+def test_database_urls_that_asyncpg_connects_with_are_accepted(url: str) -> None:
+    assert load_settings({"DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("postgresql://app:pw@db1:5432,db2:99999/app", "has an invalid port"),
+        ("postgresql://app:pw@db/app?sslmode=bogus", "has an unknown sslmode (one of disable, allow, prefer, "
+                                                    "require, verify-ca, verify-full)"),
+        ("postgresql://app:pass/word@db/app", "has an invalid port (a password holding one of / ? # @ [ ] : "
+                                              "must be percent-encoded)"),
+    ],
+)  # fmt: skip
+def test_database_urls_that_could_never_connect_are_refused_with_the_reason(url: str, rule: str) -> None:
+    """Refused at start-up, rather than every probe failing with a configuration error."""
+    [problem] = problems({"DATABASE_URL": url})
+    assert problem.endswith(f"': {rule}")
+    assert ":pw@" not in problem
+    assert "pass/word" not in problem
+
+
 def test_an_unreadable_dotenv_is_one_message_and_exit_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
