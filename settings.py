@@ -7,6 +7,7 @@ variable at once; cross-variable rules live in `_check_environment_rules`.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ CONFIGURATION_ERROR = 3
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 _ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
@@ -217,7 +220,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         database_health_check_timeout=get("DATABASE_HEALTH_CHECK_TIMEOUT", _bounded(float, 1, 60)),
         enable_docs=get("ENABLE_DOCS", _boolean, not production),
         enable_metrics=get("ENABLE_METRICS", _boolean),
-        host=get("HOST", _non_empty),
+        host=get("HOST", _host),
         port=get("PORT", _bounded(int, 1, 65535)),
         web_concurrency=get("WEB_CONCURRENCY", _bounded(int, 1, 64)),
         max_request_head_bytes=get("MAX_REQUEST_HEAD_BYTES", _bounded(int, 1024, 1048576)),
@@ -280,6 +283,17 @@ def _variable(problem: str) -> str:
 def _non_empty(raw: str) -> str:
     if not raw:
         raise ValueError("must not be empty")
+    return raw
+
+
+def _host(raw: str) -> str:
+    """An address to bind: an IPv4 or IPv6 address, or a host name; no port (that is `PORT`)."""
+    raw = _non_empty(raw)
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(raw):
+            raise ValueError("must be an IP address or a host name, without a port (that is PORT)") from None
     return raw
 
 

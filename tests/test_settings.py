@@ -352,6 +352,19 @@ def test_database_urls_that_could_never_connect_are_refused_with_the_reason(url:
     assert "pass/word" not in problem
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1", "::1", "localhost", "api-1.internal.example"])  # noqa: S104 - read, not bound
+def test_host_takes_addresses_and_names(host: str) -> None:
+    assert load_settings({"HOST": host}).host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0:80", "not a host!!", "[::1]", "-bad.example"])
+def test_host_with_a_port_or_not_a_name_is_refused(host: str) -> None:
+    """Refused with the other settings, before binding, rather than an error from the server naming no variable."""
+    assert problems({"HOST": host}) == [
+        f"HOST={host!r}: must be an IP address or a host name, without a port (that is PORT)"
+    ]
+
+
 def test_an_unreadable_dotenv_is_one_message_and_exit_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
