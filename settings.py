@@ -36,7 +36,10 @@ MIN_SECRET_KEY_LENGTH = 32
 CONFIGURATION_ERROR = 3
 # Placeholders that appear in documentation and templates; a key containing one is not secret.
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
-                           "secret-key-here", "replace-me", "placeholder", "example")  # fmt: skip
+                           "secret-key-here", "replace-me", "placeholder", "example", "insecure", "goes-here",
+                           "todo")  # fmt: skip
+# `'a' * 32` or `'secret' * 6` is long enough and still guessed at once; 32 hex digits have about 15.
+MIN_SECRET_KEY_CHARACTERS = 10
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 _ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
@@ -272,6 +275,12 @@ def _check_environment_rules(s: Settings) -> list[str]:
         )
     elif any(p in s.secret_key.lower() for p in SECRET_KEY_PLACEHOLDERS):
         problems.append(f"SECRET_KEY='***': looks like a documentation placeholder; generate a real key {where}")
+    elif (distinct := len(set(s.secret_key))) < MIN_SECRET_KEY_CHARACTERS:
+        problems.append(
+            f"SECRET_KEY='***' ({distinct} different characters): too predictable, must use at least "
+            f"{MIN_SECRET_KEY_CHARACTERS} {where}; generate one, e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(48))'"
+        )
     return problems
 
 

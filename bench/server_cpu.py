@@ -46,7 +46,7 @@ def run_once(argv: list[str], route: str, log: Path) -> tuple[float, float, int]
         **os.environ,
         "DATABASE_URL": "postgresql://bench:unused@127.0.0.1:1/unused",
         "ENVIRONMENT": "production",
-        "SECRET_KEY": "bench-" + "x" * 40,
+        "SECRET_KEY": "bench-" + "Mw7Qk2Zt9Xr4Lp1Vn6Hd" * 2,
         "LOG_JSON": "true",
         "SHUTDOWN_DRAIN_SECONDS": "0",
         "PORT": str(PORT),

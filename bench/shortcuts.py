@@ -96,7 +96,7 @@ SHORTCUTS: dict[str, tuple[Callable[[], Any], list[str]]] = {
 
 
 async def measure(path: str, requests: int) -> float:
-    settings = Settings(environment="production", secret_key="bench-" + "x" * 40, log_json=True)
+    settings = Settings(environment="production", secret_key="bench-" + "Mw7Qk2Zt9Xr4Lp1Vn6Hd" * 2, log_json=True)
     app = create_app(settings)
     state, inbox = await inprocess.lifespan_state(app)
     try:

@@ -29,7 +29,11 @@ MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
 # schemas kubernetes-validate ships. Its schemas are files inside the package: no network.
 OLDEST_KUBERNETES = "1.25"
 NEWEST_KUBERNETES = ".".join(kubernetes_validate.latest_version().split(".")[:2])
-PRODUCTION = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db", "SECRET_KEY": "k" * 48}
+PRODUCTION = {
+    "ENVIRONMENT": "production",
+    "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db",
+    "SECRET_KEY": "deploy-" + "Vq3Lx8Tz1Nw5Rb7Kc2Hm6" * 2,
+}
 
 
 def instructions() -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ HOSTILE_DOTENV = (
 )
 HOSTILE_SHELL = {
     "DATABASE_URL": "postgresql://dev:dev@127.0.0.1:1/dev",
-    "SECRET_KEY": "d" * 48,
+    "SECRET_KEY": "isolation-" + "Gd5Nq8Wt2Lx6Zr1Vk4Hc" * 2,
     "ENVIRONMENT": "staging",
     "LOG_JSON": "true",
     "PGHOST": "/nonexistent",

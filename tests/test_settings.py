@@ -261,6 +261,14 @@ def test_production_refuses_a_placeholder_secret_key() -> None:
     assert problem.startswith("SECRET_KEY='***': looks like a documentation placeholder")
 
 
+@pytest.mark.parametrize("key", ["a" * 32, "secret" * 6, "password" * 4, "0123456" * 5])
+def test_a_secret_key_of_few_different_characters_is_refused_in_production(key: str) -> None:
+    """Long enough, and still guessed at once: refused, without showing it."""
+    [problem] = problems({**PRODUCTION, "SECRET_KEY": key})
+    assert problem.startswith(f"SECRET_KEY='***' ({len(set(key))} different characters): too predictable")
+    assert key not in problem
+
+
 def test_every_problem_is_reported_at_once() -> None:
     """One start-up attempt names every offending variable."""
     env = {"ENVIRONMENT": "production", "DEBUG": "yes", "DATABASE_POOL_SIZE": "0", "CORS_ORIGINS": "*"}
