@@ -239,7 +239,7 @@ def server_error(exc: BaseException, *, debug: bool) -> Response:
     return error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)
 
 
-def handler_for(handlers: Mapping[Any, ExceptionHandler], exc: Exception) -> ExceptionHandler | None:
+def handler_for(handlers: Mapping[Any, ExceptionHandler], exc: BaseException) -> ExceptionHandler | None:
     """The handler registered for `exc`, as Starlette looks it up: an `HTTPException` by its status
     first, else the nearest class in its MRO; None when nothing handles it (a 500)."""
     if isinstance(exc, HTTPException) and exc.status_code in handlers:

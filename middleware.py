@@ -142,21 +142,22 @@ class RequestContext:
             await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
         except ClientDisconnect:  # gone while sending its body: nobody to answer, and no fault of ours
             status = status or CLIENT_CLOSED_REQUEST
-        except asyncio.CancelledError:  # the server, shutting down, gave up waiting for this request
+        except (Exception, asyncio.CancelledError) as exc:  # the boundary: every error is answered with the envelope
+            # This request's own task cancelled is the server giving up on it at shutdown; a
+            # cancellation from something the handler awaited is the handler's bug, like any other.
+            shutdown = isinstance(exc, asyncio.CancelledError) and _being_cancelled()
             if status:
-                raise  # too late for an answer: the server closes the connection
-            # The client gets the envelope, not the server's plain-text 500; it may retry elsewhere.
-            refusal = error_response(503, "SERVICE_UNAVAILABLE", SHUTTING_DOWN, headers=_CLOSE)
-            await refusal(scope, receive, send_with_context)
-        except Exception as exc:  # the boundary: every error is answered with the envelope
-            if status:
-                logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))
+                if not shutdown:
+                    logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))
                 raise  # too late for a response of our own; the server closes the connection
-            try:
-                response = await self._error_response(scope, receive, exc)
-            except Exception:  # a handler that fails, or an envelope that cannot be encoded: still ours
-                logger.exception("The error response to %s %s failed", scope["method"], printable(scope["path"]))
-                response = server_error(exc, debug=self.debug)
+            if shutdown:  # the envelope, not the server's plain-text 500: the client may retry elsewhere
+                response: ASGIApp = error_response(503, "SERVICE_UNAVAILABLE", SHUTTING_DOWN, headers=_CLOSE)
+            else:
+                try:
+                    response = await self._error_response(scope, receive, exc)
+                except Exception:  # a handler that fails, or an envelope that cannot be encoded: still ours
+                    logger.exception("The error response to %s %s failed", scope["method"], printable(scope["path"]))
+                    response = server_error(exc, debug=self.debug)
             if has_origin and self.cors is not None:  # a browser reads an error only with its CORS headers
                 response = self.cors(response)
             await response(scope, receive, send_with_context)
@@ -169,7 +170,7 @@ class RequestContext:
                 log_access(scope, status, seconds, request_id)
             REQUEST.reset(token)
 
-    async def _error_response(self, scope: Scope, receive: Receive, exc: Exception) -> ASGIApp:
+    async def _error_response(self, scope: Scope, receive: Receive, exc: BaseException) -> ASGIApp:
         """The envelope for `exc`: its handler's answer; an unhandled one is logged with its traceback
         and answered by the handler registered for 500, as in Starlette, else by our 500."""
         handler = handler_for(self.handlers, exc)
@@ -181,6 +182,12 @@ class RequestContext:
         response = handler(Request(scope, receive), exc)  # type: ignore[arg-type]  # http: never a WebSocket one
         answer = await response if inspect.isawaitable(response) else response
         return answer or server_error(exc, debug=self.debug)  # a handler that returned nothing
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself has been asked to stop (not merely handed a CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def new_request_id() -> str:

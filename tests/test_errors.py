@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import msgspec
@@ -13,7 +15,7 @@ from service import make_settings, serve
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import Endpoints
 from app import create_app
@@ -74,6 +76,20 @@ async def too_slow() -> Done:
 @raising_routes.get("/decode-bug", summary="A handler decoding its own data wrongly")
 async def decode_bug() -> Done:
     msgspec.json.decode(b'{"quantity": "three"}', type=Order)  # e.g. a jsonb column of the wrong shape
+    return Done()
+
+
+@raising_routes.get("/awaits-cancelled", summary="A handler awaiting a task cancelled elsewhere")
+async def await_a_cancelled_task() -> Done:
+    helper = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+    helper.cancel()
+    await helper  # raises CancelledError here, though nobody cancelled this request
+    return Done()
+
+
+@raising_routes.get("/waits", summary="A handler that waits until its request is cancelled")
+async def wait_for_ever() -> Done:
+    await asyncio.sleep(3600)
     return Done()
 
 
@@ -144,6 +160,44 @@ async def test_500_keeps_request_id_and_cors_headers() -> None:
     assert response.headers["x-request-id"] == "trace-500"
     assert response.headers["access-control-allow-origin"] == ORIGIN
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_a_handler_awaiting_a_task_cancelled_elsewhere_is_a_500_not_a_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The CancelledError is the handler's bug: the 500 envelope and its traceback, not 'shutting down'."""
+    async with client_for() as client:
+        response = await client.get("/awaits-cancelled")
+    assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [asyncio.CancelledError]
+
+
+async def test_a_request_the_server_cancels_is_the_503_envelope_with_its_cors_headers() -> None:
+    """What uvicorn does at the end of a graceful shutdown's wait: cancel the request's task."""
+    app = create_app(make_settings(), endpoints=[raising_routes])
+    sent: list[Message] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"test"), (b"origin", ORIGIN.encode())]
+    scope = {"type": "http", "method": "GET", "path": "/waits", "raw_path": b"/waits", "root_path": "",
+             "query_string": b"", "headers": headers, "state": {"started_at": 0.0}, "scheme": "http",
+             "http_version": "1.1", "server": ("test", 80), "client": ("127.0.0.1", 1),
+             "asgi": {"version": "3.0"}}  # fmt: skip
+    request = asyncio.get_running_loop().create_task(app(scope, receive, send))
+    await asyncio.sleep(0.1)
+    request.cancel()
+    await request  # answered, not cancelled: the server's task ends as it would with any answer
+    start, body = sent
+    response_headers = {name.decode(): value.decode() for name, value in start["headers"]}
+    assert start["status"] == 503
+    assert msgspec.json.decode(body["body"])["message"] == "Service is shutting down"
+    assert response_headers["access-control-allow-origin"] == ORIGIN
+    assert response_headers["connection"] == "close"
 
 
 async def test_malformed_json_body_is_400_validation_error() -> None:
