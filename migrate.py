@@ -78,7 +78,8 @@ def new(directory: Path, stem: str, latest: str | None) -> tuple[Path, Path]:
 
 
 def yoyo_url(url: str) -> str:
-    """The app's URL for yoyo's psycopg 3 backend: only the scheme changes (plus a connect timeout).
+    """The app's URL for yoyo's psycopg 3 backend: the scheme changes (plus a connect timeout, and
+    several hosts become libpq's `host=` and `port=` lists).
 
     `postgresql://` would select psycopg2, which is not installed; yoyo unquotes the user and
     password itself and hands query parameters to `psycopg.connect`.
@@ -87,7 +88,21 @@ def yoyo_url(url: str) -> str:
     query = parse_qsl(parts.query, keep_blank_values=True)
     if not any(key == "connect_timeout" for key, _ in query):
         query.append(("connect_timeout", str(CONNECT_TIMEOUT)))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," in hosts:  # libpq's failover form, which yoyo cannot parse: libpq's own host= and port= lists
+        names, ports = zip(*(_host_and_port(host) for host in hosts.split(",")), strict=True)
+        query += [("host", ",".join(names)), ("port", ",".join(port or "5432" for port in ports))]
+        parts = parts._replace(netloc=userinfo + at)
     return parts._replace(scheme="postgresql+psycopg", query=urlencode(query)).geturl()
+
+
+def _host_and_port(host: str) -> tuple[str, str]:
+    """`db:5432` as (`db`, `5432`), `[::1]:5433` as (`::1`, `5433`); the port may be empty."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        return name, rest.removeprefix(":")
+    name, _, port = host.partition(":")
+    return name, port
 
 
 def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:

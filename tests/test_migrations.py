@@ -115,6 +115,17 @@ def test_commands_accept_every_url_form_the_app_accepts(database_url: str, schem
     assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "1 applied, 0 pending")
 
 
+def test_commands_take_libpqs_failover_form_of_the_url(database_url: str) -> None:
+    """Two hosts, the first down: the app's pool fails over to the second, and so do the commands."""
+    parts = urlsplit(database_url)
+    url = parts._replace(netloc=parts.netloc.replace(f"{parts.hostname}:", f"127.0.0.1:{free_port()},127.0.0.1:", 1))
+    assert "," in url.geturl()
+    migrate = run_db(url.geturl(), "migrate")
+    assert migrate.returncode == 0, migrate.stderr
+    status = run_db(url.geturl(), "status")
+    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "1 applied, 0 pending")
+
+
 @pytest.mark.anyio
 async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str, tmp_path: Path) -> None:
     """A file the database has not seen makes readiness degraded, naming it; `migrate` fixes that."""
