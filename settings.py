@@ -45,7 +45,7 @@ _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 _ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
-_QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)([^&\s]*)")
+_QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
 _DEVELOPMENT: Environment = "development"
 _ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
@@ -163,16 +163,24 @@ def _unparsed(env_file: str | Path, number: int, text: str) -> str:
 def mask_url(url: str) -> str:
     """The URL with its passwords replaced by `***`, for messages and logs, however malformed it is.
 
-    Everything between the scheme and the last `@` but the user name is masked, so a password
-    with an unescaped `/`, `#` or `?` (a URL that does not parse) cannot show; so is every
-    `password=` and `sslpassword=` (the query string, or libpq's `key=value` form).
+    The password of the user part is masked, and every `password=` and `sslpassword=` (the query
+    string, or libpq's `key=value` form, quoted or not). A URL that cannot be read for sure (an
+    `@` after the host: a password with an unescaped `/`, `#` or `?`, or an `@` in the query)
+    shows its scheme alone: masking too much there beats showing a password, or a wrong host.
     """
     masked = _QUERY_PASSWORD.sub(r"\1***", url)
-    scheme, separator, rest = masked.partition("://") if "://" in masked else ("", "", masked)
-    credentials, at, place = rest.rpartition("@")
-    if at and ":" in credentials:
-        rest = f"{credentials.partition(':')[0]}:***@{place}"
-    return f"{scheme}{separator}{rest}"
+    prefix = masked.partition("://")[0] + "://" if "://" in masked else ""
+    try:
+        netloc = urlsplit(masked).netloc
+    except ValueError:
+        return prefix + "***"
+    rest = masked[len(prefix) + len(netloc) :] if masked.startswith(prefix + netloc) else masked
+    if "@" in rest:
+        return prefix + "***"
+    userinfo, at, place = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{place}"
+    return prefix + netloc + rest
 
 
 def _passwords(url: str) -> list[str]:
@@ -182,7 +190,7 @@ def _passwords(url: str) -> list[str]:
         found = [parts.password] if parts.password else []
     except ValueError:
         return []
-    return found + [m.group(2) for m in _QUERY_PASSWORD.finditer(parts.query) if m.group(2)]
+    return found + [m.group(2).strip("'") for m in _QUERY_PASSWORD.finditer(parts.query) if m.group(2)]
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -301,7 +309,8 @@ def _host(raw: str) -> str:
     try:
         ipaddress.ip_address(raw)
     except ValueError:
-        if not _HOST_NAME.fullmatch(raw):
+        # A name's last label is never all digits (RFC 1123): `10.0.0.300` is a mistyped address.
+        if not _HOST_NAME.fullmatch(raw) or raw.rpartition(".")[2].isdigit():
             raise ValueError("must be an IP address or a host name, without a port (that is PORT)") from None
     return raw
 
@@ -328,10 +337,12 @@ def _database_url(raw: str) -> str:
         parts = urlsplit(raw)
     except ValueError:
         raise ValueError(f"is not a valid URL ({_ESCAPE_HINT})") from None
+    if "@" in parts.path or parts.fragment:  # `app:12/Secret@db`: the password's rest read as the path
+        raise ValueError(f"is not the URL it seems ({_ESCAPE_HINT})")
     # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
     for host in parts.netloc.rpartition("@")[2].split(","):
         port = host.rpartition("]")[2].partition(":")[2]
-        if port and not port.isdigit():  # `app:pass/word@db`: the password's `:` read as the port's
+        if port and not (port.isascii() and port.isdigit()):  # `app:pass/word@db`: the password's `:` as the port's
             raise ValueError(f"has an invalid port ({_ESCAPE_HINT})")
         if port and not 0 < int(port) < 65536:
             raise ValueError("has an invalid port")

@@ -18,6 +18,7 @@ from settings import (
     read_environment,
 )
 
+ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
 GOOD_KEY = "k" * 20 + "Zq81-x_m3LpRt0wY"  # 36 characters, no placeholder
 PRODUCTION = {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
 
@@ -301,6 +302,13 @@ def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("postgresql://db/prod") == "postgresql://db/prod"
 
 
+def test_an_at_sign_after_the_host_never_shows_another_host() -> None:
+    """`@` in the query cannot be told from a password with an unescaped `/`: the URL is shown masked whole."""
+    url = "postgresql://app:s3cret@db.example.com:5432/app?sslrootcert=/etc/ssl/me@corp/ca.pem"
+    assert mask_url(url) == "postgresql://***"
+    assert mask_url("postgresql://app:pw@db1:5432,[::1]:5433/app") == "postgresql://app:***@db1:5432,[::1]:5433/app"
+
+
 def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
     """libpq and asyncpg read `?password=` too: it is masked in messages and redacted from logs."""
     url = "postgresql://app@db:5432/prod?sslmode=require&password=Qu%40ry-Secret-99"
@@ -319,6 +327,8 @@ def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
         "postgresql://app:Top#Secret?Pw1@db.internal:5432/app",
         "host=db.internal user=app password=TopSecretPw1 dbname=app",  # libpq's keyword form
         "postgresql://app@db:99999/app?sslpassword=TopSecretPw1",
+        "host=db user=app password='Top Secret Pw1' dbname=app",  # quoted, with blanks
+        "postgresql://app:12/Secret@db:99999/app",  # `12` read as a port, the rest as the path
     ],
 )
 def test_a_refused_database_url_never_shows_its_password(url: str) -> None:
@@ -348,8 +358,9 @@ def test_database_urls_that_asyncpg_connects_with_are_accepted(url: str) -> None
         ("postgresql://app:pw@db1:5432,db2:99999/app", "has an invalid port"),
         ("postgresql://app:pw@db/app?sslmode=bogus", "has an unknown sslmode (one of disable, allow, prefer, "
                                                     "require, verify-ca, verify-full)"),
-        ("postgresql://app:pass/word@db/app", "has an invalid port (a password holding one of / ? # @ [ ] : "
-                                              "must be percent-encoded)"),
+        ("postgresql://app:pass/word@db/app", f"is not the URL it seems ({ESCAPE_HINT})"),
+        ("postgresql://app:pw@db:\u0665\u0664\u0663\u0662/app", f"has an invalid port ({ESCAPE_HINT})"),  # Arabic-Indic
+        ("postgresql://app:pw@db:5x32/app", f"has an invalid port ({ESCAPE_HINT})"),
     ],
 )  # fmt: skip
 def test_database_urls_that_could_never_connect_are_refused_with_the_reason(url: str, rule: str) -> None:
@@ -365,7 +376,7 @@ def test_host_takes_addresses_and_names(host: str) -> None:
     assert load_settings({"HOST": host}).host == host
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0:80", "not a host!!", "[::1]", "-bad.example"])
+@pytest.mark.parametrize("host", ["0.0.0.0:80", "not a host!!", "[::1]", "-bad.example", "10.0.0.300", "256.1.1.1"])
 def test_host_with_a_port_or_not_a_name_is_refused(host: str) -> None:
     """Refused with the other settings, before binding, rather than an error from the server naming no variable."""
     assert problems({"HOST": host}) == [
