@@ -66,12 +66,14 @@ class _Connection(asyncpg.Connection):
     """
 
     _service_reset: str | None = None
+    checks_client = False  # whether the server took `CLIENT_CHECK` when the connection opened
 
     def get_reset_query(self) -> str:
         if self._service_reset is None:
             reset: str = super().get_reset_query()
             if "RESET ALL" in reset:  # PostgreSQL itself (not a look-alike without these statements)
-                reset = f"SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n{reset}\nDISCARD TEMP;{client_check(self)}"
+                check = f"\n{CLIENT_CHECK}" if self.checks_client else ""
+                reset = f"SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n{reset}\nDISCARD TEMP;{check}"
             self._service_reset = reset
         return self._service_reset
 
@@ -79,13 +81,9 @@ class _Connection(asyncpg.Connection):
 # A connection closed mid-query (a request cancelled or timed out: the connection is dropped at
 # once) leaves its backend running the query, a write that may still commit after the client was
 # told 504, and one backend more than the pool holds. Told to check every second that its client
-# is still there, the server ends such a query and rolls it back (PostgreSQL 14 and later).
+# is still there, the server ends such a query and rolls it back (PostgreSQL 14 and later; on
+# Windows the server refuses it, and the pool goes on without).
 CLIENT_CHECK = "SET client_connection_check_interval = 1000;"
-
-
-def client_check(conn: Connection) -> str:
-    """`CLIENT_CHECK` for servers that have the setting, else nothing."""
-    return f"\n{CLIENT_CHECK}" if conn.get_server_version().major >= 14 else ""
 
 
 class PoolUsage(msgspec.Struct):
@@ -136,6 +134,7 @@ class Database:
         self._connections: set[Connection] = set()  # every open one, idle or in use
         self._closing = False
         self._failure: str | None = None  # why the last block failed, until one goes through
+        self._client_check = True  # until the server refuses `CLIENT_CHECK`
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -252,16 +251,20 @@ class Database:
             if not conn.is_closed():
                 return conn
             self._connections.discard(conn)  # the server closed it while it was idle
-        conn = await asyncpg.connect(self.dsn, **self.connect_options)
-        self._connections.add(conn)
-        try:
-            if check := client_check(conn):
-                await conn.execute(check)
-        except BaseException:
-            self._connections.discard(conn)
-            _discard(conn)
-            raise
-        return conn
+        opened: _Connection = await asyncpg.connect(self.dsn, **self.connect_options)
+        self._connections.add(opened)
+        if self._client_check and opened.get_server_version().major >= 14:
+            try:
+                await opened.execute(CLIENT_CHECK)
+                opened.checks_client = True
+            except asyncpg.InvalidParameterValueError as exc:  # a platform without the check (Windows)
+                self._client_check = False
+                logger.warning("The database will not end queries whose request is gone: %s", _condition(exc))
+            except BaseException:
+                self._connections.discard(opened)
+                _discard(opened)
+                raise
+        return opened
 
     async def _give_back(self, conn: Connection, stateless: bool) -> None:
         if conn.is_closed() or self._closing:

@@ -18,6 +18,7 @@ import pytest
 from openapi_spec_validator import validate as validate_spec
 from service import ROOT, make_settings, serve
 
+import db
 from api import Context, Created, Endpoints
 from app import create_app
 from db import Connection
@@ -204,6 +205,22 @@ async def test_a_write_whose_request_timed_out_never_commits_later(database_url:
     assert (response.status_code, response.json()["error"]) == (504, "TIMEOUT_ERROR")
     assert left == 0
     assert value == 0
+
+
+@pytest.mark.anyio
+async def test_a_server_that_refuses_the_client_check_still_serves(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Windows servers refuse `client_connection_check_interval`: one warning, and requests go on without it."""
+    monkeypatch.setattr(db, "CLIENT_CHECK", "SET client_connection_check_interval = -1;")  # refused the same way
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="2")
+    async with serve(create_app(settings, endpoints=[session])) as client:
+        statuses = [(await client.get("/session")).status_code for _ in range(3)]
+        probe = (await client.get("/health/db")).json()
+    assert statuses == [200, 200, 200]
+    assert probe["database_connected"] is True
+    warnings = [r.getMessage() for r in caplog.records if r.name == "service.database"]
+    assert warnings == ["The database will not end queries whose request is gone: invalid parameter value"]
 
 
 @pytest.mark.anyio
