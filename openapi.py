@@ -162,7 +162,9 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
     )
     for op in operations.values():
         for param in op.parameters:
-            schemas.update(param.components)
+            for name, schema in param.components.items():
+                if schemas.setdefault(name, schema) != schema:  # two types, one name: one would replace the other
+                    raise ValueError(f"two types are named {name!r} in the OpenAPI document: rename one of them")
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if isinstance(route, Route):

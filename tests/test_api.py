@@ -499,6 +499,32 @@ async def test_a_number_that_is_not_finite_is_422_in_the_path_and_the_query(text
     assert (fine.status_code, fine.json()["name"]) == (200, "2.5 [1000.0]")
 
 
+class Elsewhere:
+    """Another module's names, as a team's two resources may have."""
+
+    class Pet(enum.Enum):  # the same name as this module's `Pet` Struct
+        CAT = "cat"
+        DOG = "dog"
+
+
+class ByKind(msgspec.Struct):
+    kind: Elsewhere.Pet = Elsewhere.Pet.CAT
+
+
+clash = Endpoints(tag="clash")
+
+
+@clash.get("/pets-by-kind", summary="Pets of a kind")
+async def pets_by_kind(query: ByKind) -> Pet:
+    return Pet(0, query.kind.value)
+
+
+def test_two_types_of_one_name_in_the_document_stop_start_up() -> None:
+    """An Enum parameter named like a body Struct would replace its schema: refused, not a wrong document."""
+    with pytest.raises(ValueError, match="two types are named 'Pet' in the OpenAPI document: rename one of them"):
+        create_app(make_settings(), endpoints=[pets, clash])
+
+
 @pytest.mark.anyio
 async def test_a_path_parameter_taking_slashes_is_documented_by_its_name() -> None:
     async with serve(create_app(make_settings(), endpoints=[pets])) as client:
