@@ -77,13 +77,18 @@ class HotPaths:
 def route_for(scope: Scope) -> BaseRoute | None:
     """The route the app's router would hand `scope` to (a full match, else the first partial
     one, which answers 405), without calling it: what a request refused before routing is
-    labelled by in the metrics."""
+    labelled by in the metrics. Under a `Mount`, the route inside it, as the router labels it."""
     router = getattr(scope.get("app"), "router", None)
+    return _route_among(router.routes, scope) if isinstance(router, Router) else None
+
+
+def _route_among(routes: list[BaseRoute], scope: Scope) -> BaseRoute | None:
     partial = None
-    for route in router.routes if isinstance(router, Router) else ():
-        match = route.matches(scope)[0]
+    for route in routes:
+        match, child = route.matches(scope)
         if match is Match.FULL:
-            return route
+            inner = route.routes if isinstance(route, Mount) else []
+            return (_route_among(inner, {**scope, **child}) if inner else None) or route
         if match is Match.PARTIAL and partial is None:
             partial = route
     return partial

@@ -11,6 +11,9 @@ import msgspec
 import pytest
 from service import SERVER_COMMANDS, make_settings, running_uvicorn, serve
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 from test_metrics import value
 
 from api import Endpoints
@@ -69,6 +72,24 @@ async def test_content_length_over_the_limit_is_refused_before_the_handler() -> 
     assert value(text, "http_requests_total", method="POST", route="/blobs", status="413") == 1
     assert value(text, "http_requests_total", method="PUT", route="/blobs", status="413") == 1
     assert value(text, "http_requests_total", method="POST", route=UNMATCHED, status="413") == 1
+
+
+@pytest.mark.anyio
+async def test_a_413_under_a_mount_is_counted_under_the_route_inside_it() -> None:
+    """As the router labels what it serves under a Mount: the inner route's template, one series for both."""
+
+    async def thing(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app = limited_app()
+    app.router.routes.append(Mount("/v2", routes=[Route("/things/{id}", thing, methods=["POST"])]))
+    async with serve(app) as client:
+        served = await client.post("/v2/things/1", content=b"{}")
+        refused = await client.post("/v2/things/1", content=b" " * (LIMIT + 1))
+        text = (await client.get("/metrics")).text
+    assert (served.status_code, refused.status_code) == (204, 413)
+    assert value(text, "http_requests_total", method="POST", route="/things/{id}", status="204") == 1
+    assert value(text, "http_requests_total", method="POST", route="/things/{id}", status="413") == 1
 
 
 @pytest.mark.anyio
