@@ -29,7 +29,7 @@ _MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")  # where msgspec says the prob
 # application/json, or a structured +json type (application/merge-patch+json), with any parameters.
 _JSON_MEDIA_TYPE = re.compile(r"\s*application/(?:[\w.-]+\+)?json\s*(?:;|$)", re.IGNORECASE)
 _CHARSET = re.compile(r';\s*charset\s*=\s*"?([^";\s]*)', re.IGNORECASE)  # JSON is UTF-8 (RFC 8259)
-_UTF8 = re.compile(r"utf-?8", re.IGNORECASE)
+_UTF8 = re.compile(r"utf-?8|us-ascii|ascii", re.IGNORECASE)  # ASCII text is UTF-8 too
 
 
 def path_binder(name: str, kind: Any) -> Binder:

@@ -138,7 +138,7 @@ def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
     disabled = os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y")
     path = Path(env_file)
     values: dict[str, str] = {}
-    if not disabled and path.is_file():
+    if not disabled and path.exists() and not path.is_dir():  # a file, or a pipe a secrets manager mounts
         try:
             text = path.read_text(encoding="utf-8-sig")  # python-dotenv's reading, a BOM aside
         except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8: a mistake, not a crash

@@ -117,6 +117,7 @@ async def test_a_body_that_is_not_json_is_400(migrated_url: str, content: bytes)
         ({"content-encoding": "gzip"}, 415, "send the body uncompressed, not 'gzip'"),
         ({"content-type": "application/json; charset=utf-8"}, 201, ""),
         ({"content-type": 'application/json;charset="UTF8"'}, 201, ""),
+        ({"content-type": "application/json; charset=US-ASCII"}, 201, ""),
         ({"content-type": "Application/JSON", "content-encoding": "identity"}, 201, ""),
         ({"content-type": "application/merge-patch+json"}, 201, ""),
     ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import msgspec
@@ -413,6 +415,19 @@ def test_a_dotenv_line_that_cannot_be_parsed_stops_start_up(
         "Invalid settings (1 problem(s)):",
         f"  {env_file}, line 2 (SECRET_KEY): cannot be parsed as NAME=value (an unclosed quote?)",
     ]
+
+
+def test_a_dotenv_mounted_as_a_pipe_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets managers may mount `.env` as a named pipe: read like a file."""
+    env_file = tmp_path / ".env"
+    os.mkfifo(env_file)
+    writer = threading.Thread(target=lambda: env_file.write_text("APP_NAME=from-a-pipe\n"))
+    writer.start()
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    try:
+        assert read_environment(env_file)["APP_NAME"] == "from-a-pipe"
+    finally:
+        writer.join(5)
 
 
 def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
