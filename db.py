@@ -380,7 +380,12 @@ def describe_failure(exc: BaseException) -> str:
         case asyncpg.InvalidSQLStatementNameError() | asyncpg.DuplicatePreparedStatementError():
             # The classic sign of a transaction-pooling PgBouncer in front of a statement cache.
             return PREPARED_STATEMENT_LOST
-        case asyncpg.ConnectionDoesNotExistError() | asyncpg.ConnectionFailureError() | asyncpg.AdminShutdownError():
+        case (
+            asyncpg.ConnectionDoesNotExistError()
+            | asyncpg.ConnectionFailureError()
+            | asyncpg.AdminShutdownError()
+            | asyncpg.InternalClientError()  # a terminated backend's goodbye, read before asyncpg noticed
+        ):
             return "Database connection lost"
         case ConnectionRefusedError():
             return "Database is unreachable: connection refused"

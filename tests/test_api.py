@@ -278,7 +278,9 @@ async def test_a_handlers_own_oserror_in_the_block_is_a_500_and_keeps_the_connec
 
 
 @pytest.mark.anyio
-async def test_backends_terminated_under_load_are_503s_never_500s(database_url: str) -> None:
+async def test_backends_terminated_under_load_are_503s_never_500s(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """A pooled connection whose server already said goodbye, before asyncpg noticed (its InternalClientError),
     is a lost connection: 503 and replaced, never a 500; the readiness probe retries on a fresh one."""
     settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="4")
@@ -310,6 +312,7 @@ async def test_backends_terminated_under_load_are_503s_never_500s(database_url: 
     assert set(statuses) <= {200, 503}
     # Twice in a row on a connection just terminated may still fail it, but as a lost connection.
     assert not [error for error in probes if "InternalClientError" in error]
+    assert not [r for r in caplog.records if "InternalClientError" in r.getMessage()]  # the log says it too
 
 
 @pytest.mark.anyio
