@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import msgspec
 
+from dsn import asyncpg_dsn
 from errors import (
     DATABASE_RETRY_AFTER,
     MESSAGES,
@@ -99,12 +100,6 @@ class Probe(msgspec.Struct):
     pool: PoolUsage
     applied_migrations: frozenset[str] | None = None
     error: str | None = None
-
-
-def asyncpg_dsn(url: str) -> str:
-    """The app accepts `postgresql+asyncpg://` (SQLAlchemy style); asyncpg itself does not."""
-    scheme, _, rest = url.partition("://")
-    return f"postgresql://{rest}" if scheme.lower() == "postgresql+asyncpg" else url
 
 
 class Database:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from settings import Redactor, Settings, SettingsError, load_settings, mask_url, read_environment
+from dsn import mask_url, yoyo_url
+from settings import Redactor, Settings, SettingsError, load_settings, read_environment
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"[a-z0-9_]{1,60}")
@@ -29,7 +29,6 @@ _NUMBERED = re.compile(r"(\d{4})\.[^.]+\.sql")
 # Seconds a replica waits for another one's migrations before giving up: long enough for any
 # migration fit for a rolling deploy; a lock left by a killed process needs `unlock`.
 LOCK_TIMEOUT = 60.0
-CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout: a black-holed host must not hang us
 APPLIED_SQL = "SELECT migration_id, applied_at_utc FROM _yoyo_migration ORDER BY applied_at_utc, migration_id"
 LOCK_HOLDER_SQL = "SELECT pid, ctime FROM yoyo_lock"
 
@@ -75,34 +74,6 @@ def new(directory: Path, stem: str, latest: str | None) -> tuple[Path, Path]:
     forward.write_text(f"-- {name}\n{depends}\n-- Write the change here, e.g. CREATE TABLE ...;\n")
     backward.write_text(f"-- Undo {stem}: the exact reverse of {forward.name}, e.g. DROP TABLE ...;\n")
     return forward, backward
-
-
-def yoyo_url(url: str) -> str:
-    """The app's URL for yoyo's psycopg 3 backend: the scheme changes (plus a connect timeout, and
-    several hosts become libpq's `host=` and `port=` lists).
-
-    `postgresql://` would select psycopg2, which is not installed; yoyo unquotes the user and
-    password itself and hands query parameters to `psycopg.connect`.
-    """
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if not any(key == "connect_timeout" for key, _ in query):
-        query.append(("connect_timeout", str(CONNECT_TIMEOUT)))
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if "," in hosts:  # libpq's failover form, which yoyo cannot parse: libpq's own host= and port= lists
-        names, ports = zip(*(_host_and_port(host) for host in hosts.split(",")), strict=True)
-        query += [("host", ",".join(names)), ("port", ",".join(port or "5432" for port in ports))]
-        parts = parts._replace(netloc=userinfo + at)
-    return parts._replace(scheme="postgresql+psycopg", query=urlencode(query)).geturl()
-
-
-def _host_and_port(host: str) -> tuple[str, str]:
-    """`db:5432` as (`db`, `5432`), `[::1]:5433` as (`::1`, `5433`); the port may be empty."""
-    if host.startswith("["):
-        name, _, rest = host[1:].partition("]")
-        return name, rest.removeprefix(":")
-    name, _, port = host.partition(":")
-    return name, port
 
 
 def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:

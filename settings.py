@@ -17,17 +17,18 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import msgspec
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from dsn import check_url, mask_url, passwords
+
 Environment = Literal["development", "staging", "production"]
 T = TypeVar("T")
 
 DEFAULT_LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
-DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_SECRET_KEY_LENGTH = 32
 # The exit status of invalid settings: uvicorn's for a worker that failed to start (its
@@ -42,10 +43,7 @@ SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", 
 MIN_SECRET_KEY_CHARACTERS = 10
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
-_ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
-_QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
 _DEVELOPMENT: Environment = "development"
 _ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
@@ -94,7 +92,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a response or a log line."""
         found = {self.secret_key}
-        for password in _passwords(self.database_url) if self.database_url else ():
+        for password in passwords(self.database_url) if self.database_url else ():
             found |= {password, unquote(password)}
         return tuple(found)
 
@@ -160,39 +158,6 @@ def _unparsed(env_file: str | Path, number: int, text: str) -> str:
     return f"{where}: cannot be parsed as NAME=value (an unclosed quote?)"
 
 
-def mask_url(url: str) -> str:
-    """The URL with its passwords replaced by `***`, for messages and logs, however malformed it is.
-
-    The password of the user part is masked, and every `password=` and `sslpassword=` (the query
-    string, or libpq's `key=value` form, quoted or not). A URL that cannot be read for sure (an
-    `@` after the host: a password with an unescaped `/`, `#` or `?`, or an `@` in the query)
-    shows its scheme alone: masking too much there beats showing a password, or a wrong host.
-    """
-    masked = _QUERY_PASSWORD.sub(r"\1***", url)
-    prefix = masked.partition("://")[0] + "://" if "://" in masked else ""
-    try:
-        netloc = urlsplit(masked).netloc
-    except ValueError:
-        return prefix + "***"
-    rest = masked[len(prefix) + len(netloc) :] if masked.startswith(prefix + netloc) else masked
-    if "@" in rest:
-        return prefix + "***"
-    userinfo, at, place = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{place}"
-    return prefix + netloc + rest
-
-
-def _passwords(url: str) -> list[str]:
-    """The passwords a database URL carries, as written: in the user part and in the query string."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password] if parts.password else []
-    except ValueError:
-        return []
-    return found + [m.group(2).strip("'") for m in _QUERY_PASSWORD.finditer(parts.query) if m.group(2)]
-
-
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Parse and validate every variable; raise `SettingsError` listing all problems."""
     problems: list[str] = []
@@ -217,7 +182,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         app_version=get("APP_VERSION", _non_empty),
         debug=get("DEBUG", _boolean),
         environment=environment,
-        database_url=get("DATABASE_URL", _database_url, show=lambda raw: repr(mask_url(raw))),
+        database_url=get("DATABASE_URL", check_url, show=lambda raw: repr(mask_url(raw))),
         database_pool_size=get("DATABASE_POOL_SIZE", _bounded(int, 1, 100)),
         database_pool_timeout=get("DATABASE_POOL_TIMEOUT", _positive),
         database_statement_cache_size=get("DATABASE_STATEMENT_CACHE_SIZE", _bounded(int, 0, None)),
@@ -327,29 +292,6 @@ def _environment(raw: str) -> Environment:
         return _ENVIRONMENTS[raw.lower()]
     except KeyError:
         raise ValueError("must be one of development, staging, production") from None
-
-
-def _database_url(raw: str) -> str:
-    scheme = raw.partition("://")[0].lower()
-    if "://" not in raw or scheme not in DATABASE_SCHEMES:
-        raise ValueError("must start with postgresql://, postgres:// or postgresql+asyncpg://")
-    try:
-        parts = urlsplit(raw)
-    except ValueError:
-        raise ValueError(f"is not a valid URL ({_ESCAPE_HINT})") from None
-    if "@" in parts.path or parts.fragment:  # `app:12/Secret@db`: the password's rest read as the path
-        raise ValueError(f"is not the URL it seems ({_ESCAPE_HINT})")
-    # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
-    for host in parts.netloc.rpartition("@")[2].split(","):
-        port = host.rpartition("]")[2].partition(":")[2]
-        if port and not (port.isascii() and port.isdigit()):  # `app:pass/word@db`: the password's `:` as the port's
-            raise ValueError(f"has an invalid port ({_ESCAPE_HINT})")
-        if port and not 0 < int(port) < 65536:
-            raise ValueError("has an invalid port")
-    sslmode = parse_qs(parts.query).get("sslmode", [None])[-1]
-    if sslmode is not None and sslmode not in SSL_MODES:
-        raise ValueError(f"has an unknown sslmode (one of {', '.join(SSL_MODES)})")
-    return raw
 
 
 def _bounded(kind: Callable[[str], T], low: float, high: float | None) -> Callable[[str], T]:

@@ -24,7 +24,8 @@ from starlette.applications import Starlette
 from yoyo import get_backend, read_migrations
 
 from app import create_app
-from migrate import MIGRATIONS_DIR, yoyo_url
+from dsn import yoyo_url
+from migrate import MIGRATIONS_DIR
 from settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

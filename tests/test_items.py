@@ -309,7 +309,7 @@ async def test_health_db_counts_both_folders_migrations(database_url: str) -> No
     """Until the example's own migration is applied, readiness is degraded and names it."""
     from yoyo import get_backend, read_migrations
 
-    from migrate import yoyo_url
+    from dsn import yoyo_url
 
     with get_backend(yoyo_url(database_url)) as backend, backend.lock():
         backend.apply_migrations(backend.to_apply(read_migrations(str(MIGRATIONS_DIR))))

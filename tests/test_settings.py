@@ -10,13 +10,13 @@ import msgspec
 import pytest
 from dotenv import dotenv_values
 
+from dsn import mask_url
 from settings import (
     CONFIGURATION_ERROR,
     DEFAULT_LOG_FORMAT,
     Settings,
     SettingsError,
     load_settings,
-    mask_url,
     read_environment,
 )
 

@@ -1,0 +1,107 @@
+"""DATABASE_URL: what it may be, how it is shown, and the forms asyncpg and yoyo take.
+
+One URL serves the app's pool (asyncpg), the migration command (yoyo on psycopg 3) and every
+message that names it; its password is masked wherever it is shown, however malformed it is.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
+_ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
+_QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
+CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout: a black-holed host must not hang us
+
+
+def check_url(raw: str) -> str:
+    """`raw` if asyncpg and libpq can connect with it as written, else ValueError with the rule it breaks."""
+    scheme = raw.partition("://")[0].lower()
+    if "://" not in raw or scheme not in DATABASE_SCHEMES:
+        raise ValueError("must start with postgresql://, postgres:// or postgresql+asyncpg://")
+    try:
+        parts = urlsplit(raw)
+    except ValueError:
+        raise ValueError(f"is not a valid URL ({_ESCAPE_HINT})") from None
+    if "@" in parts.path or parts.fragment:  # `app:12/Secret@db`: the password's rest read as the path
+        raise ValueError(f"is not the URL it seems ({_ESCAPE_HINT})")
+    # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        port = host.rpartition("]")[2].partition(":")[2]
+        if port and not (port.isascii() and port.isdigit()):  # `app:pass/word@db`: the password's `:` as the port's
+            raise ValueError(f"has an invalid port ({_ESCAPE_HINT})")
+        if port and not 0 < int(port) < 65536:
+            raise ValueError("has an invalid port")
+    sslmode = parse_qs(parts.query).get("sslmode", [None])[-1]
+    if sslmode is not None and sslmode not in SSL_MODES:
+        raise ValueError(f"has an unknown sslmode (one of {', '.join(SSL_MODES)})")
+    return raw
+
+
+def mask_url(url: str) -> str:
+    """The URL with its passwords replaced by `***`, for messages and logs, however malformed it is.
+
+    The password of the user part is masked, and every `password=` and `sslpassword=` (the query
+    string, or libpq's `key=value` form, quoted or not). A URL that cannot be read for sure (an
+    `@` after the host: a password with an unescaped `/`, `#` or `?`, or an `@` in the query)
+    shows its scheme alone: masking too much there beats showing a password, or a wrong host.
+    """
+    masked = _QUERY_PASSWORD.sub(r"\1***", url)
+    prefix = masked.partition("://")[0] + "://" if "://" in masked else ""
+    try:
+        netloc = urlsplit(masked).netloc
+    except ValueError:
+        return prefix + "***"
+    rest = masked[len(prefix) + len(netloc) :] if masked.startswith(prefix + netloc) else masked
+    if "@" in rest:
+        return prefix + "***"
+    userinfo, at, place = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{place}"
+    return prefix + netloc + rest
+
+
+def passwords(url: str) -> list[str]:
+    """The passwords a database URL carries, as written: in the user part and in the query string."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+    except ValueError:
+        return []
+    return found + [m.group(2).strip("'") for m in _QUERY_PASSWORD.finditer(parts.query) if m.group(2)]
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The app accepts `postgresql+asyncpg://` (SQLAlchemy style); asyncpg itself does not."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql://{rest}" if scheme.lower() == "postgresql+asyncpg" else url
+
+
+def yoyo_url(url: str) -> str:
+    """The app's URL for yoyo's psycopg 3 backend: the scheme changes (plus a connect timeout, and
+    several hosts become libpq's `host=` and `port=` lists).
+
+    `postgresql://` would select psycopg2, which is not installed; yoyo unquotes the user and
+    password itself and hands query parameters to `psycopg.connect`.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(key == "connect_timeout" for key, _ in query):
+        query.append(("connect_timeout", str(CONNECT_TIMEOUT)))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," in hosts:  # libpq's failover form, which yoyo cannot parse: libpq's own host= and port= lists
+        names, ports = zip(*(_host_and_port(host) for host in hosts.split(",")), strict=True)
+        query += [("host", ",".join(names)), ("port", ",".join(port or "5432" for port in ports))]
+        parts = parts._replace(netloc=userinfo + at)
+    return parts._replace(scheme="postgresql+psycopg", query=urlencode(query)).geturl()
+
+
+def _host_and_port(host: str) -> tuple[str, str]:
+    """`db:5432` as (`db`, `5432`), `[::1]:5433` as (`::1`, `5433`); the port may be empty."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        return name, rest.removeprefix(":")
+    name, _, port = host.partition(":")
+    return name, port
