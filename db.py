@@ -51,6 +51,9 @@ _LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutd
 _LOST_IF_CLOSED = (OSError, asyncpg.InterfaceError)
 # What a row already in the table refuses: a 409, as PostgREST answers them too.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError, asyncpg.ExclusionViolationError)
+# A value its column refuses: no column can hold it (SQLSTATE class 22, or asyncpg cannot encode
+# it for its parameter), or the table's own rule (a CHECK, NOT NULL): a 400, the client's value.
+_REFUSED_VALUE = (asyncpg.DataError, asyncpg.CheckViolationError, asyncpg.NotNullViolationError)
 # What a concurrent transaction refuses (SQLSTATE class 40: a serialization failure, a deadlock;
 # 55P03: a row locked, with NOWAIT or lock_timeout): a 409 too; the same request again may pass.
 _CONCURRENT = (asyncpg.TransactionRollbackError, asyncpg.LockNotAvailableError)
@@ -171,7 +174,9 @@ class Database:
         connection lost mid-query, `DatabaseConnectionError` (503, Retry-After); a row other rows
         refuse (a unique key taken, a foreign key or exclusion constraint), `ConflictError` (409);
         a value no column can hold (SQLSTATE class 22: a NUL in text, a number out of range, or
-        an argument asyncpg cannot encode for its parameter), `MalformedRequestError` (400); a
+        an argument asyncpg cannot encode for its parameter) or the table's rule refuses (CHECK,
+        NOT NULL), `MalformedRequestError` (400), except a Python value of the wrong type for its
+        parameter, the handler's bug (a 500); a
         concurrent transaction's refusal (class 40, 55P03), `ConflictError` saying to try again;
         a statement timeout (57014), `OperationTimeoutError` (504); a server out of resources
         (class 53), `DatabaseConnectionError`. The handler's own misuse of its connection (two
@@ -221,7 +226,9 @@ class Database:
             self._failing_because(exc)
             message = f"Database temporarily unavailable ({_condition(exc)})"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
-        except asyncpg.DataError as exc:  # SQLSTATE class 22: a value sent that no column can hold
+        except _REFUSED_VALUE as exc:  # SQLSTATE class 22, 23502, 23514: a value sent that its column refuses
+            if isinstance(exc.__cause__, TypeError):
+                raise  # a Python value of the wrong type for its parameter (an Enum, not its value): the handler's bug
             raise MalformedRequestError(_refused_value_message(exc)) from exc
         finally:
             try:
@@ -337,8 +344,16 @@ def _conflict_message(exc: asyncpg.IntegrityConstraintViolationError) -> str:
     return f"Conflicts with other rows ({kind} constraint {constraint})" if constraint else "Conflicts with other rows"
 
 
-def _refused_value_message(exc: asyncpg.DataError) -> str:
-    """The kind of value the database refused (its condition's name), never the value itself."""
+def _refused_value_message(exc: asyncpg.PostgresError) -> str:
+    """The kind of value the database refused (its condition's name, the constraint or column), never the value."""
+    if isinstance(exc, asyncpg.CheckViolationError):
+        constraint = getattr(exc, "constraint_name", None)
+        return (
+            f"A value the table refuses (check constraint {constraint})" if constraint else "A value the table refuses"
+        )
+    if isinstance(exc, asyncpg.NotNullViolationError):
+        column = getattr(exc, "column_name", None)
+        return f"A value the table refuses ({column} may not be null)" if column else "A value the table refuses"
     kind = _condition(exc)
     return f"A value the database cannot store ({kind})" if kind != "data" else "A value the database cannot store"
 

@@ -130,6 +130,20 @@ async def query_twice_at_once(ctx: Context) -> Row:
     raise AssertionError("asyncpg refuses the second query")
 
 
+@rows.post("/rows/without-note", summary="A row whose note the handler leaves NULL")
+async def add_row_without_note(ctx: Context, body: Row) -> Row:
+    async with ctx.connection() as conn:
+        await conn.execute("INSERT INTO children (parent, note) VALUES ($1, NULL)", body.parent)
+    return body
+
+
+@rows.post("/rows/enum-note", summary="A handler's own bug: an Enum, not its value, as a text parameter")
+async def add_row_with_an_enum(ctx: Context, body: Row) -> Row:
+    async with ctx.connection() as conn:
+        await conn.execute("INSERT INTO children (parent, note) VALUES ($1, $2)", body.parent, Color.RED)
+    return body
+
+
 session = Endpoints(tag="session")
 
 
@@ -319,13 +333,15 @@ async def test_backends_terminated_under_load_are_503s_never_500s(
 async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mistakes_are_500s(
     database_url: str,
 ) -> None:
-    """409 for a missing parent, 400 for a NUL in text or an int4 out of range, 500 for the handler's misuse
-    of its connection; none a 503 (the connection is not lost), and the one pooled connection survives all."""
+    """409 for a missing parent; 400 for a NUL in text, an int4 out of range, a CHECK or NOT NULL refused;
+    500 for the handler's misuse of its connection or a parameter of the wrong Python type; none a 503
+    (the connection is not lost), and the one pooled connection survives all."""
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
             "CREATE TABLE parents (id int PRIMARY KEY); INSERT INTO parents VALUES (1);"
-            "CREATE TABLE children (parent int NOT NULL REFERENCES parents, note text NOT NULL)"
+            "CREATE TABLE children (parent int NOT NULL REFERENCES parents,"
+            " note text NOT NULL CONSTRAINT children_note_check CHECK (note <> 'forbidden'))"
         )
     finally:
         await conn.close()
@@ -335,6 +351,9 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
         nul = await client.post("/rows", json={"parent": 1, "note": "a\u0000b"})
         huge = await client.post("/rows", json={"parent": 2**40})
         mistake = await client.get("/rows/mistake")
+        checked = await client.post("/rows", json={"parent": 1, "note": "forbidden"})
+        nulled = await client.post("/rows/without-note", json={"parent": 1})
+        wrong_type = await client.post("/rows/enum-note", json={"parent": 1})
         fine = await client.post("/rows", json={"parent": 1, "note": "kept"})
     assert (orphan.status_code, orphan.json()["error"]) == (409, "CONFLICT_ERROR")
     assert orphan.json()["message"] == "Conflicts with other rows (foreign key constraint children_parent_fkey)"
@@ -342,6 +361,12 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
     assert nul.json()["message"] == "A value the database cannot store (character not in repertoire)"
     assert (huge.status_code, huge.json()["message"]) == (400, "A value the database cannot store")
     assert (mistake.status_code, mistake.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert (checked.status_code, checked.json()["message"]) == (
+        400,
+        "A value the table refuses (check constraint children_note_check)",
+    )
+    assert (nulled.status_code, nulled.json()["message"]) == (400, "A value the table refuses (note may not be null)")
+    assert (wrong_type.status_code, wrong_type.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")  # not the client's
     assert fine.status_code == 200
 
 
