@@ -80,6 +80,9 @@ def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
     """Apply every pending migration in order; the first failure stops the run."""
     with backend.lock(args.lock_timeout):
         pending = backend.to_apply(migrations)
+        for migration in pending:  # before applying any: an unwritten one would be recorded as applied
+            if _only_comments(Path(migration.path)):
+                raise CommandError(f"{migration.id} has no SQL yet, only comments: write the change first")
         for migration in pending:
             print(f"applying {migration.id}", flush=True)
             # apply_one, not apply_migrations: that one silently skips a migration it cannot load.
@@ -101,6 +104,11 @@ def rollback(backend: Backend, migrations: Any, args: argparse.Namespace) -> int
             where = _names(args.sources)
             raise CommandError(
                 f"the last applied migration {last} is not in {where}: roll back with the code that has it"
+            )
+        undo = Path(found[0].path).with_suffix(".rollback.sql")
+        if undo.exists() and _only_comments(undo):  # it would report the rollback done, and undo nothing
+            raise CommandError(
+                f"{undo.name} has no SQL, only comments: write the undo first (with nothing to undo, say so: SELECT 1;)"
             )
         print(f"rolling back {last}", flush=True)
         _run_step(backend.rollback_one, found[0])
@@ -260,6 +268,15 @@ def _applied(backend: Backend) -> list[tuple[str, datetime]]:
         return [(row[0], row[1]) for row in backend.execute(APPLIED_SQL).fetchall()]
     except psycopg.errors.UndefinedTable:
         return []
+
+
+def _only_comments(path: Path) -> bool:
+    """Whether an SQL file holds nothing but comments and blanks, as `new` writes it."""
+    text = _SQL_COMMENTS.sub("", path.read_text(encoding="utf-8"))
+    return not text.replace(";", "").strip()
+
+
+_SQL_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 
 
 def _run_step(step: Callable[[Any], None], migration: Any) -> None:

@@ -392,6 +392,29 @@ def test_an_app_told_of_a_migrations_folder_that_is_missing_does_not_start(tmp_p
         create_app(make_settings(), migrations=[MIGRATIONS_DIR, tmp_path / "orders"])
 
 
+def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: str, tmp_path: Path) -> None:
+    """Only comments: applied, it would be recorded as done and do nothing; rolled back, report a rollback it
+    did not make. Refused, before anything is applied."""
+    assert run_db(None, "new", "create_orders", "--source", str(tmp_path)).returncode == 0
+    unwritten = run_db(database_url, "migrate", "--source", str(tmp_path))
+    assert (unwritten.returncode, unwritten.stderr) == (
+        1,
+        "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n",
+    )
+    status = run_db(database_url, "status", "--source", str(tmp_path)).stdout.splitlines()
+    assert [line.split()[0] for line in status[:2]] == ["pending", "pending"]  # not even the foundation's
+    forward = tmp_path / "0001.create_orders.sql"
+    forward.write_text(forward.read_text() + "CREATE TABLE orders (id int);\n")
+    assert run_db(database_url, "migrate", "--source", str(tmp_path)).returncode == 0
+    undone = run_db(database_url, "rollback", "--source", str(tmp_path))
+    assert (undone.returncode, undone.stderr) == (
+        1,
+        "rollback: 0001.create_orders.rollback.sql has no SQL, only comments: write the undo first "
+        "(with nothing to undo, say so: SELECT 1;)\n",
+    )
+    assert run_db(database_url, "status", "--source", str(tmp_path)).stdout.count("applied ") == 2
+
+
 def test_new_migrations_apply_in_order_with_the_foundations(database_url: str, tmp_path: Path) -> None:
     """What `new` writes is valid for yoyo: filled in, both apply after 0001.uuidv7 and roll back."""
     assert run_db(None, "new", "create_orders", "--source", str(tmp_path)).returncode == 0
