@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -30,6 +30,11 @@ from settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_COMMANDS = ("uvicorn app:app", "python -m app")
+
+
+def pending(ids: Sequence[str]) -> str:
+    """Readiness's error naming pending migrations, as `health.ReadinessEndpoint` writes it."""
+    return f"{len(ids)} pending migration(s): {', '.join(ids)}"
 
 
 def make_settings(**env: str) -> Settings:

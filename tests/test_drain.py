@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from cluster import Cluster
-from service import UvicornProcess
+from service import UvicornProcess, pending
 from test_server import production, wait_for_no_backends
+
+from migrate import MIGRATIONS_DIR, migrations_on_disk
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +60,7 @@ def test_sigterm_drains_readiness_then_exits_cleanly(cluster: Cluster, database_
     assert wait_for_no_backends(cluster, "e2e-service")
     entries = [json.loads(line) for line in server.output().splitlines()]
     changes = [e["message"] for e in entries if e["message"].startswith("Readiness ")]
-    assert changes == ["Readiness unknown -> degraded: 1 pending migration(s): 0001.uuidv7",
+    assert changes == [f"Readiness unknown -> degraded: {pending(migrations_on_disk(MIGRATIONS_DIR))}",
                        "Readiness degraded -> unhealthy: Service is shutting down"]  # fmt: skip
 
 

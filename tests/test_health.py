@@ -12,11 +12,13 @@ import asyncpg
 import httpx
 import pytest
 from cluster import Cluster
-from service import make_settings, serve_settings
+from service import make_settings, pending, serve_settings
 
 from app import create_app
+from migrate import MIGRATIONS_DIR, migrations_on_disk
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+ON_DISK = migrations_on_disk(MIGRATIONS_DIR)  # the foundation's, and any migration a team added beside it
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 pytestmark = pytest.mark.anyio
 
@@ -92,7 +94,7 @@ async def test_readiness_on_a_fresh_database_is_degraded_with_migrations_pending
     assert isinstance(body["response_time_ms"], int)
     assert body["response_time_ms"] >= 0
     assert body["connection_pool"]["pool_size"] == 7
-    assert body["errors"] == ["1 pending migration(s): 0001.uuidv7"]
+    assert body["errors"] == [pending(ON_DISK)]
     assert RFC3339_UTC.match(body["timestamp"])
 
 
@@ -101,7 +103,7 @@ async def test_readiness_is_healthy_and_up_to_date_when_every_migration_is_recor
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute("CREATE TABLE _yoyo_migration (migration_hash text, migration_id text)")
-        await conn.execute("INSERT INTO _yoyo_migration VALUES ('h', '0001.uuidv7')")
+        await conn.executemany("INSERT INTO _yoyo_migration VALUES ('h', $1)", [(m,) for m in ON_DISK])
     finally:
         await conn.close()
     async with serve_settings(DATABASE_URL=database_url) as client:
@@ -177,9 +179,9 @@ async def test_readiness_changes_are_logged_once_each_never_per_probe(
     assert statuses == [200] * 3 + [503] * 3 + [200] * 3
     changes = [r.getMessage() for r in caplog.records if r.name == "service.health"]
     assert changes == [
-        "Readiness unknown -> degraded: 1 pending migration(s): 0001.uuidv7",
+        f"Readiness unknown -> degraded: {pending(ON_DISK)}",
         "Readiness degraded -> unhealthy: Database is unreachable: connection refused",
-        "Readiness unhealthy -> degraded: 1 pending migration(s): 0001.uuidv7",
+        f"Readiness unhealthy -> degraded: {pending(ON_DISK)}",
     ]
 
 

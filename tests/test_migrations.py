@@ -15,12 +15,15 @@ from urllib.parse import quote, urlsplit
 import asyncpg
 import psycopg
 import pytest
-from service import ROOT, free_port, make_settings, serve
+from service import ROOT, free_port, make_settings, pending, serve
 
 from app import create_app
 from migrate import MIGRATIONS_DIR, migrations_on_disk
 
 FIRST = "0001.uuidv7"
+# What `migrations/` holds: the foundation's, and any migration a team added beside it. Migrations
+# the tests make for themselves are numbered 9xxx, to come after every one of these.
+ON_DISK = migrations_on_disk(MIGRATIONS_DIR)
 EXAMPLE_MIGRATIONS = ROOT / "examples" / "migrations"
 COMMAND_TIMEOUT = 120  # seconds: bounds a wedged command, far above any real run
 
@@ -45,8 +48,8 @@ def migrations_with(tmp_path: Path, extra: dict[str, str]) -> Path:
 
 
 WIDGETS = {
-    "0002.widgets.sql": "-- depends: 0001.uuidv7\nCREATE TABLE widgets (id uuid DEFAULT uuid_generate_v7());\n",
-    "0002.widgets.rollback.sql": "DROP TABLE widgets;\n",
+    "9001.widgets.sql": "-- depends: 0001.uuidv7\nCREATE TABLE widgets (id uuid DEFAULT uuid_generate_v7());\n",
+    "9001.widgets.rollback.sql": "DROP TABLE widgets;\n",
 }
 
 
@@ -85,7 +88,7 @@ async def test_fresh_database_is_pending_and_degraded(database_url: str) -> None
     """No tracking table at all counts as every migration pending."""
     body = await health_db(database_url)
     assert (body["status"], body["migration_status"]) == ("degraded", "pending")
-    assert body["errors"] == [f"1 pending migration(s): {FIRST}"]
+    assert body["errors"] == [pending(ON_DISK)]
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = '_yoyo_migration'") == []
 
 
@@ -94,13 +97,15 @@ async def test_migrate_then_status_then_health_is_up_to_date(database_url: str) 
     """`migrate` applies everything, `status` says so, and readiness turns healthy."""
     migrated = run_db(database_url, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert f"applying {FIRST}" in migrated.stdout
+    assert [line for line in migrated.stdout.splitlines() if line.startswith("applying ")] == [
+        f"applying {m}" for m in ON_DISK
+    ]
 
     status = run_db(database_url, "status", "--check")
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
-    assert lines[0].startswith(f"applied  {FIRST}  (")
-    assert lines[-1] == "1 applied, 0 pending"
+    assert [line.split()[:2] for line in lines[:-1]] == [["applied", m] for m in ON_DISK]
+    assert lines[-1] == f"{len(ON_DISK)} applied, 0 pending"
 
     body = await health_db(database_url)
     assert (body["status"], body["migration_status"]) == ("healthy", "up_to_date")
@@ -112,7 +117,7 @@ def test_commands_accept_every_url_form_the_app_accepts(database_url: str, schem
     url = scheme + database_url.removeprefix("postgresql")
     assert run_db(url, "migrate").returncode == 0
     status = run_db(url, "status")
-    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "1 applied, 0 pending")
+    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, f"{len(ON_DISK)} applied, 0 pending")
 
 
 def test_commands_take_libpqs_failover_form_of_the_url(database_url: str) -> None:
@@ -123,7 +128,7 @@ def test_commands_take_libpqs_failover_form_of_the_url(database_url: str) -> Non
     migrate = run_db(url.geturl(), "migrate")
     assert migrate.returncode == 0, migrate.stderr
     status = run_db(url.geturl(), "status")
-    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "1 applied, 0 pending")
+    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, f"{len(ON_DISK)} applied, 0 pending")
 
 
 @pytest.mark.anyio
@@ -134,10 +139,10 @@ async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str
 
     body = await health_db(database_url, directory)
     assert (body["status"], body["migration_status"]) == ("degraded", "pending")
-    assert body["errors"] == ["1 pending migration(s): 0002.widgets"]
+    assert body["errors"] == ["1 pending migration(s): 9001.widgets"]
     status = run_db(database_url, "status", "--source", str(directory))
     assert status.returncode == 0
-    assert "pending  0002.widgets" in status.stdout.splitlines()
+    assert "pending  9001.widgets" in status.stdout.splitlines()
     assert run_db(database_url, "status", "--source", str(directory), "--check").returncode == 1
 
     assert run_db(database_url, "migrate", "--source", str(directory)).returncode == 0
@@ -151,24 +156,27 @@ async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_pa
 
     rolled = run_db(database_url, "rollback", "--source", str(directory))
     assert rolled.returncode == 0, rolled.stderr
-    assert "rolled back 0002.widgets" in rolled.stdout
+    assert "rolled back 9001.widgets" in rolled.stdout
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'widgets'") == []
     assert await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") != []
 
-    assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
-    assert await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") == []
+    again = run_db(database_url, "rollback", "--source", str(directory))
+    assert (again.returncode, again.stdout.splitlines()[-1]) == (0, f"rolled back {ON_DISK[-1]}")
+    # The foundation's own rollback drops the function (when its migration is the last on disk).
+    kept = await fetch(database_url, "SELECT 1 FROM pg_proc WHERE proname = 'uuid_generate_v7'") != []
+    assert kept == (ON_DISK[-1] != FIRST)
     body = await health_db(database_url)
     assert (body["status"], body["migration_status"], body["errors"]) == (
-        "degraded", "pending", [f"1 pending migration(s): {FIRST}"],
+        "degraded", "pending", [pending(ON_DISK[-1:])],
     )  # fmt: skip
     assert run_db(database_url, "migrate", "--source", str(directory)).returncode == 0
-    unknown = run_db(database_url, "rollback")  # the code at hand lacks 0002.widgets
+    unknown = run_db(database_url, "rollback")  # the code at hand lacks 9001.widgets
     assert unknown.returncode == 1
-    assert unknown.stderr.startswith("rollback: the last applied migration 0002.widgets is not in ")
+    assert unknown.stderr.startswith("rollback: the last applied migration 9001.widgets is not in ")
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'widgets'") != []
 
-    assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
-    assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
+    for _ in (*ON_DISK, "9001.widgets"):
+        assert run_db(database_url, "rollback", "--source", str(directory)).returncode == 0
     nothing = run_db(database_url, "rollback")
     assert (nothing.returncode, nothing.stdout) == (0, "nothing to roll back: no migration is applied\n")
 
@@ -176,15 +184,15 @@ async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_pa
 def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Path) -> None:
     """A migration that fails is an error naming it, not a skip; later ones are not applied."""
     directory = migrations_with(
-        tmp_path, {"0002.broken.sql": "CREATE TABLEE oops ();\n", "0003.after.sql": "CREATE TABLE after (id int);\n"}
+        tmp_path, {"9001.broken.sql": "CREATE TABLEE oops ();\n", "9002.after.sql": "CREATE TABLE after (id int);\n"}
     )
     migrated = run_db(database_url, "migrate", "--source", str(directory))
     assert migrated.returncode == 1
-    assert migrated.stderr.startswith("migrate: 0002.broken failed: syntax error")
+    assert migrated.stderr.startswith("migrate: 9001.broken failed: syntax error")
     assert migrated.stderr.count("\n") == 1
     status = run_db(database_url, "status", "--source", str(directory)).stdout.splitlines()
-    assert [line.split()[:2] for line in status[:3]] == [
-        ["applied", FIRST], ["pending", "0002.broken"], ["pending", "0003.after"],
+    assert [line.split()[:2] for line in status[: len(ON_DISK) + 2]] == [
+        *(["applied", m] for m in ON_DISK), ["pending", "9001.broken"], ["pending", "9002.after"],
     ]  # fmt: skip
 
 
@@ -203,8 +211,8 @@ def test_concurrent_migrates_apply_each_migration_exactly_once(database_url: str
     directory = migrations_with(
         tmp_path,
         # Slow enough that the others really wait on the lock; fails if run a second time.
-        {"0002.slow.sql": "DO $$ BEGIN PERFORM pg_sleep(1); END $$;\nCREATE TABLE slow (id int);\n",
-         "0002.slow.rollback.sql": "DROP TABLE slow;\n"},
+        {"9001.slow.sql": "DO $$ BEGIN PERFORM pg_sleep(1); END $$;\nCREATE TABLE slow (id int);\n",
+         "9001.slow.rollback.sql": "DROP TABLE slow;\n"},
     )  # fmt: skip
     env = {**os.environ, "DATABASE_URL": database_url}
     command = [sys.executable, "-m", "db", "migrate", "--source", str(directory)]
@@ -215,15 +223,15 @@ def test_concurrent_migrates_apply_each_migration_exactly_once(database_url: str
     outputs = [replica.communicate(timeout=COMMAND_TIMEOUT) for replica in replicas]
     assert [replica.returncode for replica in replicas] == [0, 0, 0], [err for _, err in outputs]
     # Exactly one replica did the work; the others found nothing left to do.
-    assert sorted(out.count("applying ") for out, _ in outputs) == [0, 0, 2]
+    assert sorted(out.count("applying ") for out, _ in outputs) == [0, 0, len(ON_DISK) + 1]
 
     with psycopg.connect(database_url) as conn:
         recorded = conn.execute("SELECT migration_id, count(*) FROM _yoyo_migration GROUP BY 1 ORDER BY 1").fetchall()
         applies = "SELECT migration_id, count(*) FROM _yoyo_log WHERE operation = 'apply' GROUP BY 1 ORDER BY 1"
         log = conn.execute(applies).fetchall()
         locks = conn.execute("SELECT * FROM yoyo_lock").fetchall()
-    assert recorded == [(FIRST, 1), ("0002.slow", 1)]
-    assert log == [(FIRST, 1), ("0002.slow", 1)]
+    assert recorded == [*((m, 1) for m in ON_DISK), ("9001.slow", 1)]
+    assert log == [*((m, 1) for m in ON_DISK), ("9001.slow", 1)]
     assert locks == []
 
 
@@ -247,7 +255,7 @@ def test_lock_left_by_a_killed_migrate_times_out_until_unlocked(database_url: st
 @pytest.mark.slow
 def test_sigterm_mid_migration_releases_the_lock(database_url: str, tmp_path: Path) -> None:
     """A migrate stopped by SIGTERM (a deleted pod) leaves no lock and no half-recorded migration."""
-    directory = migrations_with(tmp_path, {"0002.hang.sql": "DO $$ BEGIN PERFORM pg_sleep(60); END $$;\n"})
+    directory = migrations_with(tmp_path, {"9001.hang.sql": "DO $$ BEGIN PERFORM pg_sleep(60); END $$;\n"})
     env = {**os.environ, "DATABASE_URL": database_url}
     command = [sys.executable, "-m", "db", "migrate", "--source", str(directory)]
     migrating = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -262,7 +270,7 @@ def test_sigterm_mid_migration_releases_the_lock(database_url: str, tmp_path: Pa
         assert migrating.returncode == 128 + signal.SIGTERM
         assert stderr == "migrate: stopped by SIGTERM; a migration in progress was not recorded as applied\n"
         assert conn.execute("SELECT * FROM yoyo_lock").fetchall() == []
-        assert conn.execute("SELECT migration_id FROM _yoyo_migration").fetchall() == [(FIRST,)]
+        assert conn.execute("SELECT migration_id FROM _yoyo_migration ORDER BY 1").fetchall() == [(m,) for m in ON_DISK]
 
 
 @pytest.mark.anyio
@@ -343,7 +351,7 @@ def test_new_writes_the_next_numbered_pair_depending_on_the_latest(tmp_path: Pat
     ]  # fmt: skip
     assert second.stdout.splitlines()[0] == str(tmp_path / "0002.add_order_notes.sql")
     # An empty folder builds on the foundation's latest migration; the next on its own folder's latest.
-    assert f"-- depends: {FIRST}\n" in (tmp_path / "0001.create_orders.sql").read_text()
+    assert f"-- depends: {ON_DISK[-1]}\n" in (tmp_path / "0001.create_orders.sql").read_text()
     assert "-- depends: 0001.create_orders\n" in (tmp_path / "0002.add_order_notes.sql").read_text()
     assert migrations_on_disk(tmp_path) == ("0001.create_orders", "0002.add_order_notes")
 
@@ -355,7 +363,7 @@ def test_new_starts_a_folder_that_does_not_exist_yet(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == f"created {folder}/\n"
     assert migrations_on_disk(folder) == ("0001.create_orders",)
-    assert f"-- depends: {FIRST}\n" in (folder / "0001.create_orders.sql").read_text()
+    assert f"-- depends: {ON_DISK[-1]}\n" in (folder / "0001.create_orders.sql").read_text()
 
 
 def test_new_refuses_a_source_that_is_a_file(tmp_path: Path) -> None:
@@ -402,7 +410,7 @@ def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: s
         "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n",
     )
     status = run_db(database_url, "status", "--source", str(tmp_path)).stdout.splitlines()
-    assert [line.split()[0] for line in status[:2]] == ["pending", "pending"]  # not even the foundation's
+    assert [line.split()[0] for line in status[:-1]] == ["pending"] * (len(ON_DISK) + 1)  # not even the foundation's
     forward = tmp_path / "0001.create_orders.sql"
     forward.write_text(forward.read_text() + "CREATE TABLE orders (id int);\n")
     assert run_db(database_url, "migrate", "--source", str(tmp_path)).returncode == 0
@@ -412,7 +420,7 @@ def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: s
         "rollback: 0001.create_orders.rollback.sql has no SQL, only comments: write the undo first "
         "(with nothing to undo, say so: SELECT 1;)\n",
     )
-    assert run_db(database_url, "status", "--source", str(tmp_path)).stdout.count("applied ") == 2
+    assert run_db(database_url, "status", "--source", str(tmp_path)).stdout.count("applied ") == len(ON_DISK) + 1
 
 
 def test_new_migrations_apply_in_order_with_the_foundations(database_url: str, tmp_path: Path) -> None:
@@ -424,7 +432,9 @@ def test_new_migrations_apply_in_order_with_the_foundations(database_url: str, t
     (tmp_path / "0001.create_orders.rollback.sql").write_text("DROP TABLE orders;\n")
     migrated = run_db(database_url, "migrate", "--source", str(tmp_path))
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.splitlines()[:2] == [f"applying {FIRST}", "applying 0001.create_orders"]
+    applied = [line.removeprefix("applying ") for line in migrated.stdout.splitlines() if line.startswith("applying ")]
+    assert sorted(applied) == sorted([*ON_DISK, "0001.create_orders"])
+    assert applied.index(FIRST) < applied.index("0001.create_orders")
     rolled = run_db(database_url, "rollback", "--source", str(tmp_path))
     assert rolled.stdout.splitlines()[-1] == "rolled back 0001.create_orders"
 
@@ -443,7 +453,7 @@ async def test_the_examples_migrations_apply_with_the_source_option(database_url
     source = str(EXAMPLE_MIGRATIONS)
     assert run_db(database_url, "migrate", "--source", source).returncode == 0
     status = run_db(database_url, "status", "--source", source, "--check")
-    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, "2 applied, 0 pending")
+    assert (status.returncode, status.stdout.splitlines()[-1]) == (0, f"{len(ON_DISK) + 1} applied, 0 pending")
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'items'") != []
     body = await health_db(database_url, EXAMPLE_MIGRATIONS)
     assert (body["status"], body["migration_status"]) == ("healthy", "up_to_date")
