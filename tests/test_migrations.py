@@ -412,7 +412,7 @@ def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: s
     status = run_db(database_url, "status", "--source", str(tmp_path)).stdout.splitlines()
     assert [line.split()[0] for line in status[:-1]] == ["pending"] * (len(ON_DISK) + 1)  # not even the foundation's
     forward = tmp_path / "0001.create_orders.sql"
-    forward.write_text(forward.read_text() + "CREATE TABLE orders (id int);\n")
+    forward.write_text(forward.read_text() + "CREATE TABLE scratch_orders (id int);\n")
     assert run_db(database_url, "migrate", "--source", str(tmp_path)).returncode == 0
     undone = run_db(database_url, "rollback", "--source", str(tmp_path))
     assert (undone.returncode, undone.stderr) == (
@@ -427,9 +427,9 @@ def test_new_migrations_apply_in_order_with_the_foundations(database_url: str, t
     """What `new` writes is valid for yoyo: filled in, both apply after 0001.uuidv7 and roll back."""
     assert run_db(None, "new", "create_orders", "--source", str(tmp_path)).returncode == 0
     (tmp_path / "0001.create_orders.sql").write_text(
-        f"-- depends: {FIRST}\nCREATE TABLE orders (id uuid PRIMARY KEY DEFAULT uuid_generate_v7());\n"
+        f"-- depends: {FIRST}\nCREATE TABLE scratch_orders (id uuid PRIMARY KEY DEFAULT uuid_generate_v7());\n"
     )
-    (tmp_path / "0001.create_orders.rollback.sql").write_text("DROP TABLE orders;\n")
+    (tmp_path / "0001.create_orders.rollback.sql").write_text("DROP TABLE scratch_orders;\n")
     migrated = run_db(database_url, "migrate", "--source", str(tmp_path))
     assert migrated.returncode == 0, migrated.stderr
     applied = [line.removeprefix("applying ") for line in migrated.stdout.splitlines() if line.startswith("applying ")]
