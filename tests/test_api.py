@@ -434,6 +434,26 @@ async def test_a_204_is_documented_without_a_body() -> None:
     assert removed["headers"] == {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
 
 
+class StrictFilter(msgspec.Struct, forbid_unknown_fields=True):
+    status: str = "any"
+
+
+@pets.get("/pets-strict", summary="A query Struct that refuses unknown parameters")
+async def strict_pets(query: StrictFilter) -> StrictFilter:
+    return query
+
+
+@pytest.mark.anyio
+async def test_a_query_struct_refusing_unknown_fields_names_a_mistyped_filter() -> None:
+    """Ignored, `?stauts=paid` would return everything; declared strict, it is the 422 naming it."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        mistyped = await client.get("/pets-strict?stauts=paid")
+        fine = await client.get("/pets-strict?status=paid")
+    assert mistyped.status_code == 422
+    assert mistyped.json()["validation_errors"] == [{"field": "stauts", "message": "Unknown field", "value": "paid"}]
+    assert fine.json() == {"status": "paid"}
+
+
 @pytest.mark.anyio
 async def test_query_bounds_are_422_naming_the_parameter() -> None:
     async with serve(create_app(make_settings(), endpoints=[pets])) as client:
