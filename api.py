@@ -15,16 +15,17 @@ at start-up:
   - named like a `{segment}` of the path: that segment, converted to its annotation (UUID, int, str);
   - `query: SomeStruct`: the query string, one parameter per field (bounds from `msgspec.Meta`);
   - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422).
-Its return annotation says what it answers: a Struct (200), `Created[Struct]` (201 and `Location`),
-or `None` (204). The route's OpenAPI operation is derived from the same declarations, so no
-endpoint can go undocumented.
+Its return annotation says what it answers: a Struct (200), `WithHeaders[Struct]` (200 with headers
+of its own: `ETag`, `Cache-Control`), `Created[Struct]` (201 and `Location`), or `None` (204). The
+route's OpenAPI operation is derived from the same declarations, so no endpoint can go undocumented.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 import typing
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -70,6 +71,19 @@ class Created(Generic[T]):
 
     body: T
     location: str
+
+
+@dataclass(frozen=True, slots=True)
+class WithHeaders(Generic[T]):
+    """A handler's `200` with response headers of its own: `ETag`, `Cache-Control`, `Last-Modified`...
+
+    The headers the service writes itself (`Content-Type`, `Content-Length`, `X-Request-ID`,
+    `X-Content-Type-Options`) and the connection's (`Connection`, `Transfer-Encoding`) cannot be
+    given; neither can a name or value holding a line break. Either is the handler's bug: a 500.
+    """
+
+    body: T
+    headers: Mapping[str, str]
 
 
 class Context:
@@ -219,6 +233,8 @@ class Endpoint:
             # Escaped: a location made of a decoded path segment may hold CR, LF, blanks or non-ASCII.
             location = (b"location", quote(path, safe=_URL_CHARACTERS).encode())
             await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location))
+        elif isinstance(result, WithHeaders):
+            await send_bytes(scope, send, 200, ENCODER.encode(result.body), (*JSON_HEADERS, *_own(result.headers)))
         else:
             await send_bytes(scope, send, self.status, ENCODER.encode(result))
 
@@ -239,6 +255,21 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}
 _URL_CHARACTERS = "/:?#[]@!$&'()*+,;=%~"  # left as they are in a Location: reserved ones, and escapes
 
 
+def _own(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """A handler's headers as the server takes them; ValueError for one it may not set or cannot be sent."""
+    own = []
+    for name, value in headers.items():
+        if name.lower() in _RESERVED or not _TOKEN.fullmatch(name) or not value.isprintable():
+            raise ValueError(f"a handler cannot send the header {name!r}: {value!r}")
+        own.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    return own
+
+
+_RESERVED = frozenset({"content-type", "content-length", "x-request-id", "x-content-type-options", "connection",
+                       "transfer-encoding"})  # fmt: skip
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
+
+
 def _is_struct(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
 
@@ -250,6 +281,10 @@ def _answer(kind: Any, where: str) -> tuple[int, type[msgspec.Struct] | None]:
     if typing.get_origin(kind) is Created and _is_struct(typing.get_args(kind)[0]):
         body: type[msgspec.Struct] = typing.get_args(kind)[0]
         return 201, body
+    if typing.get_origin(kind) is WithHeaders and _is_struct(typing.get_args(kind)[0]):
+        return 200, typing.get_args(kind)[0]
     if _is_struct(kind):
         return 200, kind
-    raise TypeError(f"{where}: the return annotation must be a msgspec Struct, Created[Struct] or None")
+    raise TypeError(
+        f"{where}: the return annotation must be a msgspec Struct, Created[Struct], WithHeaders[Struct] or None"
+    )

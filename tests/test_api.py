@@ -19,7 +19,7 @@ from openapi_spec_validator import validate as validate_spec
 from service import ROOT, make_settings, serve
 
 import db
-from api import Context, Created, Endpoints
+from api import Context, Created, Endpoints, WithHeaders
 from app import create_app
 from db import Connection
 from settings import CONFIGURATION_ERROR
@@ -432,6 +432,40 @@ async def test_a_204_is_documented_without_a_body() -> None:
     removed = spec["paths"]["/pets/{pet_id}"]["delete"]["responses"]["204"]
     assert "content" not in removed
     assert removed["headers"] == {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+
+
+@pets.get("/pets/tagged/{pet_id}", summary="A pet with its ETag and cache policy")
+async def get_tagged_pet(pet_id: int) -> WithHeaders[Pet]:
+    return WithHeaders(Pet(pet_id, "Rex"), {"ETag": f'"v{pet_id}"', "Cache-Control": "max-age=60"})
+
+
+@pets.get("/pets/bad-header/{name}", summary="A handler's own bug: a header it may not send")
+async def send_a_bad_header(name: str) -> WithHeaders[Pet]:
+    return WithHeaders(Pet(0, name), {name: "x"} if name != "newline" else {"X-Note": "a\r\nSet-Cookie: y=1"})
+
+
+@pytest.mark.anyio
+async def test_a_handler_sends_headers_of_its_own() -> None:
+    """`WithHeaders[Struct]`: a 200 with `ETag` and `Cache-Control`, documented as the Struct."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get("/pets/tagged/3")
+        head = await client.head("/pets/tagged/3")
+        spec = (await client.get("/openapi.json")).json()
+    assert (response.status_code, response.json()) == (200, {"id": 3, "name": "Rex"})
+    assert (response.headers["etag"], response.headers["cache-control"]) == ('"v3"', "max-age=60")
+    assert (head.headers["etag"], head.content) == ('"v3"', b"")
+    ok = spec["paths"]["/pets/tagged/{pet_id}"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Pet"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["Content-Type", "x-request-id", "Connection", "Bad Name", "newline"])
+async def test_a_header_a_handler_may_not_send_is_its_bug(name: str) -> None:
+    """The service's own headers, the connection's, and a name or value that could split the response: a 500."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get(f"/pets/bad-header/{name}")
+    assert (response.status_code, response.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert "set-cookie" not in response.headers
 
 
 class StrictFilter(msgspec.Struct, forbid_unknown_fields=True):
