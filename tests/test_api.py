@@ -531,7 +531,8 @@ def test_a_return_annotation_that_cannot_be_documented_stops_start_up() -> None:
     async def untyped() -> dict[str, int]:
         return {}
 
-    with pytest.raises(TypeError, match=r"the return annotation must be a msgspec Struct, Created\[Struct\] or None"):
+    message = r"the return annotation must be a msgspec Struct, Created\[Struct\], WithHeaders\[Struct\] or None"
+    with pytest.raises(TypeError, match=message):
         create_app(make_settings(), endpoints=[broken])
 
 
