@@ -141,6 +141,8 @@ def body_binder(kind: type[msgspec.Struct]) -> Binder:
             raise _malformed(exc) from None
         try:
             document = msgspec.json.decode(raw)
+        except msgspec.ValidationError:  # valid JSON with a number no float holds (1e400): name its field
+            raise RequestValidationError([_field_error(wrong_shape, None, "")]) from None
         except (msgspec.DecodeError, RecursionError) as exc:
             raise _malformed(exc) from None
         raise RequestValidationError(validation_errors(wrong_shape, document, kind=kind))

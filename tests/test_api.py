@@ -489,6 +489,15 @@ async def test_a_query_struct_refusing_unknown_fields_names_a_mistyped_filter() 
 
 
 @pytest.mark.anyio
+async def test_a_number_too_large_for_any_float_in_the_body_is_422_naming_its_field() -> None:
+    """`1e400` is valid JSON, not "not valid JSON": the field holding it is named."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.post("/pets", content=b'{"name": 1e400}', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["validation_errors"]] == ["name"]
+
+
+@pytest.mark.anyio
 async def test_query_bounds_are_422_naming_the_parameter() -> None:
     async with serve(create_app(make_settings(), endpoints=[pets])) as client:
         response = await client.get("/pets/7", params={"age": "-1"})
