@@ -83,6 +83,7 @@ def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
         for migration in pending:  # before applying any: an unwritten one would be recorded as applied
             if _only_comments(Path(migration.path)):
                 raise CommandError(f"{migration.id} has no SQL yet, only comments: write the change first")
+            _check_undo(migration)
         for migration in pending:
             print(f"applying {migration.id}", flush=True)
             # apply_one, not apply_migrations: that one silently skips a migration it cannot load.
@@ -105,11 +106,7 @@ def rollback(backend: Backend, migrations: Any, args: argparse.Namespace) -> int
             raise CommandError(
                 f"the last applied migration {last} is not in {where}: roll back with the code that has it"
             )
-        undo = Path(found[0].path).with_suffix(".rollback.sql")
-        if undo.exists() and _only_comments(undo):  # it would report the rollback done, and undo nothing
-            raise CommandError(
-                f"{undo.name} has no SQL, only comments: write the undo first (with nothing to undo, say so: SELECT 1;)"
-            )
+        _check_undo(found[0])  # without one, yoyo would report the rollback done, and undo nothing
         print(f"rolling back {last}", flush=True)
         _run_step(backend.rollback_one, found[0])
     print(f"rolled back {last}")
@@ -270,13 +267,39 @@ def _applied(backend: Backend) -> list[tuple[str, datetime]]:
         return []
 
 
+def _check_undo(migration: Any) -> None:
+    """CommandError unless `migration` has a rollback with SQL in it (the contract: each has one)."""
+    undo = Path(migration.path).with_suffix(".rollback.sql")
+    if not undo.is_file() or _only_comments(undo):
+        state = "has no SQL, only comments" if undo.is_file() else "is missing"
+        raise CommandError(f"{undo.name} {state}: write the undo first (with nothing to undo, say so: SELECT 1;)")
+
+
 def _only_comments(path: Path) -> bool:
-    """Whether an SQL file holds nothing but comments and blanks, as `new` writes it."""
-    text = _SQL_COMMENTS.sub("", path.read_text(encoding="utf-8"))
-    return not text.replace(";", "").strip()
+    """Whether an SQL file holds nothing but comments, blanks and `;`, as `new` writes it.
 
-
-_SQL_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+    Read as PostgreSQL does: `--` to the end of the line, `/* */` nested. The first other
+    character is a statement.
+    """
+    text, at = path.read_text(encoding="utf-8-sig"), 0
+    while at < len(text):
+        if text[at].isspace() or text[at] == ";":
+            at += 1
+        elif text.startswith("--", at):
+            end = text.find("\n", at)
+            at = len(text) if end < 0 else end + 1
+        elif text.startswith("/*", at):
+            depth, at = 1, at + 2
+            while depth and at < len(text):
+                if text.startswith("/*", at):
+                    depth, at = depth + 1, at + 2
+                elif text.startswith("*/", at):
+                    depth, at = depth - 1, at + 2
+                else:
+                    at += 1
+        else:
+            return False
+    return True
 
 
 def _run_step(step: Callable[[Any], None], migration: Any) -> None:

@@ -184,7 +184,13 @@ async def test_rollback_undoes_only_the_last_migration(database_url: str, tmp_pa
 def test_broken_migration_fails_loudly_and_stops(database_url: str, tmp_path: Path) -> None:
     """A migration that fails is an error naming it, not a skip; later ones are not applied."""
     directory = migrations_with(
-        tmp_path, {"9001.broken.sql": "CREATE TABLEE oops ();\n", "9002.after.sql": "CREATE TABLE after (id int);\n"}
+        tmp_path,
+        {
+            "9001.broken.sql": "CREATE TABLEE oops ();\n",
+            "9001.broken.rollback.sql": "SELECT 1;\n",
+            "9002.after.sql": "CREATE TABLE after (id int);\n",
+            "9002.after.rollback.sql": "DROP TABLE after;\n",
+        },
     )
     migrated = run_db(database_url, "migrate", "--source", str(directory))
     assert migrated.returncode == 1
@@ -255,7 +261,10 @@ def test_lock_left_by_a_killed_migrate_times_out_until_unlocked(database_url: st
 @pytest.mark.slow
 def test_sigterm_mid_migration_releases_the_lock(database_url: str, tmp_path: Path) -> None:
     """A migrate stopped by SIGTERM (a deleted pod) leaves no lock and no half-recorded migration."""
-    directory = migrations_with(tmp_path, {"9001.hang.sql": "DO $$ BEGIN PERFORM pg_sleep(60); END $$;\n"})
+    directory = migrations_with(
+        tmp_path,
+        {"9001.hang.sql": "DO $$ BEGIN PERFORM pg_sleep(60); END $$;\n", "9001.hang.rollback.sql": "SELECT 1;\n"},
+    )
     env = {**os.environ, "DATABASE_URL": database_url}
     command = [sys.executable, "-m", "db", "migrate", "--source", str(directory)]
     migrating = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -401,23 +410,32 @@ def test_an_app_told_of_a_migrations_folder_that_is_missing_does_not_start(tmp_p
 
 
 def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: str, tmp_path: Path) -> None:
-    """Only comments: applied, it would be recorded as done and do nothing; rolled back, report a rollback it
-    did not make. Refused, before anything is applied."""
+    """Only comments (nested ones too), or no rollback at all: applied, a migration would be recorded as
+    done and do nothing, and its rollback report one it did not make. Refused, before anything is applied."""
     assert run_db(None, "new", "create_orders", "--source", str(tmp_path)).returncode == 0
-    unwritten = run_db(database_url, "migrate", "--source", str(tmp_path))
-    assert (unwritten.returncode, unwritten.stderr) == (
-        1,
-        "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n",
-    )
+    forward, undo = tmp_path / "0001.create_orders.sql", tmp_path / "0001.create_orders.rollback.sql"
+    refusals = []
+    for sql in ("", "/* outer /* inner */ still a comment */\n"):
+        forward.write_text(forward.read_text().split("\n\n")[0] + "\n\n" + sql)
+        refusals.append(run_db(database_url, "migrate", "--source", str(tmp_path)))
+    forward.write_text(forward.read_text() + "CREATE TABLE scratch_orders (id int);\n")
+    refusals.append(run_db(database_url, "migrate", "--source", str(tmp_path)))  # the rollback as `new` wrote it
+    assert [(r.returncode, r.stderr) for r in refusals] == [
+        (1, "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n"),
+        (1, "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n"),
+        (1, "migrate: 0001.create_orders.rollback.sql has no SQL, only comments: write the undo first "
+            "(with nothing to undo, say so: SELECT 1;)\n"),
+    ]  # fmt: skip
     status = run_db(database_url, "status", "--source", str(tmp_path)).stdout.splitlines()
     assert [line.split()[0] for line in status[:-1]] == ["pending"] * (len(ON_DISK) + 1)  # not even the foundation's
-    forward = tmp_path / "0001.create_orders.sql"
-    forward.write_text(forward.read_text() + "CREATE TABLE scratch_orders (id int);\n")
+
+    undo.write_text("DROP TABLE scratch_orders;\n")
     assert run_db(database_url, "migrate", "--source", str(tmp_path)).returncode == 0
-    undone = run_db(database_url, "rollback", "--source", str(tmp_path))
-    assert (undone.returncode, undone.stderr) == (
+    undo.unlink()
+    missing = run_db(database_url, "rollback", "--source", str(tmp_path))
+    assert (missing.returncode, missing.stderr) == (
         1,
-        "rollback: 0001.create_orders.rollback.sql has no SQL, only comments: write the undo first "
+        "rollback: 0001.create_orders.rollback.sql is missing: write the undo first "
         "(with nothing to undo, say so: SELECT 1;)\n",
     )
     assert run_db(database_url, "status", "--source", str(tmp_path)).stdout.count("applied ") == len(ON_DISK) + 1
