@@ -217,6 +217,8 @@ class Database:
             message = "Database connection lost"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         except _CONFLICTS as exc:
+            if _inside_the_server(exc):
+                raise
             raise ConflictError(_conflict_message(exc)) from exc
         except _CONCURRENT as exc:
             raise ConflictError(f"Conflicts with a concurrent transaction ({_condition(exc)}): try again") from exc
@@ -227,8 +229,10 @@ class Database:
             message = f"Database temporarily unavailable ({_condition(exc)})"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         except _REFUSED_VALUE as exc:  # SQLSTATE class 22, 23502, 23514: a value sent that its column refuses
-            if isinstance(exc.__cause__, TypeError):
-                raise  # a Python value of the wrong type for its parameter (an Enum, not its value): the handler's bug
+            if isinstance(exc.__cause__, TypeError | AttributeError):  # the handler's bug: a 500, its value unlogged
+                raise _wrong_parameter(exc) from None
+            if _inside_the_server(exc):
+                raise
             raise MalformedRequestError(_refused_value_message(exc)) from exc
         finally:
             try:
@@ -342,6 +346,21 @@ def _conflict_message(exc: asyncpg.IntegrityConstraintViolationError) -> str:
         return f"Already exists (unique constraint {constraint})" if constraint else "Already exists"
     kind = "foreign key" if isinstance(exc, asyncpg.ForeignKeyViolationError) else "exclusion"
     return f"Conflicts with other rows ({kind} constraint {constraint})" if constraint else "Conflicts with other rows"
+
+
+def _inside_the_server(exc: asyncpg.PostgresError) -> bool:
+    """Raised inside a trigger or function (PostgreSQL says where): the server side's own fault, a 500,
+    not the client's row or value, which the statement itself would have been refused for."""
+    context = getattr(exc, "context", None) or ""  # also names a bad parameter ("portal parameter $2"): not that
+    return "function " in context
+
+
+def _wrong_parameter(exc: asyncpg.PostgresError) -> TypeError:
+    """A Python value of the wrong type for a query parameter (an Enum, not its value; a str for a date),
+    named by its parameter and the types: asyncpg's message would put the value itself in the log."""
+    parameter = re.search(r"query argument (\$\d+)", str(exc))
+    where = f"query argument {parameter[1]}" if parameter else "a query argument"
+    return TypeError(f"{where}: {exc.__cause__}").with_traceback(exc.__traceback__)
 
 
 def _refused_value_message(exc: asyncpg.PostgresError) -> str:

@@ -144,6 +144,27 @@ async def add_row_with_an_enum(ctx: Context, body: Row) -> Row:
     return body
 
 
+@rows.post("/rows/audited", summary="A row whose insert fires a trigger that breaks its own table's rule")
+async def add_audited_row(ctx: Context, body: Row) -> Row:
+    async with ctx.connection() as conn:
+        await conn.execute("INSERT INTO audited (parent) VALUES ($1)", body.parent)
+    return body
+
+
+@rows.post("/rows/audited-once", summary="A row whose trigger inserts a key of its own that must be unique")
+async def add_audited_once_row(ctx: Context, body: Row) -> Row:
+    async with ctx.connection() as conn:
+        await conn.execute("INSERT INTO audited_once (parent) VALUES ($1)", body.parent)
+    return body
+
+
+@rows.post("/rows/dated", summary="A handler's own bug: a str where the column is a date")
+async def add_dated_row(ctx: Context, body: Row) -> Row:
+    async with ctx.connection() as conn:
+        await conn.execute("SELECT $1::date", body.note)
+    return body
+
+
 session = Endpoints(tag="session")
 
 
@@ -368,6 +389,39 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
     assert (nulled.status_code, nulled.json()["message"]) == (400, "A value the table refuses (note may not be null)")
     assert (wrong_type.status_code, wrong_type.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")  # not the client's
     assert fine.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_what_the_server_side_gets_wrong_is_a_500_not_the_clients_fault(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trigger breaking a NOT NULL or a unique key of its own, or a str sent for a date: 500s, not a 400 or
+    409 blaming a client whose input was fine; and the client's value is not written to the log."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE audit (actor text NOT NULL); CREATE TABLE audited (parent int);"
+            "CREATE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN INSERT INTO audit VALUES (NULL); RETURN NEW; END $$;"
+            "CREATE TRIGGER audited_row AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION audit_row();"
+            "CREATE TABLE audit_once (id int PRIMARY KEY); CREATE TABLE audited_once (parent int);"
+            "CREATE FUNCTION audit_once() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN INSERT INTO audit_once VALUES (1); RETURN NEW; END $$;"
+            "CREATE TRIGGER audited_once AFTER INSERT ON audited_once FOR EACH ROW EXECUTE FUNCTION audit_once()"
+        )
+    finally:
+        await conn.close()
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
+    async with serve(create_app(settings, endpoints=[rows])) as client:
+        audited = await client.post("/rows/audited", json={"parent": 1})
+        dated = await client.post("/rows/dated", json={"parent": 1, "note": "4111-1111-1111-1111"})
+        once = [(await client.post("/rows/audited-once", json={"parent": 1})).status_code for _ in range(2)]
+    assert (audited.status_code, audited.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert (dated.status_code, dated.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert once == [200, 500]  # the trigger's own unique key, not a conflict of the client's row (409)
+    logged = "\n".join(caplog.text.splitlines())
+    assert "query argument $1: 'str' object has no attribute" in logged
+    assert "4111-1111-1111-1111" not in logged
 
 
 @pytest.mark.anyio
