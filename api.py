@@ -77,9 +77,12 @@ class Created(Generic[T]):
 class WithHeaders(Generic[T]):
     """A handler's `200` with response headers of its own: `ETag`, `Cache-Control`, `Last-Modified`...
 
-    The headers the service writes itself (`Content-Type`, `Content-Length`, `X-Request-ID`,
-    `X-Content-Type-Options`) and the connection's (`Connection`, `Transfer-Encoding`) cannot be
-    given; neither can a name or value holding a line break. Either is the handler's bug: a 500.
+    The headers the service or the server writes (`Content-Type`, `Content-Length`,
+    `Content-Encoding`, `X-Request-ID`, `X-Content-Type-Options`, `Date`, `Server`, CORS's
+    `Access-Control-*`), the connection's (`Connection`, `Transfer-Encoding`, `Keep-Alive`...),
+    one name given twice in two cases, and a name or value holding a line break cannot be
+    given: each is the handler's bug, a 500. Cross-origin scripts may read `ETag` (exposed by
+    the service's CORS) and the headers CORS always lets through (`Cache-Control`, `Last-Modified`).
     """
 
     body: T
@@ -257,16 +260,23 @@ _URL_CHARACTERS = "/:?#[]@!$&'()*+,;=%~"  # left as they are in a Location: rese
 
 def _own(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     """A handler's headers as the server takes them; ValueError for one it may not set or cannot be sent."""
-    own = []
+    own: dict[bytes, bytes] = {}
     for name, value in headers.items():
-        if name.lower() in _RESERVED or not _TOKEN.fullmatch(name) or not value.isprintable():
-            raise ValueError(f"a handler cannot send the header {name!r}: {value!r}")
-        own.append((name.lower().encode("latin-1"), value.encode("latin-1")))
-    return own
+        lower = name.lower()
+        if lower in _RESERVED or lower.startswith("access-control-") or not _TOKEN.fullmatch(name):
+            raise ValueError(f"a handler cannot send the header {name!r}")
+        if not value.isprintable() or lower.encode() in own:  # a line break; the same name twice, in two cases
+            raise ValueError(f"a handler cannot send the header {name!r} with the value {value!r}")
+        own[lower.encode()] = value.encode("latin-1")
+    return list(own.items())
 
 
-_RESERVED = frozenset({"content-type", "content-length", "x-request-id", "x-content-type-options", "connection",
-                       "transfer-encoding"})  # fmt: skip
+# What the service and the server write (the body's type, length and coding, the request ID, the
+# date, the server), the connection's own (RFC 9110 7.6.1), and CORS (`access-control-*`, from
+# CORS_ORIGINS alone): a handler's value would contradict theirs.
+_RESERVED = frozenset({"content-type", "content-length", "content-encoding", "x-request-id", "x-content-type-options",
+                       "date", "server", "connection", "keep-alive", "proxy-connection", "te", "trailer",
+                       "transfer-encoding", "upgrade"})  # fmt: skip
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
 
 

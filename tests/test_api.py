@@ -495,7 +495,11 @@ async def get_tagged_pet(pet_id: int) -> WithHeaders[Pet]:
 
 @pets.get("/pets/bad-header/{name}", summary="A handler's own bug: a header it may not send")
 async def send_a_bad_header(name: str) -> WithHeaders[Pet]:
-    return WithHeaders(Pet(0, name), {name: "x"} if name != "newline" else {"X-Note": "a\r\nSet-Cookie: y=1"})
+    if name == "newline":
+        return WithHeaders(Pet(0, name), {"X-Note": "a\r\nSet-Cookie: y=1"})
+    if name == "twice":
+        return WithHeaders(Pet(0, name), {"ETag": '"a"', "etag": '"b"'})
+    return WithHeaders(Pet(0, name), {name: "x"})
 
 
 @pytest.mark.anyio
@@ -508,12 +512,19 @@ async def test_a_handler_sends_headers_of_its_own() -> None:
     assert (response.status_code, response.json()) == (200, {"id": 3, "name": "Rex"})
     assert (response.headers["etag"], response.headers["cache-control"]) == ('"v3"', "max-age=60")
     assert (head.headers["etag"], head.content) == ('"v3"', b"")
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        cross_origin = await client.get("/pets/tagged/3", headers={"Origin": "http://localhost:3000"})
+    assert "etag" in cross_origin.headers["access-control-expose-headers"].lower()  # a browser's script may read it
     ok = spec["paths"]["/pets/tagged/{pet_id}"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Pet"}
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("name", ["Content-Type", "x-request-id", "Connection", "Bad Name", "newline"])
+@pytest.mark.parametrize(
+    "name",
+    ["Content-Type", "x-request-id", "Connection", "Keep-Alive", "Date", "Server", "Content-Encoding",
+     "Access-Control-Allow-Origin", "Bad Name", "newline", "twice"],
+)  # fmt: skip
 async def test_a_header_a_handler_may_not_send_is_its_bug(name: str) -> None:
     """The service's own headers, the connection's, and a name or value that could split the response: a 500."""
     async with serve(create_app(make_settings(), endpoints=[pets])) as client:
