@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
@@ -130,39 +131,32 @@ async def query_twice_at_once(ctx: Context) -> Row:
     raise AssertionError("asyncpg refuses the second query")
 
 
-@rows.post("/rows/without-note", summary="A row whose note the handler leaves NULL")
-async def add_row_without_note(ctx: Context, body: Row) -> Row:
+# Statements a handler runs with a body's values: each shows one way a database refusal is, or is not,
+# the client's fault (the handler's own mistakes among them).
+ROW_STATEMENTS: dict[str, tuple[str, Callable[[Row], tuple[Any, ...]]]] = {
+    "without-note": ("INSERT INTO children (parent, note) VALUES ($1, NULL)", lambda row: (row.parent,)),
+    "enum-note": ("INSERT INTO children (parent, note) VALUES ($1, $2)", lambda row: (row.parent, Color.RED)),
+    "audited": ("INSERT INTO audited (parent) VALUES ($1)", lambda row: (row.parent,)),  # its trigger fails
+    "audited-once": ("INSERT INTO audited_once (parent) VALUES ($1)", lambda row: (row.parent,)),
+    "dated": ("SELECT $1::date", lambda row: (row.note,)),  # a str where a date goes
+}
+
+
+@rows.post("/rows/run/{statement}", summary="One of ROW_STATEMENTS, with the body's values")
+async def run_row_statement(ctx: Context, statement: str, body: Row) -> Row:
+    sql, arguments = ROW_STATEMENTS[statement]
     async with ctx.connection() as conn:
-        await conn.execute("INSERT INTO children (parent, note) VALUES ($1, NULL)", body.parent)
+        await conn.execute(sql, *arguments(body))
     return body
 
 
-@rows.post("/rows/enum-note", summary="A handler's own bug: an Enum, not its value, as a text parameter")
-async def add_row_with_an_enum(ctx: Context, body: Row) -> Row:
-    async with ctx.connection() as conn:
-        await conn.execute("INSERT INTO children (parent, note) VALUES ($1, $2)", body.parent, Color.RED)
-    return body
-
-
-@rows.post("/rows/audited", summary="A row whose insert fires a trigger that breaks its own table's rule")
-async def add_audited_row(ctx: Context, body: Row) -> Row:
-    async with ctx.connection() as conn:
-        await conn.execute("INSERT INTO audited (parent) VALUES ($1)", body.parent)
-    return body
-
-
-@rows.post("/rows/audited-once", summary="A row whose trigger inserts a key of its own that must be unique")
-async def add_audited_once_row(ctx: Context, body: Row) -> Row:
-    async with ctx.connection() as conn:
-        await conn.execute("INSERT INTO audited_once (parent) VALUES ($1)", body.parent)
-    return body
-
-
-@rows.post("/rows/dated", summary="A handler's own bug: a str where the column is a date")
-async def add_dated_row(ctx: Context, body: Row) -> Row:
-    async with ctx.connection() as conn:
-        await conn.execute("SELECT $1::date", body.note)
-    return body
+async def run_sql(database_url: str, sql: str) -> None:
+    """A test's own tables and triggers, made before the app starts."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 session = Endpoints(tag="session")
@@ -357,15 +351,12 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
     """409 for a missing parent; 400 for a NUL in text, an int4 out of range, a CHECK or NOT NULL refused;
     500 for the handler's misuse of its connection or a parameter of the wrong Python type; none a 503
     (the connection is not lost), and the one pooled connection survives all."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "CREATE TABLE parents (id int PRIMARY KEY); INSERT INTO parents VALUES (1);"
-            "CREATE TABLE children (parent int NOT NULL REFERENCES parents,"
-            " note text NOT NULL CONSTRAINT children_note_check CHECK (note <> 'forbidden'))"
-        )
-    finally:
-        await conn.close()
+    await run_sql(
+        database_url,
+        "CREATE TABLE parents (id int PRIMARY KEY); INSERT INTO parents VALUES (1);"
+        "CREATE TABLE children (parent int NOT NULL REFERENCES parents,"
+        " note text NOT NULL CONSTRAINT children_note_check CHECK (note <> 'forbidden'))",
+    )
     settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
     async with serve(create_app(settings, endpoints=[rows])) as client:
         orphan = await client.post("/rows", json={"parent": 2})
@@ -373,8 +364,8 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
         huge = await client.post("/rows", json={"parent": 2**40})
         mistake = await client.get("/rows/mistake")
         checked = await client.post("/rows", json={"parent": 1, "note": "forbidden"})
-        nulled = await client.post("/rows/without-note", json={"parent": 1})
-        wrong_type = await client.post("/rows/enum-note", json={"parent": 1})
+        nulled = await client.post("/rows/run/without-note", json={"parent": 1})
+        wrong_type = await client.post("/rows/run/enum-note", json={"parent": 1})
         fine = await client.post("/rows", json={"parent": 1, "note": "kept"})
     assert (orphan.status_code, orphan.json()["error"]) == (409, "CONFLICT_ERROR")
     assert orphan.json()["message"] == "Conflicts with other rows (foreign key constraint children_parent_fkey)"
@@ -397,25 +388,22 @@ async def test_what_the_server_side_gets_wrong_is_a_500_not_the_clients_fault(
 ) -> None:
     """A trigger breaking a NOT NULL or a unique key of its own, or a str sent for a date: 500s, not a 400 or
     409 blaming a client whose input was fine; and the client's value is not written to the log."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "CREATE TABLE audit (actor text NOT NULL); CREATE TABLE audited (parent int);"
-            "CREATE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN INSERT INTO audit VALUES (NULL); RETURN NEW; END $$;"
-            "CREATE TRIGGER audited_row AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION audit_row();"
-            "CREATE TABLE audit_once (id int PRIMARY KEY); CREATE TABLE audited_once (parent int);"
-            "CREATE FUNCTION audit_once() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN INSERT INTO audit_once VALUES (1); RETURN NEW; END $$;"
-            "CREATE TRIGGER audited_once AFTER INSERT ON audited_once FOR EACH ROW EXECUTE FUNCTION audit_once()"
-        )
-    finally:
-        await conn.close()
+    await run_sql(
+        database_url,
+        "CREATE TABLE audit (actor text NOT NULL); CREATE TABLE audited (parent int);"
+        "CREATE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN INSERT INTO audit VALUES (NULL); RETURN NEW; END $$;"
+        "CREATE TRIGGER audited_row AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION audit_row();"
+        "CREATE TABLE audit_once (id int PRIMARY KEY); CREATE TABLE audited_once (parent int);"
+        "CREATE FUNCTION audit_once() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN INSERT INTO audit_once VALUES (1); RETURN NEW; END $$;"
+        "CREATE TRIGGER audited_once AFTER INSERT ON audited_once FOR EACH ROW EXECUTE FUNCTION audit_once()",
+    )
     settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1")
     async with serve(create_app(settings, endpoints=[rows])) as client:
-        audited = await client.post("/rows/audited", json={"parent": 1})
-        dated = await client.post("/rows/dated", json={"parent": 1, "note": "4111-1111-1111-1111"})
-        once = [(await client.post("/rows/audited-once", json={"parent": 1})).status_code for _ in range(2)]
+        audited = await client.post("/rows/run/audited", json={"parent": 1})
+        dated = await client.post("/rows/run/dated", json={"parent": 1, "note": "4111-1111-1111-1111"})
+        once = [(await client.post("/rows/run/audited-once", json={"parent": 1})).status_code for _ in range(2)]
     assert (audited.status_code, audited.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
     assert (dated.status_code, dated.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
     assert once == [200, 500]  # the trigger's own unique key, not a conflict of the client's row (409)
