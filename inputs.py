@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -88,34 +88,38 @@ def _finite(value: Any) -> bool:
 
 def _holds_float(info: msgspec.inspect.Type) -> bool:
     """Whether a query field's type may hold a float, bounds, `| None` and sequences aside."""
-    if isinstance(info, msgspec.inspect.FloatType):
-        return True
-    if isinstance(info, msgspec.inspect.Metadata):
-        return _holds_float(info.type)
-    if isinstance(info, msgspec.inspect.UnionType):
-        return any(_holds_float(member) for member in info.types)
-    if isinstance(info, msgspec.inspect.TupleType):
-        return any(_holds_float(member) for member in info.item_types)
-    if isinstance(info, _ONE_ITEM_TYPE):
-        return _holds_float(info.item_type)
-    return False
-
-
-_ONE_ITEM_TYPE = (msgspec.inspect.ListType, msgspec.inspect.SetType, msgspec.inspect.FrozenSetType,
-                  msgspec.inspect.VarTupleType)  # fmt: skip
+    return any(
+        isinstance(kind, msgspec.inspect.FloatType) or any(_holds_float(item) for item in _items(kind))
+        for kind in _alternatives(info)
+    )
 
 
 def _takes_many(info: msgspec.inspect.Type) -> bool:
     """Whether a query field is a sequence (list, set, tuple), bounds and `| None` aside."""
+    return any(isinstance(kind, _SEQUENCES) for kind in _alternatives(info))
+
+
+def _alternatives(info: msgspec.inspect.Type) -> Iterator[msgspec.inspect.Type]:
+    """The types a field's type may be, its bounds (`Meta`) and unions (`| None`) unwrapped."""
     if isinstance(info, msgspec.inspect.Metadata):
-        return _takes_many(info.type)
-    if isinstance(info, msgspec.inspect.UnionType):
-        return any(_takes_many(member) for member in info.types)
-    return isinstance(info, _SEQUENCES)
+        yield from _alternatives(info.type)
+    elif isinstance(info, msgspec.inspect.UnionType):
+        for member in info.types:
+            yield from _alternatives(member)
+    else:
+        yield info
 
 
-_SEQUENCES = (msgspec.inspect.ListType, msgspec.inspect.SetType, msgspec.inspect.FrozenSetType,
-              msgspec.inspect.VarTupleType, msgspec.inspect.TupleType)  # fmt: skip
+def _items(info: msgspec.inspect.Type) -> tuple[msgspec.inspect.Type, ...]:
+    """The types a sequence's items may be; none for any other type."""
+    if isinstance(info, msgspec.inspect.TupleType):
+        return info.item_types
+    return (info.item_type,) if isinstance(info, _ONE_ITEM_TYPE) else ()
+
+
+_ONE_ITEM_TYPE = (msgspec.inspect.ListType, msgspec.inspect.SetType, msgspec.inspect.FrozenSetType,
+                  msgspec.inspect.VarTupleType)  # fmt: skip
+_SEQUENCES = (*_ONE_ITEM_TYPE, msgspec.inspect.TupleType)
 
 
 def body_binder(kind: type[msgspec.Struct]) -> Binder:
