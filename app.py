@@ -134,6 +134,8 @@ def create_app(
     configure_logging(settings)
     if settings.secret_key_generated:
         logger.warning("SECRET_KEY is not set: using a random key that changes at every start")
+    for name, meant in settings.unknown_variables:
+        logger.warning("%s is set but is not a setting, so it is ignored: did you mean %s?", name, meant)
 
     readiness = ReadinessEndpoint(settings, migrations_on_disk(*migrations))
     probes = [

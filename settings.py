@@ -6,6 +6,7 @@ variable at once; cross-variable rules live in `_check_environment_rules`.
 
 from __future__ import annotations
 
+import difflib
 import io
 import ipaddress
 import json
@@ -63,6 +64,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_statement_cache_size: int = 100
     secret_key: str = msgspec.field(default_factory=lambda: secrets.token_urlsafe(48))
     secret_key_generated: bool = False
+    # Variables that name no setting but look meant for one (`DATABSE_URL`, `database_url`), each
+    # with the setting it resembles: nothing reads them, so start-up warns (`create_app`).
+    unknown_variables: tuple[tuple[str, str], ...] = ()
     log_level: str = "INFO"
     log_format: str = DEFAULT_LOG_FORMAT
     log_json: bool = False
@@ -97,6 +101,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(found)
 
 
+# The variables the settings are read from: one a field, but for what start-up derives itself.
+VARIABLES = frozenset(f.upper() for f in Settings.__struct_fields__) - {"SECRET_KEY_GENERATED", "UNKNOWN_VARIABLES"}
 # Each field's default, written once (in the Struct above); the environment-dependent ones are given in `load_settings`.
 _DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(Settings) if f.default is not msgspec.NODEFAULT}
 _UNSET: Any = object()
@@ -203,6 +209,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         request_head_timeout=get("REQUEST_HEAD_TIMEOUT", _bounded(float, 1, 300)),
         max_body_bytes=get("MAX_BODY_BYTES", _bounded(int, 1, 1073741824)),
         shutdown_drain_seconds=get("SHUTDOWN_DRAIN_SECONDS", _bounded(float, 0, 120)),
+        unknown_variables=_unknown_variables(environ),
     )
     # A variable whose value was refused is not reported a second time as missing.
     reported = {_variable(p) for p in problems}
@@ -212,6 +219,21 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if not values.secret_key:
         return msgspec.structs.replace(values, secret_key=secrets.token_urlsafe(48), secret_key_generated=True)
     return values
+
+
+def _unknown_variables(environ: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """Each variable that is no setting but looks meant for one, with that setting.
+
+    A misspelt or lower-case name (`DATABSE_URL`, `WEB_CONCURENCY`, `database_url`) is read by
+    nothing, and the service would start on the default without a word. Only near misses count
+    (the cutoff keeps `PGPORT`, `HOSTNAME` and `TEST_DATABASE_URL` out): the environment holds
+    other programs' variables too.
+    """
+    found = []
+    for name in environ:
+        if name not in VARIABLES and (meant := difflib.get_close_matches(name.upper(), VARIABLES, 1, 0.85)):
+            found.append((name, meant[0]))
+    return tuple(sorted(found))
 
 
 def load_settings_or_exit(environ: Mapping[str, str]) -> Settings:

@@ -20,7 +20,7 @@ import pytest
 from cluster import Cluster
 from service import ROOT, SERVER_COMMANDS, migrated
 
-from settings import Settings
+from settings import VARIABLES
 
 # What the service reads besides its settings (prometheus-client's multiprocess directory), and
 # libpq's variables, which would redirect or alter the tests' own connections.
@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
     A hook, not a fixture: collecting the tests imports app.py, whose `app = create_app()`
     reads the environment and `.env` before any fixture could run.
     """
-    names = {field.upper() for field in Settings.__struct_fields__} | set(_OTHER_SERVICE_VARIABLES)
+    names = VARIABLES | set(_OTHER_SERVICE_VARIABLES)
     for name in list(os.environ):
         if name in names or name.startswith(_LIBPQ_PREFIX):
             del os.environ[name]

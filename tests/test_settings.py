@@ -6,15 +6,15 @@ import os
 import threading
 from pathlib import Path
 
-import msgspec
 import pytest
 from dotenv import dotenv_values
 
+from app import create_app
 from dsn import mask_url
 from settings import (
     CONFIGURATION_ERROR,
     DEFAULT_LOG_FORMAT,
-    Settings,
+    VARIABLES,
     SettingsError,
     load_settings,
     read_environment,
@@ -451,6 +451,34 @@ def test_python_dotenv_disabled_leaves_dotenv_out(tmp_path: Path, monkeypatch: p
     assert "APP_VERSION" not in values
 
 
+def test_a_misspelt_or_lower_case_variable_is_named_with_the_setting_it_resembles() -> None:
+    """Nothing reads `DATABSE_URL` or `database_url`: the settings keep their defaults and name the near misses."""
+    env = {"DATABSE_URL": "postgresql://u:pw@db/app", "database_url": "postgresql://u:pw@db/app", "WEB_CONCURENCY": "4"}
+    settings = load_settings(env)
+    assert settings.database_url is None
+    assert settings.web_concurrency == 1
+    assert settings.unknown_variables == (
+        ("DATABSE_URL", "DATABASE_URL"),
+        ("WEB_CONCURENCY", "WEB_CONCURRENCY"),
+        ("database_url", "DATABASE_URL"),
+    )
+
+
+def test_other_programs_variables_are_not_taken_for_misspelt_settings() -> None:
+    """The environment holds libpq's, Kubernetes' and the shell's variables too: none of them is a near miss."""
+    others = ["PATH", "HOME", "HOSTNAME", "PGPORT", "PGHOST", "PGPASSWORD", "TEST_DATABASE_URL", "UVICORN_PORT",
+              "PROMETHEUS_MULTIPROC_DIR", "KUBERNETES_PORT", "KUBERNETES_SERVICE_HOST", "LANG"]  # fmt: skip
+    assert load_settings(dict.fromkeys(others, "1")).unknown_variables == ()
+    assert load_settings({**PRODUCTION, "LOG_LEVEL": "debug"}).unknown_variables == ()
+
+
+def test_start_up_warns_of_each_misspelt_variable(caplog: pytest.LogCaptureFixture) -> None:
+    """The service starts on the defaults, and says once per variable what it ignored and what was meant."""
+    create_app(load_settings({"DATABSE_URL": "postgresql://u:Pw-Secret-99@db/app"}))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "service" and "DATABSE_URL" in r.getMessage()]
+    assert warnings == ["DATABSE_URL is set but is not a setting, so it is ignored: did you mean DATABASE_URL?"]
+
+
 def test_repr_masks_the_secret_key_and_database_password() -> None:
     """Logging the settings object by mistake leaks nothing."""
     text = repr(load_settings({**PRODUCTION, "DATABASE_URL": "postgresql://u:Pw-Secret-99@db/app"}))
@@ -465,9 +493,8 @@ def test_env_example_is_valid_and_names_every_variable() -> None:
     values = {k: v for k, v in dotenv_values(path).items() if v is not None}
     assert load_settings(values).database_url is not None
     text = path.read_text()
-    for field in msgspec.structs.fields(Settings):
-        if field.name != "secret_key_generated":
-            assert field.name.upper() in text
+    for name in VARIABLES:
+        assert name in text
 
 
 def _safe() -> dict[str, str]:
