@@ -33,8 +33,12 @@ _UTF8 = re.compile(r"utf-?8|us-ascii|ascii", re.IGNORECASE)  # ASCII text is UTF
 
 
 def path_binder(name: str, kind: Any) -> Binder:
+    form = _text_form(msgspec.inspect.type_info(kind))
+
     async def path(request: Request) -> Any:
         raw = request.path_params[name]
+        if form is not None and not form[0].fullmatch(raw):
+            raise RequestValidationError([FieldError(name, form[1], _shown(raw))])
         try:
             value = msgspec.convert(raw, kind, strict=False)
         except msgspec.ValidationError as exc:
@@ -59,6 +63,11 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
     many = [f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))]
     # Fields that may hold a float: text converted to one may be `nan` or `inf`, which JSON cannot carry.
     floats = [f for f in msgspec.structs.fields(kind) if _holds_float(msgspec.inspect.type_info(f.type))]
+    forms = {
+        f.encode_name: form
+        for f in msgspec.structs.fields(kind)
+        if (form := _text_form(msgspec.inspect.type_info(f.type)))
+    }
 
     async def query(request: Request) -> Any:
         params = request.query_params
@@ -66,15 +75,60 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
         for name in many:
             if name in values:
                 values[name] = params.getlist(name)
+        errors = _misread(values, forms)
         try:
             decoded = msgspec.convert(values, kind, strict=False)
         except msgspec.ValidationError as exc:
-            raise RequestValidationError(validation_errors(exc, values, kind=kind, strict=False)) from None
+            named = {error.field.partition("[")[0] for error in errors}  # a field's misread items name it once
+            errors += [
+                e
+                for e in validation_errors(exc, values, kind=kind, strict=False)
+                if e.field.partition("[")[0] not in named
+            ]
+        if errors:
+            raise RequestValidationError(errors)
         if wrong := [f.encode_name for f in floats if not _finite(getattr(decoded, f.name))]:
             raise RequestValidationError([FieldError(name, NOT_FINITE, _shown(values[name])) for name in wrong])
         return decoded
 
     return query
+
+
+def _text_form(info: msgspec.inspect.Type) -> tuple[re.Pattern[str], str] | None:
+    """The text a path or query value of this type must be, where msgspec's lax conversion (the
+    one that reads text) takes more than the type's schema says, and the message when it is not.
+
+    Lax, `1e1` and `10.0` are the integer 10, so one resource would answer at several paths; a bare
+    number is a date-time in Unix seconds (`20260101` is a day in August 1970) or a duration in
+    seconds, where the schema documents RFC 3339 and ISO 8601 text. None: nothing more is taken.
+    """
+    kinds = [item for kind in _alternatives(info) for item in (_items(kind) or (kind,))]
+    if any(isinstance(kind, _TEXT_TAKERS) for kind in kinds):  # a str, float or decimal takes the text as written
+        return None
+    if any(isinstance(kind, msgspec.inspect.IntType) for kind in kinds):
+        return _INTEGER_TEXT, "Expected an integer, written in digits"
+    if any(isinstance(kind, msgspec.inspect.DateTimeType) for kind in kinds):
+        return _NOT_A_NUMBER, "Expected an RFC 3339 date-time (2025-09-23T10:30:00Z), not a number"
+    if any(isinstance(kind, msgspec.inspect.TimeDeltaType) for kind in kinds):
+        return _NOT_A_NUMBER, "Expected an ISO 8601 duration (PT30S), not a number"
+    return None
+
+
+def _misread(values: dict[str, Any], forms: dict[str, tuple[re.Pattern[str], str]]) -> list[FieldError]:
+    """Each query value whose text is not of its field's form (`_text_form`); a sequence's item by item (`ids[1]`)."""
+    errors = []
+    for name, (form, message) in forms.items():
+        given = values.get(name)
+        texts = enumerate(given) if isinstance(given, list) else () if given is None else ((None, given),)
+        errors += [FieldError(f"{name}[{i}]" if i is not None else name, message, _shown(text))
+                   for i, text in texts if not form.fullmatch(text)]  # fmt: skip
+    return errors
+
+
+_TEXT_TAKERS = (msgspec.inspect.StrType, msgspec.inspect.FloatType, msgspec.inspect.DecimalType,
+                msgspec.inspect.AnyType)  # fmt: skip
+_INTEGER_TEXT = re.compile(r"-?[0-9]+|null")  # `null`: what msgspec reads as None for an optional field
+_NOT_A_NUMBER = re.compile(r"(?![-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$).*", re.DOTALL)
 
 
 def _finite(value: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import functools
 import os
@@ -96,6 +97,17 @@ class Weights(msgspec.Struct):
 @pets.get("/pets/weighing/{grams}", summary="Floats, in the path and in a list of the query")
 async def weigh_pet(grams: float, query: Weights) -> Pet:
     return Pet(0, f"{grams} {query.extra}")
+
+
+class Since(msgspec.Struct):
+    after: datetime.datetime | None = None
+    within: datetime.timedelta | None = None
+    page: int | None = None
+
+
+@pets.get("/pets-since", summary="Dates, durations and integers in the query")
+async def pets_since(query: Since) -> Pet:
+    return Pet(query.page or 0, f"{query.after and query.after.isoformat()} {query.within}")
 
 
 @pets.get("/files/{rest:path}", summary="A path parameter that takes slashes")
@@ -642,6 +654,44 @@ async def test_a_number_that_is_not_finite_is_422_in_the_path_and_the_query(text
         assert response.json()["validation_errors"] == [{"field": field, "message": "Expected a finite number",
                                                          "value": None if field == "extra" else text}]  # fmt: skip
     assert (fine.status_code, fine.json()["name"]) == (200, "2.5 [1000.0]")
+
+
+@pytest.mark.anyio
+async def test_numbers_are_not_read_as_dates_durations_or_integers_they_do_not_spell() -> None:
+    """msgspec's lax reading takes `20260101` as Unix seconds (August 1970) and `1e1` as the integer 10:
+    not what the documented RFC 3339, ISO 8601 and integer schemas say, so each is a 422 naming its field."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        wrong = await client.get("/pets-since?after=20260101&within=30&page=1e1")
+        in_path = await client.get("/pets/10.0")
+        in_list = await client.get("/pets-tagged?ids=1&ids=2.0")
+        fine = await client.get("/pets-since?after=2026-01-01T00:00:00Z&within=PT30S&page=-3")
+        optional = await client.get("/pets-since?page=null")
+    assert wrong.status_code == 422
+    assert wrong.json()["validation_errors"] == [
+        {"field": "after", "message": "Expected an RFC 3339 date-time (2025-09-23T10:30:00Z), not a number",
+         "value": "20260101"},
+        {"field": "within", "message": "Expected an ISO 8601 duration (PT30S), not a number", "value": "30"},
+        {"field": "page", "message": "Expected an integer, written in digits", "value": "1e1"},
+    ]  # fmt: skip
+    assert (in_path.status_code, in_path.json()["validation_errors"][0]["field"]) == (422, "pet_id")
+    assert (in_list.status_code, in_list.json()["validation_errors"][0]["value"]) == (422, "2.0")
+    assert (fine.status_code, fine.json()) == (200, {"id": -3, "name": "2026-01-01T00:00:00+00:00 0:00:30"})
+    assert (optional.status_code, optional.json()["id"]) == (200, 0)
+
+
+@pytest.mark.anyio
+async def test_a_misread_query_value_is_named_with_every_other_wrong_field() -> None:
+    """One 422 lists every wrong field, the misread text and msgspec's own refusals alike."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get("/pets/1?age=2.5&kind=x")
+        both = await client.get("/pets-since?page=1.5&after=yesterday")
+    assert response.json()["validation_errors"] == [
+        {"field": "age", "message": "Expected an integer, written in digits", "value": "2.5"}
+    ]
+    assert [(e["field"], e["value"]) for e in both.json()["validation_errors"]] == [
+        ("page", "1.5"),
+        ("after", "yesterday"),
+    ]
 
 
 class Elsewhere:
