@@ -135,7 +135,6 @@ class RequestContext:
         try:
             if self.max_body_bytes is not None:
                 if body_length is not None and body_length > self.max_body_bytes:
-                    scope["route"] = route_for(scope)  # refused before routing, counted by its route all the same
                     raise PayloadTooLargeError(_too_large(self.max_body_bytes), headers=_CLOSE)
                 if uncounted:
                     receive = _within_limit(receive, self.max_body_bytes)
@@ -165,6 +164,8 @@ class RequestContext:
             seconds = time.perf_counter() - started
             status = status or 500  # no response at all: the server answers 500
             if self.observe is not None:
+                if "route" not in scope:  # answered before routing (a 413, the user's middleware, a preflight)
+                    scope["route"] = route_for(scope)  # counted by the route it was for all the same
                 self.observe(scope, status, seconds)
             if not (self.quiet_health and status < 400 and scope["path"].startswith("/health")):
                 log_access(scope, status, seconds, request_id)

@@ -33,7 +33,9 @@ class HotPaths:
     Paths are read as the router reads them, without the app's `root_path`. Everything else
     (other methods, routes of other kinds) goes on to the router, which answers 405s and the
     rest as before. Like the router, it leaves the route it chose in
-    `scope["route"]` (metrics label by it).
+    `scope["route"]` (metrics label by it), None where no route is; a request without the key
+    was answered before routing (by the user's middleware, a refused body, CORS), and the request
+    layer labels it by `route_for`.
     """
 
     def __init__(self, app: ASGIApp, *, probes: list[Route]) -> None:
@@ -50,6 +52,7 @@ class HotPaths:
             if route is not None and scope["method"] in ("GET", "HEAD"):
                 scope["route"] = route
                 return route.app(scope, receive, send)
+            scope["route"] = None  # routing has run: the router puts the route it matches here
             answer = self._certain_answer(scope["app"].router, path)
             if answer == 404:
                 return not_found(scope, receive, send)

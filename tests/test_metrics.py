@@ -11,11 +11,14 @@ from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
 from service import make_settings
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import create_app
+from errors import AuthenticationError, error_response
 from logstream import dropped_log_lines
 from metrics import UNMATCHED, Metrics, MetricsEndpoint
 from middleware import RequestContext
@@ -93,6 +96,41 @@ async def test_routes_are_labelled_by_template_not_path() -> None:
         text = (await http.get("/metrics")).text
     assert value(text, "http_requests_total", method="GET", route="/items/{item_id}", status="200") == 2
     assert "/items/1" not in text
+
+
+class Bearer:
+    """A team's auth layer: no `Authorization` is a 401, raised on `/health/db`, answered itself elsewhere."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/metrics" and not Headers(scope=scope).get("authorization"):
+            if scope["path"] == "/health/db":
+                raise AuthenticationError("no token")
+            await error_response(401, "AUTHENTICATION_ERROR", "no token")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.anyio
+async def test_a_request_answered_before_routing_is_counted_by_the_route_it_was_for() -> None:
+    """The user's middleware refusing, raising or answering, and a CORS preflight, never reach the router:
+    still labelled by the route's template (a 401 on `/health/db` is not scanner noise), not the unmatched label."""
+    app = create_app(load_settings({"CORS_ORIGINS": "http://app.example"}))
+    app.add_middleware(Bearer)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            statuses = [(await http.get(path)).status_code for path in ("/health", "/health/db", "/nowhere")]
+            asking = {"Origin": "http://app.example", "Access-Control-Request-Method": "GET"}
+            preflight = await http.options("/", headers=asking)  # CORS answers it, outside the user's middleware
+            text = (await http.get("/metrics")).text
+    assert (statuses, preflight.status_code) == ([401, 401, 401], 200)
+    assert value(text, "http_requests_total", method="GET", route="/health", status="401") == 1
+    assert value(text, "http_requests_total", method="GET", route="/health/db", status="401") == 1
+    assert value(text, "http_requests_total", method="GET", route=UNMATCHED, status="401") == 1
+    assert value(text, "http_requests_total", method="OPTIONS", route="/", status="200") == 1
 
 
 @pytest.mark.anyio
