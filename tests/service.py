@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 from yoyo import get_backend, read_migrations
 
 from app import create_app
@@ -45,10 +46,25 @@ def make_settings(**env: str) -> Settings:
 @asynccontextmanager
 async def serve(app: Starlette, root_path: str = "", timeout: float = 5) -> AsyncIterator[httpx.AsyncClient]:
     """A client for `app` with its lifespan run, as a server would run it (behind `root_path` if given)."""
-    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
+    async with LifespanManager(_state_per_request(app), startup_timeout=30, shutdown_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app, root_path=root_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=timeout) as client:
             yield client
+
+
+def _state_per_request(app: ASGIApp) -> ASGIApp:
+    """`app` with each request's `scope["state"]` a copy of the lifespan's, as uvicorn hands it.
+
+    asgi-lifespan hands every request the one dict, so a middleware's `request.state.user` would
+    reach the next request in tests, never under a server.
+    """
+
+    async def copied(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            scope["state"] = scope["state"].copy()
+        await app(scope, receive, send)
+
+    return copied
 
 
 @asynccontextmanager

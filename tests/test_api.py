@@ -19,6 +19,9 @@ import msgspec
 import pytest
 from openapi_spec_validator import validate as validate_spec
 from service import ROOT, make_settings, serve
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import db
 from api import Context, Created, Endpoints, WithHeaders
@@ -692,6 +695,38 @@ async def test_a_misread_query_value_is_named_with_every_other_wrong_field() -> 
         ("page", "1.5"),
         ("after", "yesterday"),
     ]
+
+
+class Who(msgspec.Struct):
+    user: str | None
+
+
+@pets.get("/whoami", summary="The user a middleware put on the request's state")
+async def whoami(ctx: Context) -> Who:
+    return Who(getattr(ctx.request.state, "user", None))
+
+
+class SignedIn:
+    """Starlette's usual way: the user on `request.state`, set only when the request names one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (user := Headers(scope=scope).get("x-user")):
+            Request(scope).state.user = user
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.anyio
+async def test_request_state_set_by_a_middleware_stays_with_its_request() -> None:
+    """Each request's state is a copy of the lifespan's, in `serve` as under uvicorn: alice never reaches the next."""
+    app = create_app(make_settings(), endpoints=[pets])
+    app.add_middleware(SignedIn)
+    async with serve(app) as client:
+        alice = await client.get("/whoami", headers={"X-User": "alice"})
+        anonymous = await client.get("/whoami")
+    assert (alice.json(), anonymous.json()) == ({"user": "alice"}, {"user": None})
 
 
 class Elsewhere:
