@@ -101,14 +101,20 @@ class Context:
     @property
     def database(self) -> Database:
         """The pool; a service without `DATABASE_URL` answers 503 to an endpoint that needs one."""
-        database: Database | None = self.request.scope.get("state", {}).get("database")
-        if database is None:
-            raise DatabaseConnectionError(NOT_CONFIGURED)
-        return database
+        return database_of(self.request)
 
     def connection(self, *, stateless: bool = False) -> AbstractAsyncContextManager[Connection]:
         """A pooled connection for an `async with` block: `db.Database.connection` itself, not a wrapper."""
         return self.database.connection(stateless=stateless)
+
+
+def database_of(request: Request) -> Database:
+    """The pool, for code that has the request but no `Context` (a middleware: `async with
+    database_of(request).connection() as conn`); without `DATABASE_URL`, the 503 envelope."""
+    database: Database | None = request.scope.get("state", {}).get("database")
+    if database is None:
+        raise DatabaseConnectionError(NOT_CONFIGURED)
+    return database
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import db
-from api import Context, Created, Endpoints, WithHeaders
+from api import Context, Created, Endpoints, WithHeaders, database_of
 from app import create_app
 from db import Connection
 from settings import CONFIGURATION_ERROR
@@ -727,6 +727,35 @@ async def test_request_state_set_by_a_middleware_stays_with_its_request() -> Non
         alice = await client.get("/whoami", headers={"X-User": "alice"})
         anonymous = await client.get("/whoami")
     assert (alice.json(), anonymous.json()) == ({"user": "alice"}, {"user": None})
+
+
+class TokenLookup:
+    """A team's auth layer that reads its sessions from the database, through `api.database_of`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (token := Headers(scope=scope).get("x-token")):
+            request = Request(scope)
+            async with database_of(request).connection() as conn:
+                request.state.user = await conn.fetchval("SELECT 'user of ' || $1::text", token)
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.anyio
+async def test_a_middleware_reaches_the_database_through_database_of(database_url: str) -> None:
+    """The pool for a middleware; with no `DATABASE_URL`, the 503 envelope as for a handler, never a 500."""
+    for url, expected in ((database_url, 200), (None, 503)):
+        app = create_app(make_settings(**({"DATABASE_URL": url} if url else {})), endpoints=[pets])
+        app.add_middleware(TokenLookup)
+        async with serve(app) as client:
+            response = await client.get("/whoami", headers={"X-Token": "t1"})
+        assert response.status_code == expected
+        if url:
+            assert response.json() == {"user": "user of t1"}
+        else:
+            assert response.json()["error"] == "DATABASE_CONNECTION_ERROR"
 
 
 class Elsewhere:
