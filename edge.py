@@ -5,7 +5,11 @@
   closed; the parser stops at most two reads past the limit, so nothing large is buffered; the
   time a head may take is kept by `server.DrainingServer.sweep`, from the marks left here;
 - a request the parser refuses (malformed HTTP, TLS on the plain port) gets the 400 envelope
-  where uvicorn sends plain text, after the answers to the requests before it;
+  where uvicorn sends plain text, after the answers to the requests before it; one whose body
+  turns out malformed (a bad chunk size) while its app reads it is answered by the app, which is
+  told so at its next read (`EdgeCycle`), and the connection is closed after;
+- a chunked body's trailer fields never join the request's headers (uvicorn appends them to
+  `scope["headers"]`, where a trailer `X-Request-ID` or `Origin` would override the head's);
 - each refused request (400, 431) gets its access line and is counted in `/metrics`, as every
   request the app answers is;
 - a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two.
@@ -18,10 +22,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from uvicorn._types import ASGI3Application
+from uvicorn._types import ASGI3Application, ASGIReceiveEvent
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from errors import CODES, MESSAGES, ErrorBody
+from errors import CODES, MESSAGES, ErrorBody, MalformedRequestError
 from logs import log_refusal
 from middleware import new_request_id
 from responses import ENCODER, utc_timestamp
@@ -109,6 +113,11 @@ class EdgeProtocol(HttpToolsProtocol):
             raise _HeadRefused  # stops the parser; data_received knows it was answered
         self.awaiting_head_since = None  # after the check: a refusal's access line counts from it
         _on_headers_complete(self)
+        if self.cycle is not None:  # the new request's (a WebSocket upgrade makes none): before its task starts
+            self.cycle.__class__ = EdgeCycle
+        # The request's `scope["headers"]` keeps this list; uvicorn appends any trailer fields that
+        # follow a chunked body to `self.headers`, which from here on is a copy nobody serves.
+        self.headers = self.headers.copy()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # Responses on a connection are written one after the other: one writer serves them all.
@@ -121,7 +130,10 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn's own, without arming a keep-alive timer: the server's sweep closes idle connections.
         self.server_state.total_requests += 1
         if self._refused and not self.pipeline:  # the refused request came after this response
-            self._send_refusal()
+            if isinstance(self.cycle, EdgeCycle) and self.cycle.malformed:  # this one: its app answered it
+                self.transport.close()
+            else:
+                self._send_refusal()
             return
         if self.transport.is_closing():
             return
@@ -168,8 +180,13 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refused_since = time.monotonic() if since is None else since
         self._head_bytes = None
         self.awaiting_head_since = None
-        if self.cycle is not None and not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
             self.flow.pause_reading()
+            if isinstance(cycle, EdgeCycle) and cycle.more_body:  # in its own body: its app may be reading it
+                cycle.malformed = True
+                cycle.keep_alive = False
+                cycle.message_event.set()
             return
         self._send_refusal()
 
@@ -193,8 +210,28 @@ class EdgeProtocol(HttpToolsProtocol):
             b"x-content-type-options: nosniff\r\n",
             b"connection: close\r\n\r\n",
         ]
-        self.transport.write(b"".join(head) + body)
+        self.transport.write(b"".join(head) + (b"" if method == b"HEAD" else body))
         self.transport.close()
+
+
+class EdgeCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, whose app learns at its next read that the body is malformed.
+
+    The parser refuses a body (a bad chunk size, a `Transfer-Encoding` other than chunked) only
+    once the app is running, often waiting for that very body: it is woken, and reading raises
+    the 400 envelope's error, so the request is answered and logged once, by the app, with its
+    request ID. uvicorn's cycle would wait for the body until the connection timed out.
+    """
+
+    malformed = False  # set by `EdgeProtocol.refuse`
+
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await _receive(self)
+        if self.malformed:
+            raise MalformedRequestError(
+                "Malformed request body: its framing (Transfer-Encoding, chunk sizes) is invalid"
+            )
+        return message
 
 
 class ResponseWriter(asyncio.Transport):
@@ -253,6 +290,7 @@ class ResponseWriter(asyncio.Transport):
         return self.transport.get_extra_info(name, default)
 
 
+_receive = RequestResponseCycle.receive
 _start_asgi_task = HttpToolsProtocol._start_asgi_task
 _on_message_begin = HttpToolsProtocol.on_message_begin
 _on_headers_complete = HttpToolsProtocol.on_headers_complete

@@ -118,6 +118,7 @@ class RequestContext:
         own_headers = [(REQUEST_ID_HEADER, incoming or request_id.encode()), _NOSNIFF]
         token = REQUEST.set((request_id, trace_id))
         status = 0  # until the response starts
+        counted: _CountedBody | None = None  # a body of no declared length, counted as the app reads it
 
         def send_with_context(message: Message) -> Awaitable[None]:
             # A plain function handing back the server's own awaitable: no coroutine of its own.
@@ -130,6 +131,8 @@ class RequestContext:
                 headers += own_headers
                 if not has_origin:  # CORS adds it to the others
                     _vary_on_origin(message, headers)
+                if counted is not None and not counted.complete:  # the server would read the rest, unbounded
+                    headers.append(_CONNECTION_CLOSE)
             return send(message)
 
         try:
@@ -137,7 +140,7 @@ class RequestContext:
                 if body_length is not None and body_length > self.max_body_bytes:
                     raise PayloadTooLargeError(_too_large(self.max_body_bytes), headers=_CLOSE)
                 if uncounted:
-                    receive = _within_limit(receive, self.max_body_bytes)
+                    receive = counted = _CountedBody(receive, self.max_body_bytes)
             await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
         except ClientDisconnect:  # gone while sending its body: nobody to answer, and no fault of ours
             status = status or CLIENT_CLOSED_REQUEST
@@ -239,22 +242,33 @@ class CORS(CORSMiddleware):
         return error_response(400, "VALIDATION_ERROR", reason, headers=headers)
 
 
-def _within_limit(receive: Receive, limit: int) -> Receive:
-    """`receive` for a body of no known length: `PayloadTooLargeError` as soon as more than `limit` bytes arrived."""
-    received = 0
+class _CountedBody:
+    """`receive` for a body of no declared length (chunked): `PayloadTooLargeError` as soon as more
+    than `limit` bytes arrived, and `complete` once the last of it has.
 
-    async def receive_within_limit() -> Message:
-        nonlocal received
-        message = await receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise PayloadTooLargeError(_too_large(limit), headers=_CLOSE)
+    A response that starts before the body was read to its end closes the connection: the
+    server would otherwise read and drop the rest to reach the next request, however long it is.
+    """
+
+    __slots__ = ("complete", "limit", "receive", "received")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.received = 0
+        self.complete = False
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
+        self.received += len(message.get("body", b""))
+        if self.received > self.limit:  # its response closes the connection: the body is not complete
+            raise PayloadTooLargeError(_too_large(self.limit))
+        self.complete = not message.get("more_body", False)  # a disconnect ends it too
         return message
-
-    return receive_within_limit
 
 
 _CLOSE = {"Connection": "close"}  # the rest of a refused body is never read: the connection cannot be reused
+_CONNECTION_CLOSE = (b"connection", b"close")
 
 
 def _too_large(limit: int) -> str:

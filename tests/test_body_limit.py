@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -144,3 +145,25 @@ def test_blanks_after_a_declared_length_do_not_hide_it(command: str) -> None:
                     received += chunk
             assert received.startswith(b"HTTP/1.1 413 "), (blanks, received[:80])
             assert b'"error":"PAYLOAD_TOO_LARGE"' in received
+
+
+@pytest.mark.parametrize("command", SERVER_COMMANDS)
+def test_a_chunked_body_its_route_never_reads_closes_the_connection_after_the_answer(command: str) -> None:
+    """The server would read and drop the rest to reach the next request, without any bound: the answer
+    says `Connection: close` instead, and nothing sent after it is served."""
+    with (
+        running_uvicorn({"MAX_BODY_BYTES": str(LIMIT)}, command=command) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"400\r\n" + b"a" * 1024 + b"\r\n")
+        received = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread: a reset, after the answer
+            while chunk := sock.recv(65536):
+                received += chunk
+                if received.endswith(b"}"):  # the rest of the body, and a request after it
+                    sock.sendall(b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    head = received.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200 ")
+    assert b"connection: close" in head.split(b"\r\n")
+    assert received.count(b"HTTP/1.1 ") == 1

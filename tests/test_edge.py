@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from service import UvicornProcess, free_port, make_settings, running_uvicorn
 from starlette.applications import Starlette
@@ -27,6 +28,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from test_metrics import value
 
+from api import Endpoints
+from app import create_app
 from edge import JOIN_LIMIT
 from metrics import UNMATCHED
 from server import DrainingServer, EdgeConfig
@@ -518,3 +521,63 @@ def test_a_held_head_is_dropped_when_its_client_has_gone(caplog: pytest.LogCaptu
     gc.collect()  # a task that failed unretrieved is reported when it is collected
     errors = [r.getMessage().strip() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["Exception in ASGI application"]
+
+
+class Note(msgspec.Struct):
+    text: str
+
+
+posted = Endpoints(tag="test")
+
+
+@posted.post("/notes", summary="Test only: a handler that reads its body")
+async def post_note(body: Note) -> Note:
+    return body
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n", b"Transfer-Encoding: gzip\r\n\r\n" + b'{"text": "x"}'],
+    ids=["bad-chunk-size", "not-chunked"],
+)
+def test_a_body_the_parser_refuses_while_its_handler_reads_it_is_the_400_envelope_at_once(framing: bytes) -> None:
+    """The handler waiting for that body learns it is malformed: its 400 envelope, then the connection closed,
+    instead of a wait until the head timeout and no answer at all."""
+    app = create_app(make_settings(), endpoints=[posted])
+    with edge_serving(app, REQUEST_HEAD_TIMEOUT="30") as port:
+        started = time.monotonic()
+        answer = exchange(port, b"POST /notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing)
+        elapsed = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    envelope = json.loads(body)
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert (envelope["error"], envelope["message"]) == (
+        "VALIDATION_ERROR",
+        "Malformed request body: its framing (Transfer-Encoding, chunk sizes) is invalid",
+    )
+    assert f"x-request-id: {envelope['request_id']}".encode() in head
+    assert b"connection: close" in head
+    assert answer.count(b"HTTP/1.1 ") == 1  # the edge's own refusal is not sent as well
+    assert elapsed < 5
+
+
+def test_a_chunked_bodys_trailer_fields_never_become_request_headers(server: UvicornProcess) -> None:
+    """A trailer `X-Request-ID` or `Origin` would override the head's (uvicorn appends trailers to the headers)."""
+    answer = exchange(
+        server.port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: from-head\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n2\r\nhi\r\n0\r\nX-Request-ID: from-trailer\r\nOrigin: http://localhost:3000\r\n\r\n",
+    )
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200 ")
+    assert b"x-request-id: from-head" in head.split(b"\r\n")
+    assert b"access-control-allow-origin" not in head
+
+
+def test_a_refusal_to_a_head_request_has_no_body(server: UvicornProcess) -> None:
+    """HEAD gets the 400's headers, its `Content-Length` included, and no body bytes."""
+    answer = exchange(server.port, b"HEAD /health HTTP/1.1\r\nHost: x\r\nNo colon in this header\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert int(re.search(rb"content-length: (\d+)", head)[1]) > 0  # type: ignore[index]
+    assert body == b""
