@@ -91,6 +91,11 @@ class DrainingServer(uvicorn.Server):
             self._loop.add_reader(self.relay.fileno(), self._read_relay)
         await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.relay is not None:  # a worker: tell the supervisor it serves (workers.supervise)
+            self.relay.send(b"\0")
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler, which may interrupt the relay's reader mid-count: the loop
         # acts on it instead, right after.

@@ -2,12 +2,17 @@
 
 It binds the socket once, spawns the workers on it, relays every SIGTERM and SIGINT to each the
 moment it arrives (the first starts each worker's drain, the next ends it), replaces a worker that
-dies, and stops everything when one fails to start. It relays a signal as a byte on a socket pair
-of the worker's own, not as a signal: one sent to the whole process group (Ctrl-C, systemd) reaches
-each worker directly too, and the worker must tell the two apart to count it once. Its own lines
-go through the service's logging, so in production every line of every process is JSON. When the
-operator set no `PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it
-at exit, so `/metrics` counts every request whichever worker answers.
+dies, and stops everything, exit status 3, when one fails to start: exits, whatever its status,
+before it said it serves (an app that cannot be imported exits 1, and would be replaced forever).
+Once stopping, it closes its copy of the listening socket: when the last worker closes its own,
+new connections are refused at once rather than queued for nobody.
+
+It relays a signal as a byte on a socket pair of the worker's own, not as a signal: one sent to
+the whole process group (Ctrl-C, systemd) reaches each worker directly too, and the worker must
+tell the two apart to count it once. Its own lines go through the service's logging, so in
+production every line of every process is JSON. When the operator set no
+`PROMETHEUS_MULTIPROC_DIR`, it gives the workers a fresh private one and removes it at exit, so
+`/metrics` counts every request whichever worker answers.
 """
 
 from __future__ import annotations
@@ -59,19 +64,24 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     logger.info("Supervisor [%d] starting %d workers", os.getpid(), workers)
     relays: dict[multiprocessing.process.BaseProcess, socket.socket] = {}  # each worker's, the supervisor's end
     processes = [_start_worker(config, sockets, serve, relays) for _ in range(workers)]
+    serving: set[multiprocessing.process.BaseProcess] = set()  # said so on its relay (server.DrainingServer.startup)
     status, stopping = 0, False
     try:
         # Only live workers' sentinels: a dead one's is always ready, and would spin the loop.
         while running := [process for process in processes if process.exitcode is None]:
             # And a look each second: in loaded test runs a worker killed outright sometimes went
             # unnoticed here (cause not found), and was never replaced; its exit code still tells.
-            wait([wakeup, *(process.sentinel for process in running)], timeout=1.0)
+            starting = [relays[process] for process in running if process not in serving]
+            wait([wakeup, *(process.sentinel for process in running), *starting], timeout=1.0)
             signals = _signals_received(wakeup)
+            serving.update(process for process in running if process not in serving and _said(relays[process]))
             for index, process in enumerate(processes):
                 if stopping or signals:
                     break
-                if process.exitcode == STARTUP_FAILURE:
-                    logger.error("Worker [%s] failed to start: stopping", process.pid)
+                if process.exitcode is not None and process not in serving:
+                    logger.error(
+                        "Worker [%s] failed to start (exit status %s): stopping", process.pid, process.exitcode
+                    )
                     status, signals = STARTUP_FAILURE, [signal.SIGTERM]
                 elif process.exitcode is not None:
                     logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
@@ -81,6 +91,9 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
                     relays.pop(process).close()
                     processes[index] = _start_worker(config, sockets, serve, relays)
             if signals:  # each one: the first starts the drain, the next ends it
+                if not stopping:  # no worker is started again: the workers' copies serve the drain
+                    for sock in sockets:
+                        sock.close()
                 stopping = True
                 for process in processes:
                     with contextlib.suppress(OSError):  # the worker has exited (its end is closed)
@@ -112,6 +125,14 @@ def _start_worker(
 
 def _written_to_the_wakeup_socket(number: int, frame: FrameType | None) -> None:
     """A signal's Python handler: installed for Python to write the signal to the wakeup socket (SIG_IGN would not)."""
+
+
+def _said(relay: socket.socket) -> bool:
+    """Whether the worker wrote on its relay, which it does once, when it serves."""
+    try:
+        return bool(relay.recv(16))
+    except OSError:  # nothing yet (BlockingIOError), or its end is gone
+        return False
 
 
 def _signals_received(wakeup: socket.socket) -> list[int]:

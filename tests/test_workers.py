@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -164,3 +166,65 @@ def test_a_worker_killed_outright_leaves_the_pool_gauges_and_its_replacement_joi
 
 def _children(pid: int) -> set[int]:
     return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_worker_whose_app_raises_on_import_stops_the_supervisor(tmp_path: Path) -> None:
+    """uvicorn exits 1 for such a worker, not 3: the supervisor replaced it four times a second, forever."""
+    (tmp_path / "broken_at_import.py").write_text('raise RuntimeError("boom at import")\n')
+    env = {"WEB_CONCURRENCY": "2", "LOG_JSON": "true", "PYTHONPATH": str(tmp_path)}
+    server = UvicornProcess(env, "broken_at_import:app", log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        status = server.process.wait(30)  # raises if it is still replacing them
+    finally:
+        server.kill()
+    output = server.output()
+    assert status == 3
+    assert "failed to start (exit status 1): stopping" in output
+    assert "replacing it" not in output
+
+
+SLOW_APP = """
+import asyncio
+
+import msgspec
+
+from api import Endpoints
+from app import create_app
+
+
+class Done(msgspec.Struct):
+    done: bool
+
+
+slow = Endpoints(tag="slow")
+
+
+@slow.get("/slow", summary="Answers after three seconds")
+async def take_time() -> Done:
+    await asyncio.sleep(3)
+    return Done(True)
+
+
+app = create_app(endpoints=[slow])
+"""
+
+
+def test_after_the_drain_new_connections_are_refused_while_workers_finish(tmp_path: Path) -> None:
+    """The supervisor's copy of the listening socket kept it open: connections were queued for nobody, then reset."""
+    (tmp_path / "slow_app.py").write_text(SLOW_APP)
+    env = {"WEB_CONCURRENCY": "2", "LOG_JSON": "true", "PYTHONPATH": str(tmp_path), "SHUTDOWN_DRAIN_SECONDS": "0.5"}
+    server = UvicornProcess(env, "slow_app:app", log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        server.wait_ready()
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.get, f"{server.url}/slow", timeout=10)
+            time.sleep(0.5)
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(1.5)  # the drain is over; one worker still serves /slow
+            assert server.process.poll() is None
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+            assert in_flight.result().json() == {"done": True}
+        assert server.process.wait(30) == 0
+    finally:
+        server.kill()
