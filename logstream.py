@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import select
+import stat
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 # Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
@@ -48,6 +49,7 @@ class BufferedHandler(logging.Handler):
         self._writing = False  # the writer holds a batch that is not written yet
         self._idle = False  # the writer waits for a notify
         self._closed = False
+        self._stuck = False  # a drain timed out, and the stream has taken nothing since
         self.write_through = False  # each line written before emit returns: set when the process stops
         self._start_writer()
         # A forked child has no writer thread: it starts its own, leaving the parent's lines to the parent.
@@ -90,10 +92,16 @@ class BufferedHandler(logging.Handler):
         self.drain(FLUSH_TIMEOUT)
 
     def drain(self, timeout: float) -> bool:
-        """Wait until every buffered line is written; False if the stream did not take them in time."""
+        """Wait until every buffered line is written; False if the stream did not take them in time.
+
+        A stream that did not drain in one wait is not waited for again until it takes a write:
+        at exit, `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
+        """
         with self._ready:
             self._ready.notify_all()  # cut the writer's linger short
-            return self._ready.wait_for(lambda: not (self._pending or self._writing), timeout)
+            drained = self._ready.wait_for(lambda: not (self._pending or self._writing), 0 if self._stuck else timeout)
+            self._stuck = not drained
+            return drained
 
     def close(self) -> None:
         self.flush()
@@ -120,6 +128,7 @@ class BufferedHandler(logging.Handler):
             written = self._write("".join(batch)) if batch else True
             with self._ready:
                 self._writing = False
+                self._stuck = self._stuck and not written
                 if not written:  # a closed or broken stream: these lines are lost too
                     self.dropped += lines
                     self._unreported += lines + unreported
@@ -168,20 +177,40 @@ def _writer(stream: TextIO) -> Callable[[str], bool]:
 
         return write_text
     stream.flush()
+    pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
 
     def write_fd(text: str) -> bool:
-        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        data = text.encode("utf-8", "backslashreplace")
         try:
-            while data:
-                try:
-                    data = data[os.write(fd, data) :]
-                except BlockingIOError:  # a descriptor someone made non-blocking: wait until it takes more
-                    select.select([], [fd], [], 1.0)
+            for piece in _whole_lines(data) if pipe and len(data) > select.PIPE_BUF else (memoryview(data),):
+                while piece:
+                    try:
+                        piece = piece[os.write(fd, piece) :]
+                    except BlockingIOError:  # a descriptor someone made non-blocking: wait until it takes more
+                        select.select([], [fd], [], 1.0)
         except OSError:
             return False
         return True
 
     return write_fd
+
+
+def _whole_lines(data: bytes) -> Iterator[memoryview]:
+    """`data` in pieces of whole lines, each at most `PIPE_BUF` bytes where its lines allow.
+
+    A pipe takes a write of up to `PIPE_BUF` bytes whole, never mixed with another process's
+    (POSIX); a longer one may be split where the pipe is full, and the workers of `python -m
+    app` share their stderr: one's lines would land inside another's. A line longer than that
+    (a long traceback) is a piece of its own, and is still not safe from it.
+    """
+    view, start, size = memoryview(data), 0, len(data)
+    while start < size:
+        end = start + select.PIPE_BUF
+        if end < size:
+            cut = data.rfind(b"\n", start, end)
+            end = cut + 1 if cut >= start else (data.find(b"\n", end) + 1 or size)  # a longer line: alone
+        yield view[start:end]
+        start = end
 
 
 def dropped_log_lines() -> int:

@@ -66,6 +66,7 @@ class EdgeConfig(uvicorn.Config):
             # that would be one more number to keep inside the grace period.
             timeout_graceful_shutdown=math.ceil(settings.database_health_check_timeout),
         )
+        self.settings = settings  # a worker's logging is configured from it before the app is imported
         self.max_head_bytes = settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout
         self.drain_seconds = settings.shutdown_drain_seconds
@@ -207,5 +208,14 @@ def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None =
 
 
 def run_worker(config: EdgeConfig, relay: socket.socket, sockets: list[socket.socket]) -> None:
-    """One worker process's server, on the supervisor's socket; `relay` brings the signals the supervisor receives."""
-    DrainingServer(config, supervisor=os.getppid(), relay=relay).run(sockets)
+    """One worker process's server, on the supervisor's socket; `relay` brings the signals the supervisor receives.
+
+    Logging first, as in one process: an app that cannot be imported is reported in the service's
+    format (JSON in production), its traceback included, not as multiprocessing's plain text.
+    """
+    configure_logging(config.settings)
+    try:
+        DrainingServer(config, supervisor=os.getppid(), relay=relay).run(sockets)
+    except Exception:  # the worker's boundary: whatever escapes is logged in the format, then the worker exits 1
+        logger.exception("Worker [%d] failed", os.getpid())
+        raise SystemExit(1) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ import httpx
 import pytest
 from service import _SERVICE_VARIABLES, ROOT, free_port, stop
 from test_metrics import value
+
+from logstream import FLUSH_TIMEOUT, BufferedHandler
 
 pytestmark = pytest.mark.slow
 PIPE_BUFFER = 65536  # Linux's default pipe capacity, in bytes
@@ -151,3 +154,63 @@ def test_a_graceful_stop_with_a_stuck_log_stream_still_ends(database_url: str) -
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+WRITER = """
+import logging, sys
+from logstream import BufferedHandler, finish_logs
+handler = BufferedHandler(sys.stderr)
+logging.getLogger().addHandler(handler)
+logging.getLogger().setLevel(logging.INFO)
+for i in range(1500):
+    logging.info("%s %d %s", sys.argv[1], i, "x" * (100 + i % 7 * 150))
+finish_logs()
+"""
+
+
+def test_lines_of_several_processes_on_one_slowly_read_pipe_stay_whole() -> None:
+    """The workers of `python -m app` share stderr: a write longer than PIPE_BUF into a full pipe was split,
+    and another process's lines landed inside one's (a stuck shipper catching up made corrupt JSON)."""
+    read_end, write_end = os.pipe()
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, f"writer-{n}"], cwd=ROOT, stderr=write_end) for n in range(4)
+    ]
+    os.close(write_end)
+    data = bytearray()
+    while chunk := os.read(read_end, 16384):  # slower than four writers: the pipe stays full
+        data += chunk
+        time.sleep(0.002)
+    os.close(read_end)
+    assert [writer.wait(30) for writer in writers] == [0] * 4
+    lines = bytes(data).decode().splitlines()
+    assert len(lines) == 4 * 1500
+    whole = [
+        (m := re.fullmatch(r"writer-\d (\d+) (x+)", line)) and len(m[2]) == 100 + int(m[1]) % 7 * 150 for line in lines
+    ]
+    assert all(whole), lines[whole.index(False)]
+
+
+def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
+    """At exit `finish_logs`, then logging.shutdown's flush and close each waited FLUSH_TIMEOUT for a stuck stream."""
+    read_end, write_end = os.pipe()
+    handler = BufferedHandler(os.fdopen(write_end, "w"))
+    try:
+        for _ in range(2000):  # more than the pipe holds: the writer blocks
+            handler.enqueue("x" * 100 + "\n")
+        assert handler.drain(0.5) is False
+        started = time.monotonic()
+        handler.flush()
+        handler.drain(FLUSH_TIMEOUT)
+        assert time.monotonic() - started < 1
+        reader = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(read_end, 65536), b"")])
+        reader.start()  # the stream drains again: once it has taken a write, a drain waits for it again
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while handler._stuck and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handler.enqueue("after\n")
+        assert handler.drain(FLUSH_TIMEOUT) is True
+        handler.close()
+        handler.stream.close()  # the reader's end of file
+        reader.join(10)
+    finally:
+        os.close(read_end)

@@ -177,10 +177,13 @@ def test_a_worker_whose_app_raises_on_import_stops_the_supervisor(tmp_path: Path
         status = server.process.wait(30)  # raises if it is still replacing them
     finally:
         server.kill()
-    output = server.output()
+    entries = [json.loads(line) for line in server.output().splitlines()]  # every line JSON, the workers' too
     assert status == 3
-    assert "failed to start (exit status 1): stopping" in output
-    assert "replacing it" not in output
+    assert any(e["message"].endswith("failed to start (exit status 1): stopping") for e in entries)
+    assert not [e for e in entries if "replacing it" in e["message"]]
+    failures = [e for e in entries if e["message"].startswith("Worker [") and e["message"].endswith("] failed")]
+    assert failures
+    assert all("RuntimeError: boom at import" in e["exception"] for e in failures)
 
 
 SLOW_APP = """
