@@ -78,13 +78,12 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
             for index, process in enumerate(processes):
                 if stopping or signals:
                     break
-                if process.exitcode is not None and process not in serving:
-                    logger.error(
-                        "Worker [%s] failed to start (exit status %s): stopping", process.pid, process.exitcode
-                    )
+                code = process.exitcode  # read once: it may exit between two readings
+                if code is not None and process not in serving:
+                    logger.error("Worker [%s] failed to start (exit status %s): stopping", process.pid, code)
                     status, signals = STARTUP_FAILURE, [signal.SIGTERM]
-                elif process.exitcode is not None:
-                    logger.error("Worker [%s] exited with %s: replacing it", process.pid, process.exitcode)
+                elif code is not None:
+                    logger.error("Worker [%s] exited with %s: replacing it", process.pid, code)
                     # A worker killed outright never took its live gauges (open connections) out of the
                     # sums itself; its counters' files stay, so what it counted still counts.
                     multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]  # not annotated upstream
