@@ -8,6 +8,9 @@
   where uvicorn sends plain text, after the answers to the requests before it; one whose body
   turns out malformed (a bad chunk size) while its app reads it is answered by the app, which is
   told so at its next read (`EdgeCycle`), and the connection is closed after;
+- a request asking for a protocol the server does not speak (`Upgrade: h2c`, from `curl
+  --http2`) is served as HTTP/1.1 with its body, where uvicorn lost the body and parsed it as
+  the next request if it came later;
 - a chunked body's trailer fields never join the request's headers (uvicorn appends them to
   `scope["headers"]`, where a trailer `X-Request-ID` or `Origin` would override the head's);
 - each refused request (400, 431) gets its access line and is counted in `/metrics`, as every
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from metrics import Metrics
     from server import EdgeConfig
 
+MALFORMED_BODY = "Malformed request body: its framing (Transfer-Encoding, chunk sizes) is invalid"
 # A held head and a body up to this size are joined into one buffer; a larger body is handed
 # over with the head as two buffers, in one call (uvloop writes them with one `writev`).
 JOIN_LIMIT = 64 * 1024
@@ -58,6 +62,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # Set by refuse() alone, so a class default rather than one more assignment per connection.
     _refused_since = 0.0  # monotonic: where a refused request's access line counts its duration from
+    _body_left = 0  # bytes of a not-upgraded request's body still to come, read here (`_not_upgraded`)
 
     def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -80,6 +85,10 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn's own, with the head limit around the parser.
         if self._refused:  # only the answer to what came before is still to be sent
             return
+        if self._body_left:
+            data = self._read_body(data)
+            if not data:
+                return
         self.idle_since = None  # (uvicorn cancels its keep-alive timer here; there is none)
         self._chunk = len(data)
         if self._head_bytes is not None:
@@ -90,11 +99,12 @@ class EdgeProtocol(HttpToolsProtocol):
             if not self._refused:  # else the head was refused inside a callback, and is answered
                 self.send_400_response("Invalid HTTP request received.")
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+            elif rest := self._not_upgraded(data[upgrade.args[0] :]):
+                self.data_received(rest)  # the requests after it
+            return
         if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
             self.refuse(431)
 
@@ -144,6 +154,41 @@ class EdgeProtocol(HttpToolsProtocol):
         else:  # idle, waiting for the next request's head
             self.awaiting_head_since = self.idle_since = time.monotonic()
 
+    def _not_upgraded(self, rest: bytes) -> bytes:
+        """Serve a request asking for a protocol the server does not speak (`Upgrade: h2c`, which
+        `curl --http2` sends) as plain HTTP/1.1, as RFC 9110 allows; returns what follows its body.
+
+        httptools takes whatever follows any upgrade request's head for the new protocol's bytes:
+        uvicorn lost the body (a 400 "not valid JSON") and parsed it as the next request, so a body
+        holding a request was served as one. A `Content-Length` body is read here instead; a chunked
+        one, which only the parser could read, is the 400 envelope, and the connection closed.
+        """
+        cycle = self.cycle
+        if not isinstance(cycle, EdgeCycle):  # no request was made of that head
+            return b""
+        framing = [value for name, value in self.headers if name in (b"content-length", b"transfer-encoding")]
+        if not framing:
+            return rest
+        if not framing[0].strip().isdigit():  # a Transfer-Encoding
+            cycle.more_body = True  # for `refuse`: the request's own body is what cannot be read
+            cycle.malformed = "Malformed request: a chunked body cannot come with Upgrade; send it without Upgrade"
+            self.refuse(400)
+            return b""
+        cycle.more_body = True  # the parser ended the request at its head: its body is still to come
+        cycle.message_event.clear()
+        self._body_left = int(framing[0])
+        return self._read_body(rest)
+
+    def _read_body(self, data: bytes) -> bytes:
+        """Hand the next `_body_left` bytes of `data` to the request as its body; returns the rest."""
+        body = data[: self._body_left]
+        self._body_left -= len(body)
+        if body:
+            self.on_body(body)
+        if not self._body_left:
+            self.on_message_complete()
+        return data[len(body) :]
+
     def awaits_body(self) -> bool:
         """Whether the app waits for request body bytes that only the client can send now.
 
@@ -184,7 +229,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             self.flow.pause_reading()
             if isinstance(cycle, EdgeCycle) and cycle.more_body:  # in its own body: its app may be reading it
-                cycle.malformed = True
+                cycle.malformed = cycle.malformed or MALFORMED_BODY
                 cycle.keep_alive = False
                 cycle.message_event.set()
             return
@@ -223,14 +268,12 @@ class EdgeCycle(RequestResponseCycle):
     request ID. uvicorn's cycle would wait for the body until the connection timed out.
     """
 
-    malformed = False  # set by `EdgeProtocol.refuse`
+    malformed = ""  # what is wrong with the request, set by `EdgeProtocol.refuse`
 
     async def receive(self) -> ASGIReceiveEvent:
         message = await _receive(self)
         if self.malformed:
-            raise MalformedRequestError(
-                "Malformed request body: its framing (Transfer-Encoding, chunk sizes) is invalid"
-            )
+            raise MalformedRequestError(self.malformed)
         return message
 
 

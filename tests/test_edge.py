@@ -581,3 +581,63 @@ def test_a_refusal_to_a_head_request_has_no_body(server: UvicornProcess) -> None
     assert head.startswith(b"HTTP/1.1 400 ")
     assert int(re.search(rb"content-length: (\d+)", head)[1]) > 0  # type: ignore[index]
     assert body == b""
+
+
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-segment", "body-later"])
+def test_a_request_asking_for_h2c_is_served_as_http_1_1_with_its_body(split: bool) -> None:
+    """`curl --http2` asks for h2c: httptools took the body for the new protocol's bytes, and the handler got
+    none (a 400 "not valid JSON"); the body arriving later was parsed as the next request."""
+    body = b'{"text": "hello"}'
+    head = b"POST /notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + H2C
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    app = create_app(make_settings(), endpoints=[posted])
+    with edge_serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head if split else head + body)
+        if split:
+            time.sleep(0.3)
+            sock.sendall(body)
+        first = read_response(sock)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = read_response(sock)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert first.endswith(b"\r\n\r\n" + b'{"text":"hello"}')
+    assert second.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_holding_a_request_is_never_served_as_one_after_an_upgrade_header() -> None:
+    """The smuggling shape: a front proxy sees a body, so must the server."""
+    inner = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"POST /notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + H2C
+    head += b"Content-Length: %d\r\n\r\n" % len(inner)
+    with (
+        edge_serving(create_app(make_settings(), endpoints=[posted])) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+    ):
+        sock.sendall(head)
+        time.sleep(0.3)  # the body in a segment of its own: uvicorn parsed it as the next request
+        sock.sendall(inner)
+        answer = read_response(sock)
+        sock.settimeout(1)
+        with contextlib.suppress(TimeoutError):
+            answer += sock.recv(65536)  # a second response, had the body been served as a request
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert answer.startswith(b"HTTP/1.1 400 ")  # its body is not JSON
+    assert b"not valid JSON" in answer
+
+
+def test_a_chunked_body_with_an_upgrade_header_is_the_400_envelope_and_a_closed_connection() -> None:
+    """Only the parser reads chunked framing, and not after an upgrade head: refused, nothing after it served."""
+    head = b"POST /notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + H2C
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with edge_serving(create_app(make_settings(), endpoints=[posted])) as port:
+        answer = exchange(port, chunked)
+    head_out, _, body = answer.partition(b"\r\n\r\n")
+    assert head_out.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in head_out
+    assert json.loads(body)["message"] == (
+        "Malformed request: a chunked body cannot come with Upgrade; send it without Upgrade"
+    )
+    assert answer.count(b"HTTP/1.1 ") == 1
