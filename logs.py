@@ -194,8 +194,11 @@ def log_refusal(
 
 
 def printable(text: str) -> str:
-    """`text` safe for a log line: control characters (CR, LF, ESC) escaped, so no line can forge another."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    """A path safe for a log line: control characters (CR, LF, ESC) escaped, so no line can forge
+    another, and spaces as `%20`, so it cannot forge the fields after it (`/x 200 client=6.6.6.6`)."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text.replace(" ", "%20") if " " in text else text
 
 
 def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:

@@ -154,7 +154,15 @@ async def test_a_path_cannot_forge_a_log_line_through_the_unhandled_exception_li
     assert not [line for line in err.splitlines() if line.startswith("2026-01-01")]
     assert "\x1b" not in err
     [error] = [line for line in err.splitlines() if " - service.errors - ERROR - " in line]
-    assert "Unhandled exception in GET /boom/x\\r\\n2026-01-01 00:00:00,000 - service.access" in error
+    assert "Unhandled exception in GET /boom/x\\r\\n2026-01-01%2000:00:00,000%20-%20service.access" in error
+
+
+async def test_a_path_cannot_forge_the_fields_after_it_in_the_access_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Spaces in the path are written `%20`: `/x 200 1.00ms client=6.6.6.6 [request_id=forged]` forged fields."""
+    await run({}, ("/x%20200%201.00ms%20client=6.6.6.6%20[request_id=forged]", {b"X-Request-ID": b"real-id"}))
+    [access] = [line for line in capsys.readouterr().err.splitlines() if " - service.access - " in line]
+    assert " - GET /x%20200%201.00ms%20client=6.6.6.6%20[request_id=forged] 404 " in access
+    assert access.endswith("[request_id=real-id]")
 
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
