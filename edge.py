@@ -5,9 +5,9 @@
   closed; the parser stops at most two reads past the limit, so nothing large is buffered; the
   time a head may take is kept by `server.DrainingServer.sweep`, from the marks left here;
 - a request the parser refuses (malformed HTTP, TLS on the plain port) gets the 400 envelope
-  where uvicorn sends plain text, after the answers to the requests before it; one whose body
-  turns out malformed (a bad chunk size) while its app reads it is answered by the app, which is
-  told so at its next read (`EdgeCycle`), and the connection is closed after;
+  where uvicorn sends plain text, after the answers to the requests before it; one whose chunked
+  body turns out malformed (a bad chunk size) while its app reads it is answered by the app, told
+  so at its next read (`errors.UNREADABLE_BODY`), and the connection is closed after;
 - a request asking for a protocol the server does not speak (`Upgrade: h2c`, from `curl
   --http2`) is served as HTTP/1.1 with its body, where uvicorn lost the body and parsed it as
   the next request if it came later;
@@ -25,10 +25,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from uvicorn._types import ASGI3Application, ASGIReceiveEvent
+from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from errors import CODES, MESSAGES, ErrorBody, MalformedRequestError
+from errors import CODES, MESSAGES, UNREADABLE_BODY, ErrorBody
 from logs import log_refusal
 from middleware import new_request_id
 from responses import ENCODER, utc_timestamp
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from server import EdgeConfig
 
 MALFORMED_BODY = "Malformed request body: its framing (Transfer-Encoding, chunk sizes) is invalid"
+CHUNKED_UPGRADE = "Malformed request: a chunked body cannot come with Upgrade; send it without Upgrade"
 # A held head and a body up to this size are joined into one buffer; a larger body is handed
 # over with the head as two buffers, in one call (uvloop writes them with one `writev`).
 JOIN_LIMIT = 64 * 1024
@@ -123,8 +124,6 @@ class EdgeProtocol(HttpToolsProtocol):
             raise _HeadRefused  # stops the parser; data_received knows it was answered
         self.awaiting_head_since = None  # after the check: a refusal's access line counts from it
         _on_headers_complete(self)
-        if self.cycle is not None:  # the new request's (a WebSocket upgrade makes none): before its task starts
-            self.cycle.__class__ = EdgeCycle
         # The request's `scope["headers"]` keeps this list; uvicorn appends any trailer fields that
         # follow a chunked body to `self.headers`, which from here on is a copy nobody serves.
         self.headers = self.headers.copy()
@@ -140,7 +139,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn's own, without arming a keep-alive timer: the server's sweep closes idle connections.
         self.server_state.total_requests += 1
         if self._refused and not self.pipeline:  # the refused request came after this response
-            if isinstance(self.cycle, EdgeCycle) and self.cycle.malformed:  # this one: its app answered it
+            if self.cycle is not None and UNREADABLE_BODY in self.cycle.scope:  # this one: its app answered it
                 self.transport.close()
             else:
                 self._send_refusal()
@@ -164,14 +163,14 @@ class EdgeProtocol(HttpToolsProtocol):
         one, which only the parser could read, is the 400 envelope, and the connection closed.
         """
         cycle = self.cycle
-        if not isinstance(cycle, EdgeCycle):  # no request was made of that head
+        if cycle is None:  # no request was made of that head
             return b""
         framing = [value for name, value in self.headers if name in (b"content-length", b"transfer-encoding")]
         if not framing:
             return rest
         if not framing[0].strip().isdigit():  # a Transfer-Encoding
             cycle.more_body = True  # for `refuse`: the request's own body is what cannot be read
-            cycle.malformed = "Malformed request: a chunked body cannot come with Upgrade; send it without Upgrade"
+            cycle.scope[UNREADABLE_BODY] = CHUNKED_UPGRADE  # type: ignore[literal-required]  # our own key
             self.refuse(400)
             return b""
         cycle.more_body = True  # the parser ended the request at its head: its body is still to come
@@ -228,8 +227,8 @@ class EdgeProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             self.flow.pause_reading()
-            if isinstance(cycle, EdgeCycle) and cycle.more_body:  # in its own body: its app may be reading it
-                cycle.malformed = cycle.malformed or MALFORMED_BODY
+            if cycle.more_body:  # in its own body: its app may be reading it, and is told at its next read
+                cycle.scope.setdefault(UNREADABLE_BODY, MALFORMED_BODY)  # type: ignore[misc]  # our own key
                 cycle.keep_alive = False
                 cycle.message_event.set()
             return
@@ -257,24 +256,6 @@ class EdgeProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + (b"" if method == b"HEAD" else body))
         self.transport.close()
-
-
-class EdgeCycle(RequestResponseCycle):
-    """uvicorn's request-response cycle, whose app learns at its next read that the body is malformed.
-
-    The parser refuses a body (a bad chunk size, a `Transfer-Encoding` other than chunked) only
-    once the app is running, often waiting for that very body: it is woken, and reading raises
-    the 400 envelope's error, so the request is answered and logged once, by the app, with its
-    request ID. uvicorn's cycle would wait for the body until the connection timed out.
-    """
-
-    malformed = ""  # what is wrong with the request, set by `EdgeProtocol.refuse`
-
-    async def receive(self) -> ASGIReceiveEvent:
-        message = await _receive(self)
-        if self.malformed:
-            raise MalformedRequestError(self.malformed)
-        return message
 
 
 class ResponseWriter(asyncio.Transport):
@@ -333,7 +314,6 @@ class ResponseWriter(asyncio.Transport):
         return self.transport.get_extra_info(name, default)
 
 
-_receive = RequestResponseCycle.receive
 _start_asgi_task = HttpToolsProtocol._start_asgi_task
 _on_message_begin = HttpToolsProtocol.on_message_begin
 _on_headers_complete = HttpToolsProtocol.on_headers_complete

@@ -70,6 +70,11 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     retry_after: int | None = None
 
 
+# Where the server says why a request's body cannot be read (a chunked body the parser refused
+# while the app waits for it): the request layer's next read of the body raises the 400 with it.
+UNREADABLE_BODY = "service.unreadable_body"
+
+
 class ServiceError(Exception):
     """Raise from a handler to answer with the envelope; subclasses fix status and code."""
 

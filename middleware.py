@@ -31,6 +31,8 @@ from errors import (
     EXCEPTION_HANDLERS,
     MESSAGES,
     SHUTTING_DOWN,
+    UNREADABLE_BODY,
+    MalformedRequestError,
     PayloadTooLargeError,
     error_response,
     handler_for,
@@ -140,7 +142,7 @@ class RequestContext:
                 if body_length is not None and body_length > self.max_body_bytes:
                     raise PayloadTooLargeError(_too_large(self.max_body_bytes), headers=_CLOSE)
                 if uncounted:
-                    receive = counted = _CountedBody(receive, self.max_body_bytes)
+                    receive = counted = _CountedBody(receive, self.max_body_bytes, scope)
             await (self.with_origin if has_origin else self.app)(scope, receive, send_with_context)
         except ClientDisconnect:  # gone while sending its body: nobody to answer, and no fault of ours
             status = status or CLIENT_CLOSED_REQUEST
@@ -244,22 +246,26 @@ class CORS(CORSMiddleware):
 
 class _CountedBody:
     """`receive` for a body of no declared length (chunked): `PayloadTooLargeError` as soon as more
-    than `limit` bytes arrived, and `complete` once the last of it has.
+    than `limit` bytes arrived, `MalformedRequestError` once the server found it cannot be read
+    (`errors.UNREADABLE_BODY`), and `complete` once the last of it has arrived.
 
     A response that starts before the body was read to its end closes the connection: the
     server would otherwise read and drop the rest to reach the next request, however long it is.
     """
 
-    __slots__ = ("complete", "limit", "receive", "received")
+    __slots__ = ("complete", "limit", "receive", "received", "scope")
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, limit: int, scope: Scope) -> None:
         self.receive = receive
         self.limit = limit
+        self.scope = scope
         self.received = 0
         self.complete = False
 
     async def __call__(self) -> Message:
         message = await self.receive()
+        if (unreadable := self.scope.get(UNREADABLE_BODY)) is not None:
+            raise MalformedRequestError(unreadable)
         self.received += len(message.get("body", b""))
         if self.received > self.limit:  # its response closes the connection: the body is not complete
             raise PayloadTooLargeError(_too_large(self.limit))
