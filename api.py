@@ -39,7 +39,7 @@ from starlette.routing import Route, compile_path
 from starlette.types import Receive, Scope, Send
 
 from db import NOT_CONFIGURED, Connection, Database
-from errors import DatabaseConnectionError
+from errors import AuthenticationError, DatabaseConnectionError
 from inputs import Binder, body_binder, path_binder, query_binder, query_params
 from metrics import Metrics
 from openapi import Operation, Param, Reply, type_schema
@@ -103,6 +103,11 @@ class Context:
         """The pool; a service without `DATABASE_URL` answers 503 to an endpoint that needs one."""
         return database_of(self.request)
 
+    @property
+    def user(self) -> Any:
+        """The caller the group's `Guard` let in (a user, a tenant); None for a group without one."""
+        return self.request.scope.get("user")
+
     def connection(self, *, stateless: bool = False) -> AbstractAsyncContextManager[Connection]:
         """A pooled connection for an `async with` block: `db.Database.connection` itself, not a wrapper."""
         return self.database.connection(stateless=stateless)
@@ -115,6 +120,32 @@ def database_of(request: Request) -> Database:
     if database is None:
         raise DatabaseConnectionError(NOT_CONFIGURED)
     return database
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """What every caller of a group must show: `Endpoints(tag="notes", guard=Guard(...))`.
+
+    `check(request)` runs before the handler's input is read: a refused caller learns nothing of
+    the input's rules, and its body is never read. It returns the caller (a user, a tenant), which
+    the handler finds in `ctx.user` (Starlette's `request.user` too), or raises
+    `errors.AuthenticationError` (401, with `WWW-Authenticate` naming an HTTP `scheme`'s scheme
+    unless it gives its own) or `AuthorizationError` (403). `scheme` is the OpenAPI security
+    scheme (`{"type": "http", "scheme": "bearer"}`), documented as `name` on each of the group's
+    operations, with their 401 and 403: Swagger UI's "Authorize" sends it.
+    """
+
+    name: str
+    scheme: Mapping[str, Any]
+    check: Callable[[Request], Awaitable[Any]]
+
+    async def caller(self, request: Request) -> Any:
+        try:
+            return await self.check(request)
+        except AuthenticationError as exc:
+            if exc.headers is None and self.scheme.get("type") == "http":  # RFC 9110: a 401 names its scheme
+                exc.headers = {"WWW-Authenticate": str(self.scheme["scheme"]).capitalize()}
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +164,9 @@ _UNTYPED = (StringConvertor, PathConvertor)  # `{name}` and `{name:path}`: text,
 class Endpoints:
     """A group of routes with one OpenAPI tag; `create_app(endpoints=[...])` serves it."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, *, guard: Guard | None = None) -> None:
         self.tag = tag
+        self.guard = guard  # what every caller of the group's routes must show
         self.declarations: list[_Declaration] = []
 
     def route(
@@ -181,7 +213,7 @@ class Endpoints:
         """The routes for `settings`, each with its operation; a handler that cannot be served raises."""
         bound = []
         for d in self.declarations:
-            endpoint = Endpoint(d, settings)
+            endpoint = Endpoint(d, settings, self.guard)
             route = Route(d.path, endpoint, methods=[d.method], name=d.handler.__name__)
             bound.append((route, endpoint.operation(self.tag)))
         return bound
@@ -190,9 +222,10 @@ class Endpoints:
 class Endpoint:
     """One handler as an ASGI app: decode its input, call it, encode its answer."""
 
-    def __init__(self, declaration: _Declaration, settings: Settings) -> None:
+    def __init__(self, declaration: _Declaration, settings: Settings, guard: Guard | None = None) -> None:
         self.declaration = declaration
         self.handler = declaration.handler
+        self.guard = guard
         where = f"{declaration.method} {declaration.path} ({declaration.handler.__name__})"
         hints = typing.get_type_hints(self.handler)
         _, _, convertors = compile_path(declaration.path)
@@ -230,6 +263,8 @@ class Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        if self.guard is not None:
+            scope["user"] = await self.guard.caller(request)
         kwargs = {name: await bind(request) for name, bind in self.binders}
         result = await self.handler(**kwargs)
         if result is None:
@@ -257,7 +292,12 @@ class Endpoint:
             errors |= {422}
         if self.body_type is not None:
             errors |= {400, 413, 415}
-        return Operation(d.summary, d.description, tag, replies, tuple(self.params), self.body_type, frozenset(errors))
+        security = {}
+        if self.guard is not None:
+            errors |= {401, 403}
+            security[self.guard.name] = dict(self.guard.scheme)
+        params = tuple(self.params)
+        return Operation(d.summary, d.description, tag, replies, params, self.body_type, frozenset(errors), security)
 
 
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}

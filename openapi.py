@@ -67,6 +67,7 @@ class Operation(msgspec.Struct, frozen=True):
     parameters: tuple[Param, ...] = ()
     request_body: type[msgspec.Struct] | None = None
     errors: frozenset[int] = frozenset()
+    security: dict[str, dict[str, Any]] = {}  # the security schemes a caller must satisfy, by name
 
 
 def type_schema(kind: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -165,6 +166,11 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
             for name, schema in param.components.items():
                 if schemas.setdefault(name, schema) != schema:  # two types, one name: one would replace the other
                     raise ValueError(f"two types are named {name!r} in the OpenAPI document: rename one of them")
+    security: dict[str, dict[str, Any]] = {}
+    for op in operations.values():
+        for name, scheme in op.security.items():
+            if security.setdefault(name, scheme) != scheme:
+                raise ValueError(f"two security schemes are named {name!r}: give each guard a name of its own")
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if isinstance(route, Route):
@@ -182,6 +188,7 @@ def build_openapi(settings: Settings, routes: list[BaseRoute], operations: Mappi
             "schemas": schemas,
             "responses": {_NAMES[status]: _response(status, reply) for status, reply in ERROR_REPLIES.items()},
             "headers": _HEADERS,
+            **({"securitySchemes": security} if security else {}),
         },
     }
 
@@ -208,6 +215,8 @@ def _operation(name: str, op: Operation) -> dict[str, Any]:
     if op.request_body is not None:
         schema = {"$ref": SCHEMA_REF.format(name=op.request_body.__name__)}
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    if op.security:
+        operation["security"] = [{name: [] for name in op.security}]
     return {**operation, "responses": responses}
 
 

@@ -24,9 +24,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import db
-from api import Context, Created, Endpoints, WithHeaders, database_of
+from api import Context, Created, Endpoints, Guard, WithHeaders, database_of
 from app import create_app
 from db import Connection
+from errors import AuthenticationError, AuthorizationError
 from settings import CONFIGURATION_ERROR
 
 
@@ -839,3 +840,68 @@ def test_importing_a_module_builds_no_app_until_app_is_asked_for(tmp_path: Path)
         asked = run([sys.executable, "-c", f"import {module} as m; m.app"])
         assert asked.returncode == CONFIGURATION_ERROR
         assert asked.stderr.startswith("Invalid settings (2 problem(s)):")
+
+
+class Caller(msgspec.Struct):
+    name: str
+
+
+async def bearer_check(request: Request) -> Caller:
+    """A team's check: `Bearer ok-<name>` lets `<name>` in; `Bearer banned` is known but refused."""
+    token = request.headers.get("authorization", "").removeprefix("Bearer ")
+    if token == "banned":
+        raise AuthorizationError("this caller may not")
+    if not token.startswith("ok-"):
+        raise AuthenticationError("a valid bearer token is required")
+    return Caller(token.removeprefix("ok-"))
+
+
+BEARER = Guard("bearerAuth", {"type": "http", "scheme": "bearer"}, bearer_check)
+guarded = Endpoints(tag="guarded", guard=BEARER)
+
+
+@guarded.post("/guarded", summary="Who is asking, with a body")
+async def who_posts(ctx: Context, body: NewPet) -> Caller:
+    return Caller(f"{ctx.user.name} posted {body.name}")
+
+
+@pytest.mark.anyio
+async def test_a_guard_lets_in_the_callers_its_check_accepts_before_any_input_is_read() -> None:
+    """401 with `WWW-Authenticate`, 403, or the handler with `ctx.user`; a refused caller's body is never read."""
+    async with serve(create_app(make_settings(), endpoints=[pets, guarded])) as client:
+        anonymous = await client.post("/guarded", json={"wrong": "shape"})
+        banned = await client.post("/guarded", json={"name": "x"}, headers={"Authorization": "Bearer banned"})
+        invalid = await client.post("/guarded", json={"wrong": "shape"}, headers={"Authorization": "Bearer ok-ann"})
+        allowed = await client.post("/guarded", json={"name": "rex"}, headers={"Authorization": "Bearer ok-ann"})
+        unguarded = await client.get("/pets/1")
+    assert (anonymous.status_code, anonymous.json()["error"]) == (401, "AUTHENTICATION_ERROR")
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    assert (banned.status_code, banned.json()["error"]) == (403, "AUTHORIZATION_ERROR")
+    assert invalid.status_code == 422
+    assert (allowed.status_code, allowed.json()) == (200, {"name": "ann posted rex"})
+    assert unguarded.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_guard_is_documented_as_the_operations_security_with_its_401_and_403() -> None:
+    async with serve(create_app(make_settings(), endpoints=[pets, guarded])) as client:
+        spec = (await client.get("/openapi.json")).json()
+    validate_spec(spec)
+    assert spec["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    operation = spec["paths"]["/guarded"]["post"]
+    assert operation["security"] == [{"bearerAuth": []}]
+    assert {"401", "403"} <= set(operation["responses"])
+    assert "security" not in spec["paths"]["/pets/{pet_id}"]["get"]
+    assert "401" not in spec["paths"]["/pets/{pet_id}"]["get"]["responses"]
+
+
+def test_two_guards_of_one_name_and_different_schemes_stop_start_up() -> None:
+    other = Endpoints(tag="other", guard=Guard("bearerAuth", {"type": "apiKey", "in": "header", "name": "X-Key"},
+                                                bearer_check))  # fmt: skip
+
+    @other.get("/other-guarded", summary="Another scheme under the same name")
+    async def other_guarded(ctx: Context) -> Caller:
+        return Caller("x")
+
+    with pytest.raises(ValueError, match="two security schemes are named 'bearerAuth'"):
+        create_app(make_settings(), endpoints=[guarded, other])
