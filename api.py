@@ -11,13 +11,14 @@ A module declares a group, decorates its handlers, and hands the group to `creat
 
 A handler's parameters say what it takes; each is decoded before it runs by a decoder built once,
 at start-up:
-  - annotated `Context`: the request, the settings and the database;
+  - annotated `Context`: the request, the settings, the database and the caller (`ctx.user`);
   - named like a `{segment}` of the path: that segment, converted to its annotation (UUID, int, str);
   - `query: SomeStruct`: the query string, one parameter per field (bounds from `msgspec.Meta`);
   - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422).
 Its return annotation says what it answers: a Struct (200), `WithHeaders[Struct]` (200 with headers
 of its own: `ETag`, `Cache-Control`), `Created[Struct]` (201 and `Location`), or `None` (204). The
 route's OpenAPI operation is derived from the same declarations, so no endpoint can go undocumented.
+A group made with `guard=Guard(...)` lets in only the callers its check accepts (`ctx.user`).
 """
 
 from __future__ import annotations
