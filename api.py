@@ -14,6 +14,7 @@ at start-up:
   - annotated `Context`: the request, the settings, the database and the caller (`ctx.user`);
   - named like a `{segment}` of the path: that segment, converted to its annotation (UUID, int, str);
   - `query: SomeStruct`: the query string, one parameter per field (bounds from `msgspec.Meta`);
+  - `headers: SomeStruct`: request headers, one per field (`If-Match`), matched without regard to case;
   - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422).
 Its return annotation says what it answers: a Struct (200), `WithHeaders[Struct]` (200 with headers
 of its own: `ETag`, `Cache-Control`), `Created[Struct]` (201 and `Location`), or `None` (204). The
@@ -41,7 +42,7 @@ from starlette.types import Receive, Scope, Send
 
 from db import NOT_CONFIGURED, Connection, Database
 from errors import AuthenticationError, DatabaseConnectionError
-from inputs import Binder, body_binder, path_binder, query_binder, query_params
+from inputs import Binder, body_binder, headers_binder, path_binder, query_binder, struct_params
 from metrics import Metrics
 from openapi import Operation, Param, Reply, type_schema
 from responses import ENCODER, JSON_HEADERS, send_bytes
@@ -252,14 +253,17 @@ class Endpoint:
             self.params.append(Param(name, "path", schema, required=True, components=components))
             return path_binder(name, kind)
         if name == "query" and _is_struct(kind):
-            self.params += query_params(kind)
+            self.params += struct_params(kind, "query")
             return query_binder(kind)
+        if name == "headers" and _is_struct(kind):
+            self.params += struct_params(kind, "header")
+            return headers_binder(kind)
         if name == "body" and _is_struct(kind):
             self.body_type = kind
             return body_binder(kind)
         raise TypeError(
             f"{where}: cannot bind parameter {name!r}: expected a Context, a path segment, "
-            "`query: Struct` or `body: Struct`"
+            "`query: Struct`, `headers: Struct` or `body: Struct`"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -50,17 +50,49 @@ def path_binder(name: str, kind: Any) -> Binder:
     return path
 
 
-def query_params(kind: type[msgspec.Struct]) -> list[Param]:
+def struct_params(kind: type[msgspec.Struct], location: str) -> list[Param]:
+    """The OpenAPI parameters of a `query` or `headers` Struct: one per field, `location` "query" or "header"."""
     _, components = type_schema(kind)
     schema = components.pop(kind.__name__)  # the Struct itself is not documented, its fields are
     required = set(schema.get("required", ()))
     properties = schema.get("properties", {})
-    return [Param(name, "query", prop, name in required, components) for name, prop in properties.items()]
+    return [Param(name, location, prop, name in required, components) for name, prop in properties.items()]
 
 
 def query_binder(kind: type[msgspec.Struct]) -> Binder:
-    # Fields that take several values (`?tag=a&tag=b` for `tag: list[str]`) get every one; the rest the last.
+    """The query string as `kind`: a sequence field (`?tag=a&tag=b`) gets every value, the rest the last."""
     many = [f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))]
+
+    def read(request: Request) -> dict[str, Any]:
+        params = request.query_params
+        values: dict[str, Any] = dict(params)
+        for name in many:
+            if name in values:
+                values[name] = params.getlist(name)
+        return values
+
+    return _fields_binder(kind, read)
+
+
+def headers_binder(kind: type[msgspec.Struct]) -> Binder:
+    """Request headers as `kind`, a field per header, matched without regard to case (`if_match:
+    str | None = msgspec.field(name="If-Match")`, or `rename="kebab"` on the Struct); a sequence
+    field gets each occurrence, the rest the last."""
+    wire = {f.encode_name.lower(): f.encode_name for f in msgspec.structs.fields(kind)}
+    many = {f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))}
+
+    def read(request: Request) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, value in request.headers.items():  # lower case, as sent
+            if (field := wire.get(name)) is not None:
+                values[field] = [*values.get(field, ()), value] if field in many else value
+        return values
+
+    return _fields_binder(kind, read)
+
+
+def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[str, Any]]) -> Binder:
+    """`kind` from the text values `read` finds in a request, each written as its schema says (`_text_form`)."""
     # Fields that may hold a float: text converted to one may be `nan` or `inf`, which JSON cannot carry.
     floats = [f for f in msgspec.structs.fields(kind) if _holds_float(msgspec.inspect.type_info(f.type))]
     forms = {
@@ -69,12 +101,8 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
         if (form := _text_form(msgspec.inspect.type_info(f.type)))
     }
 
-    async def query(request: Request) -> Any:
-        params = request.query_params
-        values: dict[str, Any] = dict(params)
-        for name in many:
-            if name in values:
-                values[name] = params.getlist(name)
+    async def bind(request: Request) -> Any:
+        values = read(request)
         errors = _misread(values, forms)
         try:
             decoded = msgspec.convert(values, kind, strict=False)
@@ -91,7 +119,7 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
             raise RequestValidationError([FieldError(name, NOT_FINITE, _shown(values[name])) for name in wrong])
         return decoded
 
-    return query
+    return bind
 
 
 def _text_form(info: msgspec.inspect.Type) -> tuple[re.Pattern[str], str] | None:

@@ -905,3 +905,35 @@ def test_two_guards_of_one_name_and_different_schemes_stop_start_up() -> None:
 
     with pytest.raises(ValueError, match="two security schemes are named 'bearerAuth'"):
         create_app(make_settings(), endpoints=[guarded, other])
+
+
+class Preconditions(msgspec.Struct, rename="kebab"):
+    if_match: str | None = None
+    x_retries: Annotated[int, msgspec.Meta(ge=0)] = 0
+    x_tag: list[str] = []
+
+
+@pets.get("/pets-headers", summary="Request headers, declared")
+async def pets_headers(headers: Preconditions) -> Preconditions:
+    return headers
+
+
+@pytest.mark.anyio
+async def test_request_headers_are_declared_bound_and_documented_like_the_query() -> None:
+    """`headers: Struct` reads a header per field, whatever its case; a wrong one is the 422 naming it."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        spec = (await client.get("/openapi.json")).json()
+        given = await client.get(
+            "/pets-headers", headers=[("If-Match", '"v1"'), ("X-RETRIES", "2"), ("x-tag", "a"), ("x-tag", "b")]
+        )
+        absent = await client.get("/pets-headers")
+        wrong = await client.get("/pets-headers", headers={"X-Retries": "1e1"})
+    validate_spec(spec)
+    documented = {p["name"]: p["in"] for p in spec["paths"]["/pets-headers"]["get"]["parameters"]}
+    assert documented == {"if-match": "header", "x-retries": "header", "x-tag": "header"}
+    assert given.json() == {"if-match": '"v1"', "x-retries": 2, "x-tag": ["a", "b"]}
+    assert absent.json() == {"if-match": None, "x-retries": 0, "x-tag": []}
+    assert wrong.status_code == 422
+    assert wrong.json()["validation_errors"] == [
+        {"field": "x-retries", "message": "Expected an integer, written in digits", "value": "1e1"}
+    ]
