@@ -158,6 +158,7 @@ class _Declaration:
     summary: str
     description: str
     errors: tuple[int, ...]
+    response_headers: tuple[str, ...]
 
 
 _UNTYPED = (StringConvertor, PathConvertor)  # `{name}` and `{name:path}`: text, typed by the annotation
@@ -172,9 +173,17 @@ class Endpoints:
         self.declarations: list[_Declaration] = []
 
     def route(
-        self, method: str, path: str, *, summary: str, description: str = "", errors: Iterable[int] = ()
+        self,
+        method: str,
+        path: str,
+        *,
+        summary: str,
+        description: str = "",
+        errors: Iterable[int] = (),
+        response_headers: Iterable[str] = (),
     ) -> Callable[[Handler], Handler]:
-        """Declare `handler` as the answer to `method path`; `errors` are the statuses it raises itself."""
+        """Declare `handler` as the answer to `method path`; `errors` are the statuses it raises itself,
+        `response_headers` the headers its `WithHeaders` answer may carry (`ETag`), documented with it."""
         if method not in _METHODS:
             raise ValueError(f"{method} {path}: the method must be one of {', '.join(_METHODS)}")
         errors = tuple(errors)
@@ -188,10 +197,13 @@ class Endpoints:
             )
         if unknown := [status for status in errors if status not in _ERROR_STATUSES]:
             raise ValueError(f"{method} {path}: errors must be HTTP error statuses (400..599), not {unknown}")
+        response_headers = tuple(response_headers)
+        _own(dict.fromkeys(response_headers, ""))  # one a handler could not send is refused now, not at a request
 
         def declare(handler: Handler) -> Handler:
             doc = description or inspect.getdoc(handler) or ""
-            self.declarations.append(_Declaration(method, path, handler, summary, doc, tuple(errors)))
+            declared = _Declaration(method, path, handler, summary, doc, tuple(errors), response_headers)
+            self.declarations.append(declared)
             return handler
 
         return declare
@@ -240,6 +252,8 @@ class Endpoint:
                 raise TypeError(f"{where}: parameter {name!r} needs a type annotation")
             self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
         self.status, self.reply_type = _answer(hints.get("return"), where)
+        if declaration.response_headers and typing.get_origin(hints.get("return")) is not WithHeaders:
+            raise TypeError(f"{where}: response_headers are for a handler that returns WithHeaders[Struct]")
 
     def _binder(self, name: str, kind: Any, path_names: Iterable[str], settings: Settings, where: str) -> Binder:
         if kind is Context:
@@ -291,7 +305,8 @@ class Endpoint:
         """The OpenAPI operation these declarations imply."""
         d = self.declaration
         headers = ("Location",) if self.status == 201 else ()
-        replies = {self.status: Reply(_STATUS_TEXT[self.status], self.reply_type, headers=headers)}
+        reply = Reply(_STATUS_TEXT[self.status], self.reply_type, headers=headers, own_headers=d.response_headers)
+        replies = {self.status: reply}
         errors = set(d.errors) | {503}  # any endpoint may find its database unavailable
         if self.params or self.body_type is not None:
             errors |= {422}

@@ -43,7 +43,8 @@ class Reply(msgspec.Struct, frozen=True):
     description: str
     body: type[msgspec.Struct] | None = None
     examples: dict[str, Any] = {}
-    headers: tuple[str, ...] = ()
+    headers: tuple[str, ...] = ()  # of `components.headers`
+    own_headers: tuple[str, ...] = ()  # a handler's own (`ETag`), described where they are used
     media_type: str = "application/json"
 
 
@@ -226,7 +227,10 @@ def _response(status: int, reply: Reply) -> dict[str, Any]:
         media["schema"] = {"$ref": SCHEMA_REF.format(name=reply.body.__name__)}
     if reply.examples:
         media["examples"] = {name: {"value": value} for name, value in reply.examples.items()}
-    headers = {name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-ID", *reply.headers)}
+    headers: dict[str, Any] = {
+        name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-ID", *reply.headers)
+    }
+    headers |= {name: {"description": "Set by the handler", "schema": {"type": "string"}} for name in reply.own_headers}
     if status in _NO_CONTENT:
         return {"description": reply.description, "headers": headers}
     return {"description": reply.description, "headers": headers, "content": {reply.media_type: media}}

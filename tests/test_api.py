@@ -492,7 +492,9 @@ async def test_a_204_is_documented_without_a_body() -> None:
     assert removed["headers"] == {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
 
 
-@pets.get("/pets/tagged/{pet_id}", summary="A pet with its ETag and cache policy")
+@pets.get(
+    "/pets/tagged/{pet_id}", summary="A pet with its ETag and cache policy", response_headers=("ETag", "Cache-Control")
+)
 async def get_tagged_pet(pet_id: int) -> WithHeaders[Pet]:
     return WithHeaders(Pet(pet_id, "Rex"), {"ETag": f'"v{pet_id}"', "Cache-Control": "max-age=60"})
 
@@ -521,6 +523,27 @@ async def test_a_handler_sends_headers_of_its_own() -> None:
     assert "etag" in cross_origin.headers["access-control-expose-headers"].lower()  # a browser's script may read it
     ok = spec["paths"]["/pets/tagged/{pet_id}"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Pet"}
+    assert set(ok["headers"]) == {"X-Request-ID", "ETag", "Cache-Control"}  # its declared `response_headers`
+    validate_spec(spec)
+
+
+def test_a_response_header_no_handler_may_send_is_refused_when_declared() -> None:
+    with pytest.raises(ValueError, match="cannot send the header 'Content-Length'"):
+        Endpoints(tag="broken").get(
+            "/broken-headers", summary="Declares a header", response_headers=("Content-Length",)
+        )
+
+
+def test_response_headers_on_a_handler_that_cannot_send_them_stop_start_up() -> None:
+    """Only a `WithHeaders` answer carries headers: documenting them on another would describe what never comes."""
+    broken = Endpoints(tag="broken")
+
+    @broken.get("/broken-headers", summary="Declares a header it never sends", response_headers=("ETag",))
+    async def plain() -> Pet:
+        return Pet(0, "")
+
+    with pytest.raises(TypeError, match=r"response_headers are for a handler that returns WithHeaders\[Struct\]"):
+        create_app(make_settings(), endpoints=[broken])
 
 
 @pytest.mark.anyio
