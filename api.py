@@ -15,7 +15,8 @@ at start-up:
   - named like a `{segment}` of the path: that segment, converted to its annotation (UUID, int, str);
   - `query: SomeStruct`: the query string, one parameter per field (bounds from `msgspec.Meta`);
   - `headers: SomeStruct`: request headers, one per field (`If-Match`), matched without regard to case;
-  - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422).
+  - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422);
+  - `user`, in a group with a `Guard`: the caller its check returned, typed by the annotation.
 Its return annotation says what it answers: a Struct (200), `WithHeaders[Struct]` (200 with headers
 of its own: `ETag`, `Cache-Control`), `Created[Struct]` (201 and `Location`), or `None` (204). The
 route's OpenAPI operation is derived from the same declarations, so no endpoint can go undocumented.
@@ -29,7 +30,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Generic, TypedDict, TypeVar
 from urllib.parse import quote
@@ -69,10 +70,12 @@ class Created(Generic[T]):
 
     `location` is the new resource's path in the app (`/items/<id>`): served under a prefix
     (`root_path`), the response gives the client the prefixed path. A full URL is sent as it is.
+    `headers` are the handler's own (the new version's `ETag`), under `WithHeaders`' rules.
     """
 
     body: T
     location: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +255,8 @@ class Endpoint:
                 raise TypeError(f"{where}: parameter {name!r} needs a type annotation")
             self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
         self.status, self.reply_type = _answer(hints.get("return"), where)
-        if declaration.response_headers and typing.get_origin(hints.get("return")) is not WithHeaders:
-            raise TypeError(f"{where}: response_headers are for a handler that returns WithHeaders[Struct]")
+        if declaration.response_headers and typing.get_origin(hints.get("return")) not in (WithHeaders, Created):
+            raise TypeError(f"{where}: response_headers are for a handler that returns WithHeaders or Created")
 
     def _binder(self, name: str, kind: Any, path_names: Iterable[str], settings: Settings, where: str) -> Binder:
         if kind is Context:
@@ -262,6 +265,12 @@ class Endpoint:
                 return Context(request, settings)
 
             return context
+        if name == "user" and self.guard is not None:  # the caller the guard let in, typed by the annotation
+
+            async def user(request: Request) -> Any:
+                return request.scope["user"]
+
+            return user
         if name in path_names:
             schema, components = type_schema(kind)
             self.params.append(Param(name, "path", schema, required=True, components=components))
@@ -277,7 +286,7 @@ class Endpoint:
             return body_binder(kind)
         raise TypeError(
             f"{where}: cannot bind parameter {name!r}: expected a Context, a path segment, "
-            "`query: Struct`, `headers: Struct` or `body: Struct`"
+            "`query: Struct`, `headers: Struct`, `body: Struct` or, in a guarded group, `user`"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -295,7 +304,8 @@ class Endpoint:
                 path = scope.get("root_path", "") + path
             # Escaped: a location made of a decoded path segment may hold CR, LF, blanks or non-ASCII.
             location = (b"location", quote(path, safe=_URL_CHARACTERS).encode())
-            await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location))
+            own = _own(result.headers) if result.headers else ()
+            await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location, *own))
         elif isinstance(result, WithHeaders):
             await send_bytes(scope, send, 200, ENCODER.encode(result.body), (*JSON_HEADERS, *_own(result.headers)))
         else:

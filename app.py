@@ -81,7 +81,7 @@ class Service(Starlette):
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "Retry-After", "Location", "ETag"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location", "ETag", "WWW-Authenticate"],
         )
         return RequestContext(
             app,

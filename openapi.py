@@ -96,7 +96,8 @@ _HTML = Reply("An HTML page", media_type="text/html")
 ERROR_REPLIES = {
     400: Reply("The request cannot be read: a body that is not JSON, or a value the database cannot store", ErrorBody,
                {"malformed": _error("VALIDATION_ERROR", "Malformed request body: not valid JSON")}),
-    404: Reply("No route matches the path", ErrorBody, {"not_found": _error("NOT_FOUND_ERROR", "Resource not found")}),
+    404: Reply("Not found: no route matches the path, or the resource does not exist", ErrorBody,
+               {"not_found": _error("NOT_FOUND_ERROR", "Resource not found")}),
     405: Reply("The path exists, the method does not", ErrorBody,
                {"method_not_allowed": _error("METHOD_NOT_ALLOWED", "Method not allowed")}, ("Allow",)),
     409: Reply("Conflicts with other rows: a unique key taken, a foreign key or exclusion constraint", ErrorBody,

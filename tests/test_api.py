@@ -542,7 +542,7 @@ def test_response_headers_on_a_handler_that_cannot_send_them_stop_start_up() -> 
     async def plain() -> Pet:
         return Pet(0, "")
 
-    with pytest.raises(TypeError, match=r"response_headers are for a handler that returns WithHeaders\[Struct\]"):
+    with pytest.raises(TypeError, match="response_headers are for a handler that returns WithHeaders or Created"):
         create_app(make_settings(), endpoints=[broken])
 
 
@@ -888,6 +888,11 @@ async def who_posts(ctx: Context, body: NewPet) -> Caller:
     return Caller(f"{ctx.user.name} posted {body.name}")
 
 
+@guarded.post("/guarded/created", summary="A new resource, its creator typed", response_headers=("ETag",))
+async def create_as(user: Caller, body: NewPet) -> Created[Caller]:
+    return Created(Caller(f"{user.name}'s {body.name}"), location="/guarded/created/1", headers={"ETag": '"v1"'})
+
+
 @pytest.mark.anyio
 async def test_a_guard_lets_in_the_callers_its_check_accepts_before_any_input_is_read() -> None:
     """401 with `WWW-Authenticate`, 403, or the handler with `ctx.user`; a refused caller's body is never read."""
@@ -902,6 +907,12 @@ async def test_a_guard_lets_in_the_callers_its_check_accepts_before_any_input_is
     assert (banned.status_code, banned.json()["error"]) == (403, "AUTHORIZATION_ERROR")
     assert invalid.status_code == 422
     assert (allowed.status_code, allowed.json()) == (200, {"name": "ann posted rex"})
+    async with serve(create_app(make_settings(), endpoints=[guarded])) as client:
+        created = await client.post("/guarded/created", json={"name": "rex"}, headers={"Authorization": "Bearer ok-bo"})
+        spec = (await client.get("/openapi.json")).json()
+    assert (created.status_code, created.json(), created.headers["etag"]) == (201, {"name": "bo's rex"}, '"v1"')
+    assert set(spec["paths"]["/guarded/created"]["post"]["responses"]["201"]["headers"]) == {
+        "X-Request-ID", "Location", "ETag"}  # fmt: skip
     assert unguarded.status_code == 200
 
 
