@@ -265,16 +265,16 @@ class Endpoint:
                 return Context(request, settings)
 
             return context
+        if name in path_names:
+            schema, components = type_schema(kind)
+            self.params.append(Param(name, "path", schema, required=True, components=components))
+            return path_binder(name, kind)
         if name == "user" and self.guard is not None:  # the caller the guard let in, typed by the annotation
 
             async def user(request: Request) -> Any:
                 return request.scope["user"]
 
             return user
-        if name in path_names:
-            schema, components = type_schema(kind)
-            self.params.append(Param(name, "path", schema, required=True, components=components))
-            return path_binder(name, kind)
         if name == "query" and _is_struct(kind):
             self.params += struct_params(kind, "query")
             return query_binder(kind)
