@@ -130,16 +130,21 @@ def _text_form(info: msgspec.inspect.Type) -> tuple[re.Pattern[str], str] | None
     number is a date-time in Unix seconds (`20260101` is a day in August 1970) or a duration in
     seconds, where the schema documents RFC 3339 and ISO 8601 text. None: nothing more is taken.
     """
-    kinds = [item for kind in _alternatives(info) for item in (_items(kind) or (kind,))]
-    if any(isinstance(kind, _TEXT_TAKERS) for kind in kinds):  # a str, float or decimal takes the text as written
-        return None
-    if any(isinstance(kind, msgspec.inspect.IntType) for kind in kinds):
-        return _INTEGER_TEXT, "Expected an integer, written in digits"
-    if any(isinstance(kind, msgspec.inspect.DateTimeType) for kind in kinds):
-        return _NOT_A_NUMBER, "Expected an RFC 3339 date-time (2025-09-23T10:30:00Z), not a number"
-    if any(isinstance(kind, msgspec.inspect.TimeDeltaType) for kind in kinds):
-        return _NOT_A_NUMBER, "Expected an ISO 8601 duration (PT30S), not a number"
-    return None
+    kinds = {type(item) for kind in _alternatives(info) for item in (_items(kind) or (kind,))}
+    kinds.discard(msgspec.inspect.NoneType)  # `null`, which msgspec reads as None, is in each form
+    # Only where every other member is of the one kind: `int | Literal["all"]` or `int | UUID` takes more.
+    return _FORMS.get(kinds.pop()) if len(kinds) == 1 else None
+
+
+_NOT_A_NUMBER = re.compile(r"(?![-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$).*", re.DOTALL)
+_FORMS: dict[type, tuple[re.Pattern[str], str]] = {
+    msgspec.inspect.IntType: (re.compile(r"-?[0-9]+|null"), "Expected an integer, written in digits"),
+    msgspec.inspect.DateTimeType: (
+        _NOT_A_NUMBER,
+        "Expected an RFC 3339 date-time (2025-09-23T10:30:00Z), not a number",
+    ),
+    msgspec.inspect.TimeDeltaType: (_NOT_A_NUMBER, "Expected an ISO 8601 duration (PT30S), not a number"),
+}
 
 
 def _misread(values: dict[str, Any], forms: dict[str, tuple[re.Pattern[str], str]]) -> list[FieldError]:
@@ -151,12 +156,6 @@ def _misread(values: dict[str, Any], forms: dict[str, tuple[re.Pattern[str], str
         errors += [FieldError(f"{name}[{i}]" if i is not None else name, message, _shown(text))
                    for i, text in texts if not form.fullmatch(text)]  # fmt: skip
     return errors
-
-
-_TEXT_TAKERS = (msgspec.inspect.StrType, msgspec.inspect.FloatType, msgspec.inspect.DecimalType,
-                msgspec.inspect.AnyType)  # fmt: skip
-_INTEGER_TEXT = re.compile(r"-?[0-9]+|null")  # `null`: what msgspec reads as None for an optional field
-_NOT_A_NUMBER = re.compile(r"(?![-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$).*", re.DOTALL)
 
 
 def _finite(value: Any) -> bool:

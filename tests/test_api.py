@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
@@ -704,6 +704,32 @@ async def test_numbers_are_not_read_as_dates_durations_or_integers_they_do_not_s
     assert (in_list.status_code, in_list.json()["validation_errors"][0]["value"]) == (422, "2.0")
     assert (fine.status_code, fine.json()) == (200, {"id": -3, "name": "2026-01-01T00:00:00+00:00 0:00:30"})
     assert (optional.status_code, optional.json()["id"]) == (200, 0)
+
+
+class Mixed(msgspec.Struct):
+    limit: int | Literal["all"] = 20
+    since: int | datetime.datetime | None = None
+    key: int | uuid.UUID | None = None
+    flag: bool | int | None = None
+
+
+@pets.get("/pets-mixed/{ref}", summary="Unions holding an integer and another type")
+async def pets_mixed(ref: int | uuid.UUID, query: Mixed) -> Pet:
+    return Pet(0, f"{ref!r} {query.limit!r} {query.since!r} {query.key!r} {query.flag!r}")
+
+
+@pytest.mark.anyio
+async def test_a_union_holding_an_integer_takes_its_other_members_values() -> None:
+    """Only a plain integer must be written in digits: `int | Literal["all"]` takes `all`, `int | UUID` a UUID."""
+    key = "01a22927-b7e3-7799-94c0-ac970239e0b2"
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        response = await client.get(f"/pets-mixed/{key}?limit=all&since=2026-01-01T00:00:00Z&key={key}&flag=true")
+        digits = await client.get("/pets-mixed/7?limit=5&since=3&key=9&flag=2")
+    assert response.status_code == 200
+    assert response.json()["name"] == (
+        f"UUID('{key}') 'all' datetime.datetime(2026, 1, 1, 0, 0, tzinfo=datetime.timezone.utc) UUID('{key}') True"
+    )
+    assert (digits.status_code, digits.json()["name"]) == (200, "7 5 3 9 2")
 
 
 @pytest.mark.anyio
