@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from server import EdgeConfig
 
 MALFORMED_BODY = "Malformed request body: its framing (Transfer-Encoding, chunk sizes) is invalid"
-CHUNKED_UPGRADE = "Malformed request: a chunked body cannot come with Upgrade; send it without Upgrade"
+TRANSFER_ENCODING_UPGRADE = (
+    "Malformed request: a body sent with Transfer-Encoding cannot come with Upgrade; send it without"
+)
 # A held head and a body up to this size are joined into one buffer; a larger body is handed
 # over with the head as two buffers, in one call (uvloop writes them with one `writev`).
 JOIN_LIMIT = 64 * 1024
@@ -86,11 +88,16 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn's own, with the head limit around the parser.
         if self._refused:  # only the answer to what came before is still to be sent
             return
+        self.idle_since = None  # (uvicorn cancels its keep-alive timer here; there is none)
+        while data := self._feed(data):  # what follows a not-upgraded request's body: the requests after it
+            pass
+
+    def _feed(self, data: bytes) -> bytes:
+        """Parse `data`; returns what follows a body read here (`_not_upgraded`), still to be parsed."""
         if self._body_left:
             data = self._read_body(data)
             if not data:
-                return
-        self.idle_since = None  # (uvicorn cancels its keep-alive timer here; there is none)
+                return b""
         self._chunk = len(data)
         if self._head_bytes is not None:
             self._head_bytes += self._chunk
@@ -99,15 +106,15 @@ class EdgeProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             if not self._refused:  # else the head was refused inside a callback, and is answered
                 self.send_400_response("Invalid HTTP request received.")
-            return
+            return b""
         except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
-            elif rest := self._not_upgraded(data[upgrade.args[0] :]):
-                self.data_received(rest)  # the requests after it
-            return
+                return b""
+            return self._not_upgraded(data[upgrade.args[0] :])
         if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
             self.refuse(431)
+        return b""
 
     # The four methods below run for every request: they call uvicorn's own directly rather
     # than through `super()`, which builds a proxy object each time.
@@ -159,8 +166,9 @@ class EdgeProtocol(HttpToolsProtocol):
 
         httptools takes whatever follows any upgrade request's head for the new protocol's bytes:
         uvicorn lost the body (a 400 "not valid JSON") and parsed it as the next request, so a body
-        holding a request was served as one. A `Content-Length` body is read here instead; a chunked
-        one, which only the parser could read, is the 400 envelope, and the connection closed.
+        holding a request was served as one. A `Content-Length` body is read here instead; one sent
+        with `Transfer-Encoding`, which only the parser could read, is the 400 envelope for a handler
+        that reads it, and the connection is closed after the answer.
         """
         cycle = self.cycle
         if cycle is None:  # no request was made of that head
@@ -170,7 +178,7 @@ class EdgeProtocol(HttpToolsProtocol):
             return rest
         if not framing[0].strip().isdigit():  # a Transfer-Encoding
             cycle.more_body = True  # for `refuse`: the request's own body is what cannot be read
-            cycle.scope[UNREADABLE_BODY] = CHUNKED_UPGRADE  # type: ignore[literal-required]  # our own key
+            cycle.scope[UNREADABLE_BODY] = TRANSFER_ENCODING_UPGRADE  # type: ignore[literal-required]  # our own key
             self.refuse(400)
             return b""
         cycle.more_body = True  # the parser ended the request at its head: its body is still to come

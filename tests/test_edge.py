@@ -638,6 +638,32 @@ def test_a_chunked_body_with_an_upgrade_header_is_the_400_envelope_and_a_closed_
     assert head_out.startswith(b"HTTP/1.1 400 ")
     assert b"connection: close" in head_out
     assert json.loads(body)["message"] == (
-        "Malformed request: a chunked body cannot come with Upgrade; send it without Upgrade"
+        "Malformed request: a body sent with Transfer-Encoding cannot come with Upgrade; send it without"
     )
     assert answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_an_h2c_requests_body_trickling_in_is_not_cut_off() -> None:
+    """Every byte that arrives restarts the body's wait, for a request asking for h2c as for any other."""
+    body = b'{"text": "' + b"x" * 30 + b'"}'
+    head = b"POST /notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + H2C
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    app = create_app(make_settings(), endpoints=[posted])
+    with (
+        edge_serving(app, REQUEST_HEAD_TIMEOUT="1") as port,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        sock.sendall(head)
+        for start in range(0, len(body), 4):  # 11 pieces, 0.3 s apart: 3 s in all, three times the timeout
+            time.sleep(0.3)
+            sock.sendall(body[start : start + 4])
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_thousands_of_pipelined_h2c_requests_are_all_answered() -> None:
+    """Each request after a not-upgraded one is parsed in a loop: recursing, the 986th was a 400."""
+    requests = b"GET /health HTTP/1.1\r\nHost: x\r\n" + H2C + b"\r\n"
+    with edge_serving(create_app(make_settings())) as port:
+        answer = exchange(port, requests * 3000 + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200 ") == 3001
