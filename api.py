@@ -110,7 +110,8 @@ class Context:
 
     @property
     def user(self) -> Any:
-        """The caller the group's `Guard` let in (a user, a tenant); None for a group without one."""
+        """The caller the group's `Guard` let in (a user, a tenant), else what a middleware put in
+        `scope["user"]` (Starlette's `AuthenticationMiddleware`), else None."""
         return self.request.scope.get("user")
 
     def connection(self, *, stateless: bool = False) -> AbstractAsyncContextManager[Connection]:
@@ -133,9 +134,10 @@ class Guard:
 
     `check(request)` runs before the handler's input is read: a refused caller learns nothing of
     the input's rules, and its body is never read. It returns the caller (a user, a tenant), which
-    the handler finds in `ctx.user` (Starlette's `request.user` too), or raises
-    `errors.AuthenticationError` (401, with `WWW-Authenticate` naming an HTTP `scheme`'s scheme
-    unless it gives its own) or `AuthorizationError` (403). `scheme` is the OpenAPI security
+    the handler takes as its `user` parameter or `ctx.user` (Starlette's `request.user` too), or
+    raises `errors.AuthenticationError` (401, with `WWW-Authenticate` naming an HTTP `scheme`'s
+    scheme unless it gives its own) or `AuthorizationError` (403). A check that returns None (a
+    token found in no table) is a 401 too: a guard lets no one in by omission. `scheme` is the OpenAPI security
     scheme (`{"type": "http", "scheme": "bearer"}`), documented as `name` on each of the group's
     operations, with their 401 and 403: Swagger UI's "Authorize" sends it.
     """
@@ -146,7 +148,10 @@ class Guard:
 
     async def caller(self, request: Request) -> Any:
         try:
-            return await self.check(request)
+            found = await self.check(request)
+            if found is None:
+                raise AuthenticationError()
+            return found
         except AuthenticationError as exc:
             if exc.headers is None and self.scheme.get("type") == "http":  # RFC 9110: a 401 names its scheme
                 exc.headers = {"WWW-Authenticate": str(self.scheme["scheme"]).capitalize()}

@@ -71,10 +71,10 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
         while running := [process for process in processes if process.exitcode is None]:
             # And a look each second: in loaded test runs a worker killed outright sometimes went
             # unnoticed here (cause not found), and was never replaced; its exit code still tells.
-            starting = [relays[process] for process in running if process not in serving]
-            wait([wakeup, *(process.sentinel for process in running), *starting], timeout=1.0)
+            wait([wakeup, *(process.sentinel for process in running)], timeout=1.0)
             signals = _signals_received(wakeup)
-            serving.update(process for process in running if process not in serving and _said(relays[process]))
+            # Every worker's relay, the dead ones' too: a byte written before it died is still there.
+            serving.update(process for process in processes if process not in serving and _said(relays[process]))
             for index, process in enumerate(processes):
                 if stopping or signals:
                     break

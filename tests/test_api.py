@@ -997,3 +997,23 @@ async def test_request_headers_are_declared_bound_and_documented_like_the_query(
     assert wrong.json()["validation_errors"] == [
         {"field": "x-retries", "message": "Expected an integer, written in digits", "value": "1e1"}
     ]
+
+
+@pytest.mark.anyio
+async def test_a_guard_whose_check_finds_no_caller_lets_no_one_in() -> None:
+    """A check that returns None (a token in no table, as Starlette's auth backends say it) is a 401, not open."""
+
+    async def lookup(request: Request) -> Caller | None:
+        return {"t1": Caller("ann")}.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+
+    careless = Endpoints(tag="careless", guard=Guard("bearerAuth", {"type": "http", "scheme": "bearer"}, lookup))
+
+    @careless.get("/careless", summary="Behind a lookup")
+    async def behind_lookup(user: Caller) -> Caller:
+        return user
+
+    async with serve(create_app(make_settings(), endpoints=[careless])) as client:
+        unknown = await client.get("/careless", headers={"Authorization": "Bearer nope"})
+        known = await client.get("/careless", headers={"Authorization": "Bearer t1"})
+    assert (unknown.status_code, unknown.headers["www-authenticate"]) == (401, "Bearer")
+    assert (known.status_code, known.json()) == (200, {"name": "ann"})

@@ -231,3 +231,42 @@ def test_after_the_drain_new_connections_are_refused_while_workers_finish(tmp_pa
         assert server.process.wait(30) == 0
     finally:
         server.kill()
+
+
+DIES_AFTER_SERVING = """
+import os
+import random
+import threading
+
+import server
+from app import create_app
+
+_started = server.DrainingServer.startup
+
+
+async def startup(self, sockets=None):
+    await _started(self, sockets)  # says it serves, then dies at once
+    threading.Timer(random.uniform(0, 0.05), os._exit, (1,)).start()
+
+
+server.DrainingServer.startup = startup
+app = create_app()
+"""
+
+
+def test_a_worker_that_dies_right_after_it_served_is_replaced_not_taken_for_a_failed_start(tmp_path: Path) -> None:
+    """Its byte on the relay is read even once it has died (read only from live workers, a review saw it
+    missed after 38 to 183 replacements, and the whole service stopped with status 3; this test checks
+    the replacing, and does not reach that race)."""
+    (tmp_path / "dies_after_serving.py").write_text(DIES_AFTER_SERVING)
+    env = {"WEB_CONCURRENCY": "3", "LOG_JSON": "true", "PYTHONPATH": str(tmp_path)}
+    server = UvicornProcess(env, "dies_after_serving:app", log_path=tmp_path / "out.log", command="python -m app")
+    try:
+        deadline = time.monotonic() + 40
+        while server.output().count("replacing it") < 12 and time.monotonic() < deadline:
+            assert server.process.poll() is None, server.output()[-2000:]
+            time.sleep(0.2)
+        assert server.output().count("replacing it") >= 12
+        assert "failed to start" not in server.output()
+    finally:
+        server.kill()
