@@ -6,7 +6,6 @@ variable at once; cross-variable rules live in `_check_environment_rules`.
 
 from __future__ import annotations
 
-import difflib
 import io
 import ipaddress
 import json
@@ -225,15 +224,26 @@ def _unknown_variables(environ: Iterable[str]) -> tuple[tuple[str, str], ...]:
     """Each variable that is no setting but looks meant for one, with that setting.
 
     A misspelt or lower-case name (`DATABSE_URL`, `WEB_CONCURENCY`, `database_url`) is read by
-    nothing, and the service would start on the default without a word. Only near misses count
-    (the cutoff keeps `PGPORT`, `HOSTNAME` and `TEST_DATABASE_URL` out): the environment holds
-    other programs' variables too.
+    nothing, and the service would start on the default without a word. Only one slip away
+    counts (a letter missing, added, changed, or two swapped, in any case): the environment holds
+    other programs' variables too (`DATABASE_USER`, `PGPORT`, `TEST_DATABASE_URL`).
     """
     found = []
     for name in environ:
-        if name not in VARIABLES and (meant := difflib.get_close_matches(name.upper(), VARIABLES, 1, 0.85)):
-            found.append((name, meant[0]))
+        if name not in VARIABLES:
+            found += [(name, meant) for meant in sorted(VARIABLES) if _one_slip(name.upper(), meant)][:1]
     return tuple(sorted(found))
+
+
+def _one_slip(given: str, meant: str) -> bool:
+    """Whether `given` is `meant`, or it with one letter missing, added or changed, or two adjacent swapped."""
+    if abs(len(given) - len(meant)) > 1:
+        return False
+    same = 0  # the length of their common start
+    while same < min(len(given), len(meant)) and given[same] == meant[same]:
+        same += 1
+    g, m = given[same:], meant[same:]
+    return g == m or g[1:] in (m, m[1:]) or g == m[1:] or (g[:2] == m[1::-1] and g[2:] == m[2:])
 
 
 def load_settings_or_exit(environ: Mapping[str, str]) -> Settings:

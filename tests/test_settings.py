@@ -453,11 +453,13 @@ def test_python_dotenv_disabled_leaves_dotenv_out(tmp_path: Path, monkeypatch: p
 
 def test_a_misspelt_or_lower_case_variable_is_named_with_the_setting_it_resembles() -> None:
     """Nothing reads `DATABSE_URL` or `database_url`: the settings keep their defaults and name the near misses."""
-    env = {"DATABSE_URL": "postgresql://u:pw@db/app", "database_url": "postgresql://u:pw@db/app", "WEB_CONCURENCY": "4"}
+    env = {"DATABSE_URL": "postgresql://u:pw@db/app", "database_url": "postgresql://u:pw@db/app", "WEB_CONCURENCY": "4",
+           "DATABASE_ULR": "postgresql://u:pw@db/app"}  # fmt: skip
     settings = load_settings(env)
     assert settings.database_url is None
     assert settings.web_concurrency == 1
     assert settings.unknown_variables == (
+        ("DATABASE_ULR", "DATABASE_URL"),
         ("DATABSE_URL", "DATABASE_URL"),
         ("WEB_CONCURENCY", "WEB_CONCURRENCY"),
         ("database_url", "DATABASE_URL"),
@@ -467,7 +469,8 @@ def test_a_misspelt_or_lower_case_variable_is_named_with_the_setting_it_resemble
 def test_other_programs_variables_are_not_taken_for_misspelt_settings() -> None:
     """The environment holds libpq's, Kubernetes' and the shell's variables too: none of them is a near miss."""
     others = ["PATH", "HOME", "HOSTNAME", "PGPORT", "PGHOST", "PGPASSWORD", "TEST_DATABASE_URL", "UVICORN_PORT",
-              "PROMETHEUS_MULTIPROC_DIR", "KUBERNETES_PORT", "KUBERNETES_SERVICE_HOST", "LANG"]  # fmt: skip
+              "PROMETHEUS_MULTIPROC_DIR", "KUBERNETES_PORT", "KUBERNETES_SERVICE_HOST", "LANG", "DATABASE_USER",
+              "LOG_FORMATTER", "APP_ENV"]  # fmt: skip
     assert load_settings(dict.fromkeys(others, "1")).unknown_variables == ()
     assert load_settings({**PRODUCTION, "LOG_LEVEL": "debug"}).unknown_variables == ()
 
