@@ -146,6 +146,16 @@ class Guard:
     scheme: Mapping[str, Any]
     check: Callable[[Request], Awaitable[Any]]
 
+    def __post_init__(self) -> None:
+        """A scheme OpenAPI would refuse, or that names no HTTP scheme, stops start-up, not a request."""
+        kind = self.scheme.get("type")
+        if not _SCHEME_NAME.fullmatch(self.name):
+            raise ValueError(f"Guard {self.name!r}: a security scheme's name is letters, digits, '.', '_' and '-'")
+        if kind not in _SCHEME_NEEDS:
+            raise ValueError(f"Guard {self.name!r}: scheme type {kind!r} is none of {', '.join(_SCHEME_NEEDS)}")
+        if missing := [key for key in _SCHEME_NEEDS[kind] if not self.scheme.get(key)]:
+            raise ValueError(f"Guard {self.name!r}: a {kind!r} scheme needs {', '.join(missing)}")
+
     async def caller(self, request: Request) -> Any:
         try:
             found = await self.check(request)
@@ -205,6 +215,8 @@ class Endpoints:
             )
         if unknown := [status for status in errors if status not in _ERROR_STATUSES]:
             raise ValueError(f"{method} {path}: errors must be HTTP error statuses (400..599), not {unknown}")
+        if isinstance(response_headers, str):  # ("ETag") for ("ETag",): it would document E, T, a and g
+            raise TypeError(f"{method} {path}: response_headers must be a sequence of names, not one string")
         response_headers = tuple(response_headers)
         _own(dict.fromkeys(response_headers, ""))  # one a handler could not send is refused now, not at a request
 
@@ -260,8 +272,11 @@ class Endpoint:
                 raise TypeError(f"{where}: parameter {name!r} needs a type annotation")
             self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
         self.status, self.reply_type = _answer(hints.get("return"), where)
-        if declaration.response_headers and typing.get_origin(hints.get("return")) not in (WithHeaders, Created):
+        answer = typing.get_origin(hints.get("return"))
+        if declaration.response_headers and answer not in (WithHeaders, Created):
             raise TypeError(f"{where}: response_headers are for a handler that returns WithHeaders or Created")
+        if answer is Created and "location" in {name.lower() for name in declaration.response_headers}:
+            raise TypeError(f"{where}: Created sends Location itself, from its location")
 
     def _binder(self, name: str, kind: Any, path_names: Iterable[str], settings: Settings, where: str) -> Binder:
         if kind is Context:
@@ -309,7 +324,7 @@ class Endpoint:
                 path = scope.get("root_path", "") + path
             # Escaped: a location made of a decoded path segment may hold CR, LF, blanks or non-ASCII.
             location = (b"location", quote(path, safe=_URL_CHARACTERS).encode())
-            own = _own(result.headers) if result.headers else ()
+            own = _own(result.headers, also=_CREATED) if result.headers else ()
             await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location, *own))
         elif isinstance(result, WithHeaders):
             await send_bytes(scope, send, 200, ENCODER.encode(result.body), (*JSON_HEADERS, *_own(result.headers)))
@@ -339,12 +354,13 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}
 _URL_CHARACTERS = "/:?#[]@!$&'()*+,;=%~"  # left as they are in a Location: reserved ones, and escapes
 
 
-def _own(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    """A handler's headers as the server takes them; ValueError for one it may not set or cannot be sent."""
+def _own(headers: Mapping[str, str], also: frozenset[str] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """A handler's headers as the server takes them; ValueError for one it may not set (or `also`
+    reserves: `Created`'s Location) or that cannot be sent."""
     own: dict[bytes, bytes] = {}
     for name, value in headers.items():
         lower = name.lower()
-        if lower in _RESERVED or lower.startswith("access-control-") or not _TOKEN.fullmatch(name):
+        if lower in _RESERVED or lower in also or lower.startswith("access-control-") or not _TOKEN.fullmatch(name):
             raise ValueError(f"a handler cannot send the header {name!r}")
         if not value.isprintable() or lower.encode() in own:  # a line break; the same name twice, in two cases
             raise ValueError(f"a handler cannot send the header {name!r} with the value {value!r}")
@@ -358,6 +374,11 @@ def _own(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
 _RESERVED = frozenset({"content-type", "content-length", "content-encoding", "x-request-id", "x-content-type-options",
                        "date", "server", "connection", "keep-alive", "proxy-connection", "te", "trailer",
                        "transfer-encoding", "upgrade"})  # fmt: skip
+# OpenAPI 3.1's security scheme types, with the fields each requires.
+_SCHEME_NEEDS = {"apiKey": ("name", "in"), "http": ("scheme",), "mutualTLS": (), "oauth2": ("flows",),
+                 "openIdConnect": ("openIdConnectUrl",)}  # fmt: skip
+_SCHEME_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a `components` key
+_CREATED = frozenset({"location"})  # what `Created` writes from its `location`
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
 
 

@@ -76,19 +76,36 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
 
 def headers_binder(kind: type[msgspec.Struct]) -> Binder:
     """Request headers as `kind`, a field per header, matched without regard to case (`if_match:
-    str | None = msgspec.field(name="If-Match")`, or `rename="kebab"` on the Struct); a sequence
-    field gets each occurrence, the rest the last."""
-    wire = {f.encode_name.lower(): f.encode_name for f in msgspec.structs.fields(kind)}
-    many = {f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))}
+    str | None = msgspec.field(name="If-Match")`, or `rename="kebab"` on the Struct).
+
+    A sequence field takes every value, from repeated lines and from comma-separated ones (`X-Ids:
+    1,2`, as OpenAPI's `simple` style and proxies that join lines write them). Any other field
+    given twice is a 422: one reader taking the first and another the last (a guard's check and
+    the handler) would each act on a different request.
+    """
+    fields = msgspec.structs.fields(kind)
+    wire = {f.encode_name.lower(): f.encode_name for f in fields}
+    if len(wire) < len(fields):
+        raise ValueError(f"{kind.__name__}: two fields name one header (header names ignore case)")
+    many = {f.encode_name for f in fields if _takes_many(msgspec.inspect.type_info(f.type))}
 
     def read(request: Request) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, value in request.headers.items():  # lower case, as sent
-            if (field := wire.get(name)) is not None:
-                values[field] = [*values.get(field, ()), value] if field in many else value
+            if (field := wire.get(name)) is None:
+                continue
+            if field in many:
+                values.setdefault(field, []).extend(item.strip() for item in _LIST_ITEM.findall(value))
+            elif field in values:
+                raise RequestValidationError([FieldError(field, "Given more than once")])
+            else:
+                values[field] = value
         return values
 
     return _fields_binder(kind, read)
+
+
+_LIST_ITEM = re.compile(r'(?:[^,"]|"[^"]*")+')  # one item of a comma-separated header value (RFC 9110 5.6.1)
 
 
 def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[str, Any]]) -> Binder:
@@ -100,6 +117,8 @@ def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[st
         for f in msgspec.structs.fields(kind)
         if (form := _text_form(msgspec.inspect.type_info(f.type)))
     }
+    # Unions of an integer and more (`int | Literal["all"]`): checked once read, by what came of the text.
+    mixed = [f for f in msgspec.structs.fields(kind) if _int_among_others(msgspec.inspect.type_info(f.type))]
 
     async def bind(request: Request) -> Any:
         values = read(request)
@@ -112,6 +131,13 @@ def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[st
                 e
                 for e in validation_errors(exc, values, kind=kind, strict=False)
                 if e.field.partition("[")[0] not in named
+            ]
+        else:
+            errors += [
+                FieldError(f.encode_name, _FORMS[msgspec.inspect.IntType][1], _shown(text))
+                for f in mixed
+                for text, value in _read_as(values.get(f.encode_name), getattr(decoded, f.name))
+                if type(value) is int and not _FORMS[msgspec.inspect.IntType][0].fullmatch(text)
             ]
         if errors:
             raise RequestValidationError(errors)
@@ -145,6 +171,20 @@ _FORMS: dict[type, tuple[re.Pattern[str], str]] = {
     ),
     msgspec.inspect.TimeDeltaType: (_NOT_A_NUMBER, "Expected an ISO 8601 duration (PT30S), not a number"),
 }
+
+
+def _int_among_others(info: msgspec.inspect.Type) -> bool:
+    """Whether a field's type is a union of an integer and another type (None aside), or a sequence of one."""
+    kinds = {type(item) for kind in _alternatives(info) for item in (_items(kind) or (kind,))}
+    kinds.discard(msgspec.inspect.NoneType)
+    return msgspec.inspect.IntType in kinds and len(kinds) > 1
+
+
+def _read_as(texts: str | list[str] | None, values: Any) -> list[tuple[str, Any]]:
+    """Each text of a field with the value read from it; a sequence's item by item."""
+    if texts is None:
+        return []
+    return list(zip(texts, values, strict=False)) if isinstance(texts, list) else [(texts, values)]
 
 
 def _misread(values: dict[str, Any], forms: dict[str, tuple[re.Pattern[str], str]]) -> list[FieldError]:

@@ -1017,3 +1017,95 @@ async def test_a_guard_whose_check_finds_no_caller_lets_no_one_in() -> None:
         known = await client.get("/careless", headers={"Authorization": "Bearer t1"})
     assert (unknown.status_code, unknown.headers["www-authenticate"]) == (401, "Bearer")
     assert (known.status_code, known.json()) == (200, {"name": "ann"})
+
+
+class Listed(msgspec.Struct, rename="kebab"):
+    x_ids: list[int] = []
+    if_none_match: list[str] = []
+    if_match: str | None = None
+
+
+@pets.get("/pets-listed", summary="List headers, and one that must come once")
+async def pets_listed(headers: Listed) -> Listed:
+    return headers
+
+
+@pytest.mark.anyio
+async def test_a_list_header_takes_comma_separated_and_repeated_values_and_a_single_one_comes_once() -> None:
+    """`X-Ids: 1,2` as OpenAPI's `simple` style writes it; a second `If-Match` is refused, not taken by one
+    reader and not the other (a guard's check reads the first)."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        listed = await client.get(
+            "/pets-listed", headers=[("X-Ids", "1, 2"), ("X-Ids", "3"), ("If-None-Match", '"a,b", "c"')]
+        )
+        twice = await client.get("/pets-listed", headers=[("If-Match", '"a"'), ("If-Match", '"b"')])
+    assert listed.json() == {"x-ids": [1, 2, 3], "if-none-match": ['"a,b"', '"c"'], "if-match": None}
+    assert twice.status_code == 422
+    assert twice.json()["validation_errors"] == [
+        {"field": "if-match", "message": "Given more than once", "value": None}
+    ]
+
+
+class Twice(msgspec.Struct):
+    a: str | None = msgspec.field(default=None, name="X-A")
+    b: str | None = msgspec.field(default=None, name="x-a")
+
+
+def test_two_header_fields_naming_one_header_stop_start_up() -> None:
+    twice = Endpoints(tag="twice")
+
+    @twice.get("/twice", summary="Two fields for one header")
+    async def read_twice(headers: Twice) -> Pet:
+        return Pet(0, "")
+
+    with pytest.raises(ValueError, match="Twice: two fields name one header"):
+        create_app(make_settings(), endpoints=[twice])
+
+
+@pytest.mark.anyio
+async def test_a_union_of_an_integer_and_a_word_still_wants_the_integer_in_digits() -> None:
+    """`int | Literal["all"]` takes `all` and `7`, and refuses `1e1` and `10.0`, which msgspec reads as 10."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        word, digits = await client.get("/pets-mixed/1?limit=all"), await client.get("/pets-mixed/1?limit=7")
+        spelt = [await client.get(f"/pets-mixed/1?limit={text}") for text in ("1e1", "10.0")]
+    assert (word.status_code, digits.status_code) == (200, 200)
+    assert [(r.status_code, r.json()["validation_errors"][0]["value"]) for r in spelt] == [(422, "1e1"), (422, "10.0")]
+
+
+@pytest.mark.anyio
+async def test_created_cannot_send_a_location_of_its_own() -> None:
+    """`Created` writes `Location` from its `location`: a second one, from its headers, is the handler's bug."""
+    twice = Endpoints(tag="twice")
+
+    @twice.post("/twice-located", summary="A Location twice")
+    async def locate_twice() -> Created[Pet]:
+        return Created(Pet(1, ""), location="/twice-located/1", headers={"location": "/evil"})
+
+    async with serve(create_app(make_settings(), endpoints=[twice])) as client:
+        response = await client.post("/twice-located")
+    assert response.status_code == 500
+
+    declared = Endpoints(tag="declared")
+
+    @declared.post("/declared-located", summary="Location declared", response_headers=("Location",))
+    async def declare_location() -> Created[Pet]:
+        return Created(Pet(1, ""), location="/declared-located/1")
+
+    with pytest.raises(TypeError, match="Created sends Location itself"):
+        create_app(make_settings(), endpoints=[declared])
+    with pytest.raises(TypeError, match="response_headers must be a sequence of names, not one string"):
+        declared.get("/one-string", summary="A string for a tuple", response_headers="ETag")
+
+
+@pytest.mark.parametrize(
+    ("name", "scheme", "problem"),
+    [("bearer auth", {"type": "http", "scheme": "bearer"}, "a security scheme's name is letters"),
+     ("k", {"type": "bogus"}, "scheme type 'bogus' is none of"),
+     ("x", {"type": "http"}, "a 'http' scheme needs scheme"),
+     ("key", {"type": "apiKey", "in": "header"}, "a 'apiKey' scheme needs name")],
+)  # fmt: skip
+def test_a_guard_whose_scheme_openapi_would_refuse_stops_start_up(
+    name: str, scheme: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Guard(name, scheme, bearer_check)
