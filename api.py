@@ -290,9 +290,13 @@ class Endpoint:
             self.params.append(Param(name, "path", schema, required=True, components=components))
             return path_binder(name, kind)
         if name == "user" and self.guard is not None:  # the caller the guard let in, typed by the annotation
+            checked = kind if isinstance(kind, type) else object  # a class is checked; `Caller | None` is not
 
             async def user(request: Request) -> Any:
-                return request.scope["user"]
+                caller = request.scope["user"]
+                if not isinstance(caller, checked):  # the guard and the handler disagree: a bug, a 500
+                    raise TypeError(f"{where}: the guard's check returned {type(caller).__name__}, not {kind!r}")
+                return caller
 
             return user
         if name == "query" and _is_struct(kind):

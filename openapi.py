@@ -96,6 +96,9 @@ _HTML = Reply("An HTML page", media_type="text/html")
 ERROR_REPLIES = {
     400: Reply("The request cannot be read: a body that is not JSON, or a value the database cannot store", ErrorBody,
                {"malformed": _error("VALIDATION_ERROR", "Malformed request body: not valid JSON")}),
+    401: Reply("No credentials, or ones the route's guard refused", ErrorBody,
+               {"unauthenticated": _error("AUTHENTICATION_ERROR", "Authentication required")}, ("WWW-Authenticate",)),
+    403: Reply("The caller may not do this", ErrorBody, {"forbidden": _error("AUTHORIZATION_ERROR", "Not allowed")}),
     404: Reply("Not found: no route matches the path, or the resource does not exist", ErrorBody,
                {"not_found": _error("NOT_FOUND_ERROR", "Resource not found")}),
     405: Reply("The path exists, the method does not", ErrorBody,
@@ -115,9 +118,9 @@ ERROR_REPLIES = {
     503: Reply("A dependency is temporarily unavailable", ErrorBody, {"database": _error(
         "DATABASE_CONNECTION_ERROR", "Database temporarily unavailable", retry_after=5)}, ("Retry-After",)),
 }  # fmt: skip
-_NAMES = {400: "MalformedRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge",
-          415: "UnsupportedMediaType", 422: "ValidationError", 500: "InternalServerError",
-          503: "ServiceUnavailable"}  # fmt: skip
+_NAMES = {400: "MalformedRequest", 401: "Unauthenticated", 403: "Forbidden", 404: "NotFound",
+          405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
+          422: "ValidationError", 500: "InternalServerError", 503: "ServiceUnavailable"}  # fmt: skip
 
 OPERATIONS = {
     "health": Operation("Liveness", "Whether this process can serve. No I/O: it never touches the database.",
@@ -148,6 +151,10 @@ _HEADERS = {
     "Retry-After": {"description": "Seconds before a retry may succeed", "schema": {"type": "integer"}},
     "Allow": {"description": "The methods the path answers", "schema": {"type": "string"}},
     "Location": {"description": "The path of the resource just created", "schema": {"type": "string"}},
+    "WWW-Authenticate": {
+        "description": "How to authenticate (RFC 9110): `Bearer` for a bearer guard",
+        "schema": {"type": "string"},
+    },
 }
 _DESCRIPTION = (
     "Every route answers HEAD where it answers GET. Every error, for any path and method, is the "

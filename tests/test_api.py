@@ -950,7 +950,8 @@ async def test_a_guard_is_documented_as_the_operations_security_with_its_401_and
     assert spec["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
     operation = spec["paths"]["/guarded"]["post"]
     assert operation["security"] == [{"bearerAuth": []}]
-    assert {"401", "403"} <= set(operation["responses"])
+    assert operation["responses"]["401"] == {"$ref": "#/components/responses/Unauthenticated"}  # WWW-Authenticate
+    assert operation["responses"]["403"] == {"$ref": "#/components/responses/Forbidden"}
     assert "security" not in spec["paths"]["/pets/{pet_id}"]["get"]
     assert "401" not in spec["paths"]["/pets/{pet_id}"]["get"]["responses"]
 
@@ -1109,3 +1110,17 @@ def test_a_guard_whose_scheme_openapi_would_refuse_stops_start_up(
 ) -> None:
     with pytest.raises(ValueError, match=problem):
         Guard(name, scheme, bearer_check)
+
+
+@pytest.mark.anyio
+async def test_a_user_parameter_of_another_class_than_the_checks_caller_is_the_handlers_bug() -> None:
+    """`user: Pet` where the check returns a `Caller`: a 500 (its logged error names both), not a wrong-typed user."""
+    mistyped = Endpoints(tag="mistyped", guard=BEARER)
+
+    @mistyped.get("/mistyped", summary="Expects another caller")
+    async def expects_a_pet(user: Pet) -> Pet:
+        return user
+
+    async with serve(create_app(make_settings(), endpoints=[mistyped])) as client:
+        response = await client.get("/mistyped", headers={"Authorization": "Bearer ok-ann"})
+    assert response.status_code == 500

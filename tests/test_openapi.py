@@ -97,11 +97,13 @@ async def test_openapi_lists_the_error_envelope_for_every_error_status(client: h
     spec = await _spec(client)
     shared = spec["components"]["responses"]
     envelope = {"$ref": "#/components/schemas/ErrorBody"}
-    names = {"MalformedRequest", "NotFound", "MethodNotAllowed", "Conflict", "PayloadTooLarge", "UnsupportedMediaType",
-             "ValidationError", "InternalServerError", "ServiceUnavailable"}  # fmt: skip
+    names = {"MalformedRequest", "Unauthenticated", "Forbidden", "NotFound", "MethodNotAllowed", "Conflict",
+             "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalServerError",
+             "ServiceUnavailable"}  # fmt: skip
     assert set(shared) == names
     assert all(shared[name]["content"]["application/json"]["schema"] == envelope for name in names)
     assert "Retry-After" in shared["ServiceUnavailable"]["headers"]
+    assert "WWW-Authenticate" in shared["Unauthenticated"]["headers"]
     assert "Allow" in shared["MethodNotAllowed"]["headers"]
     for item in spec["paths"].values():
         for operation in item.values():
