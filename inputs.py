@@ -110,15 +110,12 @@ _LIST_ITEM = re.compile(r'(?:[^,"]|"[^"]*")+')  # one item of a comma-separated 
 
 def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[str, Any]]) -> Binder:
     """`kind` from the text values `read` finds in a request, each written as its schema says (`_text_form`)."""
+    fields = [(f, msgspec.inspect.type_info(f.type)) for f in msgspec.structs.fields(kind)]
     # Fields that may hold a float: text converted to one may be `nan` or `inf`, which JSON cannot carry.
-    floats = [f for f in msgspec.structs.fields(kind) if _holds_float(msgspec.inspect.type_info(f.type))]
-    forms = {
-        f.encode_name: form
-        for f in msgspec.structs.fields(kind)
-        if (form := _text_form(msgspec.inspect.type_info(f.type)))
-    }
+    floats = [f for f, info in fields if _holds_float(info)]
+    forms = {f.encode_name: form for f, info in fields if (form := _text_form(info))}
     # Unions of an integer and more (`int | Literal["all"]`): checked once read, by what came of the text.
-    mixed = [f for f in msgspec.structs.fields(kind) if _int_among_others(msgspec.inspect.type_info(f.type))]
+    mixed = [f for f, info in fields if _int_among_others(info)]
 
     async def bind(request: Request) -> Any:
         values = read(request)
@@ -134,10 +131,10 @@ def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[st
             ]
         else:
             errors += [
-                FieldError(f.encode_name, _FORMS[msgspec.inspect.IntType][1], _shown(text))
+                FieldError(f.encode_name, _INTEGER_FORM[1], _shown(text))
                 for f in mixed
                 for text, value in _read_as(values.get(f.encode_name), getattr(decoded, f.name))
-                if type(value) is int and not _FORMS[msgspec.inspect.IntType][0].fullmatch(text)
+                if type(value) is int and not _INTEGER_FORM[0].fullmatch(text)
             ]
         if errors:
             raise RequestValidationError(errors)
@@ -156,15 +153,15 @@ def _text_form(info: msgspec.inspect.Type) -> tuple[re.Pattern[str], str] | None
     number is a date-time in Unix seconds (`20260101` is a day in August 1970) or a duration in
     seconds, where the schema documents RFC 3339 and ISO 8601 text. None: nothing more is taken.
     """
-    kinds = {type(item) for kind in _alternatives(info) for item in (_items(kind) or (kind,))}
-    kinds.discard(msgspec.inspect.NoneType)  # `null`, which msgspec reads as None, is in each form
-    # Only where every other member is of the one kind: `int | Literal["all"]` or `int | UUID` takes more.
+    kinds = _member_kinds(info)
+    # Only where every member is of the one kind: `int | Literal["all"]` or `int | UUID` takes more.
     return _FORMS.get(kinds.pop()) if len(kinds) == 1 else None
 
 
 _NOT_A_NUMBER = re.compile(r"(?![-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$).*", re.DOTALL)
+_INTEGER_FORM = (re.compile(r"-?[0-9]+|null"), "Expected an integer, written in digits")
 _FORMS: dict[type, tuple[re.Pattern[str], str]] = {
-    msgspec.inspect.IntType: (re.compile(r"-?[0-9]+|null"), "Expected an integer, written in digits"),
+    msgspec.inspect.IntType: _INTEGER_FORM,
     msgspec.inspect.DateTimeType: (
         _NOT_A_NUMBER,
         "Expected an RFC 3339 date-time (2025-09-23T10:30:00Z), not a number",
@@ -175,9 +172,16 @@ _FORMS: dict[type, tuple[re.Pattern[str], str]] = {
 
 def _int_among_others(info: msgspec.inspect.Type) -> bool:
     """Whether a field's type is a union of an integer and another type (None aside), or a sequence of one."""
+    kinds = _member_kinds(info)
+    return msgspec.inspect.IntType in kinds and len(kinds) > 1
+
+
+def _member_kinds(info: msgspec.inspect.Type) -> set[type]:
+    """The kinds of type a field's value or a sequence's items may be, None aside: `null`, which
+    msgspec reads as None, is in each form."""
     kinds = {type(item) for kind in _alternatives(info) for item in (_items(kind) or (kind,))}
     kinds.discard(msgspec.inspect.NoneType)
-    return msgspec.inspect.IntType in kinds and len(kinds) > 1
+    return kinds
 
 
 def _read_as(texts: str | list[str] | None, values: Any) -> list[tuple[str, Any]]:
