@@ -137,9 +137,9 @@ class Guard:
     the handler takes as its `user` parameter or `ctx.user` (Starlette's `request.user` too), or
     raises `errors.AuthenticationError` (401, with `WWW-Authenticate` naming an HTTP `scheme`'s
     scheme unless it gives its own) or `AuthorizationError` (403). A check that returns None (a
-    token found in no table) is a 401 too: a guard lets no one in by omission. `scheme` is the OpenAPI security
-    scheme (`{"type": "http", "scheme": "bearer"}`), documented as `name` on each of the group's
-    operations, with their 401 and 403: Swagger UI's "Authorize" sends it.
+    token found in no table) is a 401 too: a guard lets no one in by omission. `scheme` is the
+    OpenAPI security scheme (`{"type": "http", "scheme": "bearer"}`), documented as `name` on
+    each of the group's operations, with their 401 and 403: Swagger UI's "Authorize" sends it.
     """
 
     name: str
