@@ -60,15 +60,27 @@ def struct_params(kind: type[msgspec.Struct], location: str) -> list[Param]:
 
 
 def query_binder(kind: type[msgspec.Struct]) -> Binder:
-    """The query string as `kind`: a sequence field (`?tag=a&tag=b`) gets every value, the rest the last."""
-    many = [f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))]
+    """The query string as `kind`: a sequence field (`?tag=a&tag=b`) gets every value.
+
+    Any other field given twice is a 422, as for headers: a proxy or firewall that checked the
+    first `?id=` and a handler taking the last would each act on a different request. Names no
+    field reads are left to the Struct (ignored, or refused with `forbid_unknown_fields`).
+    """
+    fields = {f.encode_name for f in msgspec.structs.fields(kind)}
+    many = {f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))}
 
     def read(request: Request) -> dict[str, Any]:
-        params = request.query_params
-        values: dict[str, Any] = dict(params)
-        for name in many:
-            if name in values:
-                values[name] = params.getlist(name)
+        values: dict[str, Any] = {}
+        twice: list[str] = []
+        for name, value in request.query_params.multi_items():
+            if name in many:
+                values.setdefault(name, []).append(value)
+            elif name not in values:
+                values[name] = value
+            elif name in fields and name not in twice:
+                twice.append(name)
+        if twice:
+            raise RequestValidationError([FieldError(name, _GIVEN_TWICE) for name in twice])
         return values
 
     return _fields_binder(kind, read)
@@ -97,7 +109,7 @@ def headers_binder(kind: type[msgspec.Struct]) -> Binder:
             if field in many:
                 values.setdefault(field, []).extend(item.strip() for item in _LIST_ITEM.findall(value))
             elif field in values:
-                raise RequestValidationError([FieldError(field, "Given more than once")])
+                raise RequestValidationError([FieldError(field, _GIVEN_TWICE)])
             else:
                 values[field] = value
         return values
@@ -105,6 +117,7 @@ def headers_binder(kind: type[msgspec.Struct]) -> Binder:
     return _fields_binder(kind, read)
 
 
+_GIVEN_TWICE = "Given more than once"
 _LIST_ITEM = re.compile(r'(?:[^,"]|"[^"]*")+')  # one item of a comma-separated header value (RFC 9110 5.6.1)
 
 

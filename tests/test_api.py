@@ -453,9 +453,9 @@ async def test_created_answers_201_with_location_and_none_answers_204() -> None:
 
 @pytest.mark.anyio
 async def test_a_sequence_query_field_takes_every_value_given() -> None:
-    """`?tag=a&tag=b` for `tag: list[str]`, as the OpenAPI document says (an array); other fields take the last."""
+    """`?tag=a&tag=b` for `tag: list[str]`, as the OpenAPI document says (an array)."""
     async with serve(create_app(make_settings(), endpoints=[pets])) as client:
-        many = await client.get("/pets-tagged?tag=a&tag=b&ids=1&ids=2&kind=cat&kind=dog")
+        many = await client.get("/pets-tagged?tag=a&tag=b&ids=1&ids=2&kind=dog")
         one = await client.get("/pets-tagged?tag=a")
         bad = await client.get("/pets-tagged?ids=1&ids=x")
         too_many = await client.get("/pets-tagged?ids=1&ids=2&ids=3&ids=4")
@@ -463,6 +463,18 @@ async def test_a_sequence_query_field_takes_every_value_given() -> None:
     assert one.json() == {"tag": ["a"], "ids": None, "kind": "any"}
     assert (bad.status_code, [e["field"] for e in bad.json()["validation_errors"]]) == (422, ["ids[1]"])
     assert (too_many.status_code, [e["field"] for e in too_many.json()["validation_errors"]]) == (422, ["ids"])
+
+
+@pytest.mark.anyio
+async def test_a_single_query_field_given_twice_is_refused_naming_it() -> None:
+    """`?kind=cat&kind=dog` is a 422: a proxy that checked the first and a handler taking the last
+    would act on different requests. A parameter no field reads may repeat (the Struct ignores it)."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        twice = await client.get("/pets-tagged?kind=cat&tag=a&kind=dog&other=1&other=2")
+        unread = await client.get("/pets-tagged?kind=cat&other=1&other=2")
+    assert twice.status_code == 422
+    assert twice.json()["validation_errors"] == [{"field": "kind", "message": "Given more than once", "value": None}]
+    assert (unread.status_code, unread.json()["kind"]) == (200, "cat")
 
 
 @pytest.mark.anyio
