@@ -51,10 +51,10 @@ def without_probe_dispatch() -> AbstractContextManager[Any]:
 def without_certain_404() -> AbstractContextManager[Any]:
     """Every unknown path goes to the router's two passes."""
 
-    def never_certain(self: routing.HotPaths, routes: list[Any], path: str) -> bool:
-        return False  # a plain function: a Mock's own call would cost more than what is measured
+    def never_certain(self: routing.HotPaths, router: Any, path: str) -> int | None:
+        return None  # a plain function: a Mock's own call would cost more than what is measured
 
-    return mock.patch.object(routing.HotPaths, "_unrouted", never_certain)
+    return mock.patch.object(routing.HotPaths, "_certain_answer", never_certain)
 
 
 def without_origin_dispatch() -> AbstractContextManager[Any]:
