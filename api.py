@@ -18,7 +18,8 @@ at start-up:
   - `body: SomeStruct`: the JSON body (not JSON: 400; wrong shape, unknown field: 422);
   - `user`, in a group with a `Guard`: the caller its check returned, typed by the annotation.
 Its return annotation says what it answers: a Struct (200), `WithHeaders[Struct]` (200 with headers
-of its own: `ETag`, `Cache-Control`), `Created[Struct]` (201 and `Location`), or `None` (204). The
+of its own: `ETag`, `Cache-Control`; a GET whose `If-None-Match` names its `ETag` gets 304 and no
+body), `Created[Struct]` (201 and `Location`), or `None` (204). The
 route's OpenAPI operation is derived from the same declarations, so no endpoint can go undocumented.
 A group made with `guard=Guard(...)` lets in only the callers its check accepts (`ctx.user`).
 """
@@ -88,6 +89,10 @@ class WithHeaders(Generic[T]):
     one name given twice in two cases, and a name or value holding a line break cannot be
     given: each is the handler's bug, a 500. Cross-origin scripts may read `ETag` (exposed by
     the service's CORS) and the headers CORS always lets through (`Cache-Control`, `Last-Modified`).
+
+    An `ETag` must be an entity-tag (`"v2"`, or weak `W/"v2"`), else a 500 too. A GET (or HEAD)
+    whose `If-None-Match` names it (weak comparison, RFC 9110 13.1.2) or is `*` is answered `304
+    Not Modified` with the same own headers and no body: the client's copy is current.
     """
 
     body: T
@@ -218,7 +223,8 @@ class Endpoints:
         if isinstance(response_headers, str):  # ("ETag") for ("ETag",): it would document E, T, a and g
             raise TypeError(f"{method} {path}: response_headers must be a sequence of names, not one string")
         response_headers = tuple(response_headers)
-        _own(dict.fromkeys(response_headers, ""))  # one a handler could not send is refused now, not at a request
+        # A name a handler could not send is refused now, not at a request (`""`: a value any name may have).
+        _own(dict.fromkeys(response_headers, '""'))
 
         def declare(handler: Handler) -> Handler:
             doc = description or inspect.getdoc(handler) or ""
@@ -273,6 +279,8 @@ class Endpoint:
             self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
         self.status, self.reply_type = _answer(hints.get("return"), where)
         answer = typing.get_origin(hints.get("return"))
+        # A GET answering with its version's ETag: a client that holds that version gets 304.
+        self.conditional = declaration.method == "GET" and answer is WithHeaders
         if declaration.response_headers and answer not in (WithHeaders, Created):
             raise TypeError(f"{where}: response_headers are for a handler that returns WithHeaders or Created")
         if answer is Created and "location" in {name.lower() for name in declaration.response_headers}:
@@ -331,7 +339,12 @@ class Endpoint:
             own = _own(result.headers, also=_CREATED) if result.headers else ()
             await send_bytes(scope, send, 201, ENCODER.encode(result.body), (*JSON_HEADERS, location, *own))
         elif isinstance(result, WithHeaders):
-            await send_bytes(scope, send, 200, ENCODER.encode(result.body), (*JSON_HEADERS, *_own(result.headers)))
+            own = _own(result.headers)
+            if self.conditional and _unchanged(request, own):  # no Content-Length: it would be the 200's body's
+                await send({"type": "http.response.start", "status": 304, "headers": own})
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                await send_bytes(scope, send, 200, ENCODER.encode(result.body), (*JSON_HEADERS, *own))
         else:
             await send_bytes(scope, send, self.status, ENCODER.encode(result))
 
@@ -341,6 +354,11 @@ class Endpoint:
         headers = ("Location",) if self.status == 201 else ()
         reply = Reply(_STATUS_TEXT[self.status], self.reply_type, headers=headers, own_headers=d.response_headers)
         replies = {self.status: reply}
+        params = tuple(self.params)
+        if self.conditional and "etag" in {name.lower() for name in d.response_headers}:
+            replies[304] = Reply(_NOT_MODIFIED, own_headers=d.response_headers)
+            if not any(p.location == "header" and p.name.lower() == "if-none-match" for p in params):
+                params += (Param("If-None-Match", "header", {"type": "string"}, required=False),)
         errors = set(d.errors) | {503}  # any endpoint may find its database unavailable
         if self.params or self.body_type is not None:
             errors |= {422}
@@ -350,11 +368,11 @@ class Endpoint:
         if self.guard is not None:
             errors |= {401, 403}
             security[self.guard.name] = dict(self.guard.scheme)
-        params = tuple(self.params)
         return Operation(d.summary, d.description, tag, replies, params, self.body_type, frozenset(errors), security)
 
 
 _STATUS_TEXT = {200: "OK", 201: "Created", 204: "No content"}
+_NOT_MODIFIED = "Not modified: `If-None-Match` names the current `ETag`; the client's copy is current"
 _URL_CHARACTERS = "/:?#[]@!$&'()*+,;=%~"  # left as they are in a Location: reserved ones, and escapes
 
 
@@ -368,6 +386,8 @@ def _own(headers: Mapping[str, str], also: frozenset[str] = frozenset()) -> list
             raise ValueError(f"a handler cannot send the header {name!r}")
         if not value.isprintable() or lower.encode() in own:  # a line break; the same name twice, in two cases
             raise ValueError(f"a handler cannot send the header {name!r} with the value {value!r}")
+        if lower == "etag" and not _ENTITY_TAG.fullmatch(value):  # a client could never name it back
+            raise ValueError(f'an ETag is a quoted entity-tag, "v2" or W/"v2", not {value!r}')
         own[lower.encode()] = value.encode("latin-1")
     return list(own.items())
 
@@ -384,6 +404,19 @@ _SCHEME_NEEDS = {"apiKey": ("name", "in"), "http": ("scheme",), "mutualTLS": (),
 _SCHEME_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a `components` key
 _CREATED = frozenset({"location"})  # what `Created` writes from its `location`
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
+_ENTITY_TAG = re.compile(r'(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"')  # RFC 9110 8.8.3; group 1: the opaque tag
+
+
+def _unchanged(request: Request, own: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request's `If-None-Match` is `*` or names the answer's `ETag`, weak or strong alike."""
+    listed = ",".join(request.headers.getlist("if-none-match"))
+    etag = next((value for name, value in own if name == b"etag"), None)
+    if not listed or etag is None:
+        return False
+    if listed.strip() == "*":
+        return True
+    current = _ENTITY_TAG.fullmatch(etag.decode("latin-1"))
+    return current is not None and current[1] in {tag[1] for tag in _ENTITY_TAG.finditer(listed)}
 
 
 def _is_struct(kind: Any) -> bool:

@@ -3,7 +3,7 @@
 `uvicorn examples.items:app` serves the foundation plus:
 
     POST /items                 {"name", "tags"?} -> 201, Location: /items/<id>
-    GET  /items/{item_id}       the item, or 404
+    GET  /items/{item_id}       the item with its ETag, or 404; 304 when If-None-Match names it
     GET  /items?limit=N         the newest N (1..100, default 20)
 
 The whole resource is this module, its migration (`examples/migrations/`, applied with
@@ -21,7 +21,7 @@ from typing import Annotated
 import msgspec
 from starlette.applications import Starlette
 
-from api import Context, Created, Endpoints
+from api import Context, Created, Endpoints, WithHeaders
 from app import create_app
 from errors import NotFoundError
 from migrate import MIGRATIONS_DIR
@@ -69,14 +69,16 @@ async def create_item(ctx: Context, body: NewItem) -> Created[Item]:
     return Created(item, location=f"/items/{item.id}")
 
 
-@items.get("/items/{item_id}", summary="One item", errors=(404,))
-async def get_item(ctx: Context, item_id: uuid.UUID) -> Item:
-    """The item with this id."""
+@items.get("/items/{item_id}", summary="One item", errors=(404,), response_headers=("ETag",))
+async def get_item(ctx: Context, item_id: uuid.UUID) -> WithHeaders[Item]:
+    """The item with this id, and its `ETag`: a client that sends it back in `If-None-Match` gets
+    304 and no body. An item never changes once made, so its id names its only version; a
+    resource that changes would take its ETag from a version column."""
     async with ctx.connection(stateless=True) as conn:
         row = await conn.fetchrow(SELECT_ONE, item_id)
         if row is None:  # raised inside the block: the connection still goes back to the pool healthy
             raise NotFoundError(f"No item with id {item_id}")
-    return Item(**row)
+    return WithHeaders(Item(**row), {"ETag": f'"{item_id}"'})
 
 
 @items.get("/items", summary="The newest items")

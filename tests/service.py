@@ -94,7 +94,8 @@ def free_port() -> int:
 class UvicornProcess:
     """`uvicorn app:app` or `python -m app` in a clean environment: exactly what an operator runs.
 
-    `args` are uvicorn's options, or `python -m app`'s (an import string); `python -m app` takes its port from `PORT`.
+    `args` are uvicorn's options (`command="uvicorn"`: an import string first), or `python -m app`'s
+    (an import string); `python -m app` takes its port from `PORT`.
     `port` reuses a port (a replacement instance); by default a free one is picked.
     """
 
@@ -108,6 +109,8 @@ class UvicornProcess:
         clean = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
         if command == "uvicorn app:app":
             argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(self.port), *args]
+        elif command == "uvicorn":  # another app: `args` name it first
+            argv = [sys.executable, "-m", "uvicorn", *args, "--port", str(self.port)]
         elif command == "python -m app":
             argv = [sys.executable, "-m", "app", *args]
             clean["PORT"] = str(self.port)

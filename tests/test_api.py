@@ -517,6 +517,8 @@ async def send_a_bad_header(name: str) -> WithHeaders[Pet]:
         return WithHeaders(Pet(0, name), {"X-Note": "a\r\nSet-Cookie: y=1"})
     if name == "twice":
         return WithHeaders(Pet(0, name), {"ETag": '"a"', "etag": '"b"'})
+    if name == "unquoted-etag":  # no client could name it back in If-None-Match
+        return WithHeaders(Pet(0, name), {"ETag": "v1"})
     return WithHeaders(Pet(0, name), {name: "x"})
 
 
@@ -536,6 +538,32 @@ async def test_a_handler_sends_headers_of_its_own() -> None:
     ok = spec["paths"]["/pets/tagged/{pet_id}"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Pet"}
     assert set(ok["headers"]) == {"X-Request-ID", "ETag", "Cache-Control"}  # its declared `response_headers`
+    validate_spec(spec)
+
+
+@pets.post("/pets/tagged/{pet_id}", summary="A POST answering with an ETag", response_headers=("ETag",))
+async def post_tagged_pet(pet_id: int) -> WithHeaders[Pet]:
+    return WithHeaders(Pet(pet_id, "Rex"), {"ETag": f'"v{pet_id}"'})
+
+
+@pytest.mark.anyio
+async def test_a_get_whose_if_none_match_names_its_etag_is_304_with_its_own_headers() -> None:
+    """Weak comparison (RFC 9110 13.1.2): `W/"v3"` names `"v3"`; the 304 keeps `Cache-Control` and
+    has no body; other tags, and another method, get the full answer; the 304 is documented."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        weak = await client.get("/pets/tagged/3", headers={"If-None-Match": 'W/"x", W/"v3"'})
+        lines = await client.get("/pets/tagged/3", headers=[("If-None-Match", '"x"'), ("If-None-Match", '"v3"')])
+        other = await client.get("/pets/tagged/3", headers={"If-None-Match": '"v4", v3'})
+        posted = await client.post("/pets/tagged/3", headers={"If-None-Match": '"v3"'})
+        spec = (await client.get("/openapi.json")).json()
+    for response in (weak, lines):
+        assert (response.status_code, response.content) == (304, b"")
+        assert (response.headers["etag"], response.headers["cache-control"]) == ('"v3"', "max-age=60")
+    assert (other.status_code, other.json()) == (200, {"id": 3, "name": "Rex"})
+    assert (posted.status_code, posted.json()) == (200, {"id": 3, "name": "Rex"})
+    documented = spec["paths"]["/pets/tagged/{pet_id}"]
+    assert set(documented["get"]["responses"]["304"]["headers"]) == {"X-Request-ID", "ETag", "Cache-Control"}
+    assert "304" not in documented["post"]["responses"]
     validate_spec(spec)
 
 
@@ -562,7 +590,7 @@ def test_response_headers_on_a_handler_that_cannot_send_them_stop_start_up() -> 
 @pytest.mark.parametrize(
     "name",
     ["Content-Type", "x-request-id", "Connection", "Keep-Alive", "Date", "Server", "Content-Encoding",
-     "Access-Control-Allow-Origin", "Bad Name", "newline", "twice"],
+     "Access-Control-Allow-Origin", "Bad Name", "newline", "twice", "unquoted-etag"],
 )  # fmt: skip
 async def test_a_header_a_handler_may_not_send_is_its_bug(name: str) -> None:
     """The service's own headers, the connection's, and a name or value that could split the response: a 500."""

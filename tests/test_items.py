@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from cluster import Cluster
 from openapi_spec_validator import validate
-from service import make_settings, serve
+from service import make_settings, running_uvicorn, serve
 
 from api import Context, Endpoints
 from app import create_app
@@ -196,6 +196,45 @@ async def test_get_returns_the_same_body_and_404_when_absent(migrated_url: str) 
 
 
 @pytest.mark.anyio
+async def test_an_item_comes_with_its_etag_and_a_client_holding_it_gets_304(migrated_url: str) -> None:
+    """`If-None-Match` naming the item's ETag (weak or strong, in a list, or `*`): 304, no body;
+    another tag: the item again. An absent item is still a 404, whatever the client holds."""
+    async with items_client(migrated_url) as client:
+        created = (await client.post("/items", json={"name": "cached"})).json()
+        path = f"/items/{created['id']}"
+        found = await client.get(path)
+        etag = found.headers["etag"]
+        held = [await client.get(path, headers={"If-None-Match": value}) for value in
+                (etag, f"W/{etag}", f'"other", {etag}', "*")]  # fmt: skip
+        head = await client.head(path, headers={"If-None-Match": etag})
+        stale = await client.get(path, headers={"If-None-Match": '"other"'})
+        absent = await client.get(f"/items/{uuid.uuid4()}", headers={"If-None-Match": "*"})
+    assert etag == f'"{created["id"]}"'
+    for response in (*held, head):
+        assert (response.status_code, response.content, response.headers["etag"]) == (304, b"", etag)
+        assert "content-length" not in response.headers
+        assert "content-type" not in response.headers
+        assert response.headers["x-request-id"]
+    assert (stale.status_code, stale.json()) == (200, created)
+    assert absent.status_code == 404
+
+
+@pytest.mark.parametrize("command", ["uvicorn", "python -m app"])
+def test_a_304_leaves_the_connection_ready_for_the_next_request(migrated_url: str, command: str) -> None:
+    """Through a real server: the 304 has no body and no length, and the same connection serves on."""
+    env = {"DATABASE_URL": migrated_url}
+    with running_uvicorn(env, "examples.items:app", command=command) as server, httpx.Client(timeout=5) as client:
+        created = client.post(f"{server.url}/items", json={"name": "over the wire"}).json()
+        path = f"{server.url}/items/{created['id']}"
+        etag = client.get(path).headers["etag"]
+        unchanged = client.get(path, headers={"If-None-Match": etag})
+        again = client.get(path)
+    assert (unchanged.status_code, unchanged.content, unchanged.headers["etag"]) == (304, b"", etag)
+    assert "content-length" not in unchanged.headers
+    assert (again.status_code, again.json()) == (200, created)
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("item_id", ["not-a-uuid", "123", "%00", "0190a3f4-7b1c-7d2e-8f00-123456789abcd"])
 async def test_an_item_id_that_is_not_a_uuid_is_422_never_500(migrated_url: str, item_id: str) -> None:
     async with items_client(migrated_url) as client:
@@ -335,9 +374,14 @@ async def test_openapi_documents_the_three_operations(migrated_url: str) -> None
     assert set(create["responses"]) >= {"201", "400", "409", "413", "422", "500", "503"}
     assert "Location" in create["responses"]["201"]["headers"]
     assert one["parameters"] == [
-        {"name": "item_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+        {"name": "item_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}},
+        {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}},
     ]
-    assert set(one["responses"]) >= {"200", "404", "422", "503"}
+    assert set(one["responses"]) >= {"200", "304", "404", "422", "503"}
+    assert "content" not in one["responses"]["304"]
+    assert (
+        set(one["responses"]["304"]["headers"]) == set(one["responses"]["200"]["headers"]) == {"X-Request-ID", "ETag"}
+    )
     assert newest["parameters"] == [
         {"name": "limit", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
