@@ -85,7 +85,7 @@ class Service(Starlette):
         )
         return RequestContext(
             app,
-            quiet_health=settings.environment == "production",
+            quiet=self.probes if settings.environment == "production" else (),
             observe=metrics.record if metrics is not None else None,
             cors=cors,
             max_body_bytes=settings.max_body_bytes,

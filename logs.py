@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import traceback
 from contextvars import ContextVar
@@ -26,7 +27,13 @@ from settings import Redactor, Settings
 # sent a valid one (logs join its traces). One variable: set and reset once per request.
 REQUEST: ContextVar[tuple[str | None, str | None]] = ContextVar("request", default=(None, None))
 _HANDLER_NAME = "service"
-REFUSED_PATH_CHARACTERS = 1024  # of a refused request's path in its access line: a 431's URL can be 70 KB
+# Bytes (UTF-8) of a path in a log line, and of a client address: an access line, which holds
+# each twice (its message and its fields, where JSON may double a backslash), stays under
+# PIPE_BUF (4 KiB), which `python -m app`'s workers need to keep their lines whole on a shared
+# pipe, whatever the client sends (a 431's URL can be 70 KB; `X-Forwarded-For` names the client).
+PATH_BYTES = 512
+CLIENT_BYTES = 128
+CUT = "…"  # ends a path or address cut short
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client", "log_lines_dropped")
 access_logger = logging.getLogger("service.access")
 _service_logger = logging.getLogger("service")
@@ -81,12 +88,23 @@ class JsonFormatter(logging.Formatter):
         return f"{utc_second(seconds)}.{int((created - seconds) * 1000):03d}Z"
 
     def access_line(self, created: float, message: str, request_id: str, fields: dict[str, Any]) -> str:
-        """The line `format` gives an access record with these fields, without the record."""
+        """The line `format` gives an access record with these fields, without the record. The
+        caller redacts: `fields` and `message` are written as they are."""
         entry = {"timestamp": self.timestamp(created), "level": "INFO", "logger": access_logger.name,
-                 "message": self.redact(message), "request_id": request_id, **fields}  # fmt: skip
+                 "message": message, "request_id": request_id, **fields}  # fmt: skip
         if trace_id := REQUEST.get()[1]:
             entry["trace_id"] = trace_id
-        return self.encoder.encode(entry).decode()
+        return self.encode(entry)
+
+    def encode(self, entry: dict[str, Any]) -> str:
+        """`entry` as one line of JSON. Text JSON cannot carry (a lone surrogate, from a file name
+        decoded with `os.fsdecode`) is written as its escape (`\\udcff`) rather than losing the line."""
+        try:
+            return self.encoder.encode(entry).decode()
+        except UnicodeEncodeError:
+            clean = {k: v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+                     for k, v in entry.items()}  # fmt: skip
+            return self.encoder.encode(clean).decode()
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -103,10 +121,10 @@ class JsonFormatter(logging.Formatter):
             entry["trace_id"] = trace_id
         for field in _ACCESS_FIELDS:
             if (value := record.__dict__.get(field)) is not None:
-                entry[field] = value
+                entry[field] = self.redact(value) if isinstance(value, str) else value
         if record.exc_info:
             entry["exception"] = self.redact("".join(traceback.format_exception(*record.exc_info)))
-        return self.encoder.encode(entry).decode()
+        return self.encode(entry)
 
 
 def write_access_line(method: str, path: str, status: int, duration_ms: float, client: str, request_id: str) -> None:
@@ -122,16 +140,20 @@ def write_access_line(method: str, path: str, status: int, duration_ms: float, c
         return
     handlers = logging.root.handlers
     handler = handlers[0] if len(handlers) == 1 else None
-    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
+    formatter = handler.formatter if handler is not None else None
     if (
         isinstance(handler, BufferedHandler)
-        and isinstance(handler.formatter, JsonFormatter)
+        and isinstance(formatter, JsonFormatter)
         and handler.level <= logging.INFO
         and not (access_logger.handlers or access_logger.filters or _service_logger.handlers)
     ):
+        # The message holds nothing but these fields: masking the two a secret could be in masks all.
+        path, client = formatter.redact(path), formatter.redact(client)
+        fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
         message = f"{method} {path} {status} {duration_ms:.2f}ms client={client}"
-        handler.enqueue(handler.formatter.access_line(time.time(), message, request_id, fields) + "\n")
+        handler.enqueue(formatter.access_line(time.time(), message, request_id, fields) + "\n")
         return
+    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
     record = access_logger.makeRecord(
         access_logger.name, logging.INFO, __file__, 0, "%s %s %d %.2fms client=%s",
         (method, path, status, duration_ms, client), None, "write_access_line", {**fields, "request_id": request_id},
@@ -173,6 +195,29 @@ def configure_logging(settings: Settings) -> None:
     uvicorn_access.handlers.clear()
     uvicorn_access.propagate = False
     uvicorn_access.disabled = True
+    # What Python itself would print on stderr goes through the same handler, in the same format:
+    # warnings (`py.warnings`), an exception that ends a thread, one raised where nothing can catch
+    # it (a `__del__`, a coroutine's finaliser). A hook someone else installed (an error tracker,
+    # pytest) is left in place.
+    logging.captureWarnings(True)
+    if threading.excepthook is threading.__excepthook__:
+        threading.excepthook = _log_thread_exception
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _log_unraisable
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:  # how a thread may end quietly, as Python's own hook has it
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None
+    _service_logger.error("Exception in thread %s", name, exc_info=exc_info)
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    message = unraisable.err_msg or "Exception ignored in"
+    exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+    _service_logger.error("%s: %r", message, unraisable.object, exc_info=exc_info if unraisable.exc_value else None)
 
 
 def log_refusal(
@@ -182,12 +227,11 @@ def log_refusal(
 
     `target` is the request target as far as the parser read it, and `method` its method; both
     are "-" when the parser never reached a target (it knows no method either then). The path is
-    written as in every access line (no query, percent-decoded, escaped when not printable) and
-    cut to `REFUSED_PATH_CHARACTERS`.
+    written as in every access line (no query, percent-decoded, `loggable_path`).
     """
     if target:
-        path = unquote(target[:REFUSED_PATH_CHARACTERS].partition(b"?")[0].decode("latin-1"))
-        method_text, path = method.decode("ascii"), printable(path)[:REFUSED_PATH_CHARACTERS]
+        path = unquote(target[: PATH_BYTES * 3].partition(b"?")[0].decode("latin-1"))
+        method_text, path = method.decode("ascii"), loggable_path(path)
     else:
         method_text = path = "-"
     write_access_line(method_text, path, status, round(seconds * 1000, 2), client_text(client), request_id)
@@ -201,12 +245,31 @@ def printable(text: str) -> str:
     return text.replace(" ", "%20") if " " in text else text
 
 
+def loggable_path(path: str) -> str:
+    """`path` as log lines write it: `printable`, and cut to `PATH_BYTES` (ending `CUT`)."""
+    return _cut(printable(path), PATH_BYTES)
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` as it is if its UTF-8 takes at most `limit` bytes, else that much of it and `CUT`."""
+    if len(text) <= limit and text.isascii():
+        return text
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore") + CUT
+
+
 def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:
     """The request's one access line: method, path, status, duration, client and request ID."""
     client = client_text(scope.get("client"))
-    write_access_line(scope["method"], printable(scope["path"]), status, round(seconds * 1000, 2), client, request_id)
+    write_access_line(
+        scope["method"], loggable_path(scope["path"]), status, round(seconds * 1000, 2), client, request_id
+    )
 
 
 def client_text(client: tuple[str, int] | None) -> str:
-    """An access line's client address, `host:port`, or `-` when the server knows none."""
-    return f"{client[0]}:{client[1]}" if client else "-"
+    """An access line's client address, `host:port`, or `-` when the server knows none.
+
+    The host is whatever the server took it from, `X-Forwarded-For` included (uvicorn trusts it
+    from 127.0.0.1): written `printable` and cut to `CLIENT_BYTES`, as a path is.
+    """
+    return f"{_cut(printable(str(client[0])), CLIENT_BYTES)}:{client[1]}" if client else "-"

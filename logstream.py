@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import stat
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -67,6 +68,23 @@ class BufferedHandler(logging.Handler):
             self.handleError(record)
             return
         self._append(line)  # `handle` holds self.lock here: the writer's bookkeeping shares it
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that cannot be formatted (`log.warning("%d", "abc")`) becomes one line, in the
+        stream's format, saying whose it was and why; `logging`'s own would print a traceback as
+        plain text on stderr, between the JSON lines."""
+        error = sys.exc_info()[1]
+        report = logging.LogRecord(
+            "service.logs", logging.ERROR, __file__, 0, "A log line of %s could not be formatted (%s): %.200r",
+            (record.name, f"{type(error).__name__}: {error}", record.msg), None,
+        )  # fmt: skip
+        report.request_id = getattr(record, "request_id", None)
+        report.trace_id = getattr(record, "trace_id", None)
+        try:
+            line = self.format(report)
+        except Exception:  # the report's own format failed too: its words, as text
+            line = report.getMessage()
+        self._append(line + "\n")
 
     def enqueue(self, line: str) -> None:
         """A finished line (newline included) into the buffer, as `emit` puts a formatted record."""

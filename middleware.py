@@ -18,13 +18,14 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from errors import (
@@ -38,7 +39,7 @@ from errors import (
     handler_for,
     server_error,
 )
-from logs import REQUEST, log_access, printable
+from logs import REQUEST, log_access, loggable_path
 from routing import route_for
 
 logger = logging.getLogger("service.errors")
@@ -76,7 +77,7 @@ class RequestContext:
         self,
         app: ASGIApp,
         *,
-        quiet_health: bool,
+        quiet: Collection[BaseRoute] = (),
         observe: Callable[[Scope, int, float], None] | None = None,
         cors: Callable[[ASGIApp], ASGIApp] | None = None,
         max_body_bytes: int | None = None,
@@ -84,8 +85,10 @@ class RequestContext:
         debug: bool = False,
     ) -> None:
         self.app = app
-        # In production, probes succeed thousands of times a day; only their failures are news.
-        self.quiet_health = quiet_health
+        # Routes whose successes are not logged: in production, the probes, which succeed thousands
+        # of times a day; only their failures are news. By identity (the route routing chose), so
+        # `/healthcare` is logged like any route; ids, as a route's `==` is Python code.
+        self.quiet = frozenset(map(id, quiet))
         self.observe = observe  # metrics, told (scope, status, seconds) of every request
         self.cors = cors  # makes an app answer with CORS headers (`CORS` with the service's options)
         self.with_origin = cors(app) if cors is not None else app  # where requests with an `Origin` go
@@ -152,7 +155,7 @@ class RequestContext:
             shutdown = isinstance(exc, asyncio.CancelledError) and _being_cancelled()
             if status:
                 if not shutdown:
-                    logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))
+                    logger.exception("Unhandled exception in %s %s", scope["method"], loggable_path(scope["path"]))
                 raise  # too late for a response of our own; the server closes the connection
             if shutdown:  # the envelope, not the server's plain-text 500: the client may retry elsewhere
                 response: ASGIApp = error_response(503, "SERVICE_UNAVAILABLE", SHUTTING_DOWN, headers=_CLOSE)
@@ -160,7 +163,9 @@ class RequestContext:
                 try:
                     response = await self._error_response(scope, receive, exc)
                 except Exception:  # a handler that fails, or an envelope that cannot be encoded: still ours
-                    logger.exception("The error response to %s %s failed", scope["method"], printable(scope["path"]))
+                    logger.exception(
+                        "The error response to %s %s failed", scope["method"], loggable_path(scope["path"])
+                    )
                     response = server_error(exc, debug=self.debug)
             if has_origin and self.cors is not None:  # a browser reads an error only with its CORS headers
                 response = self.cors(response)
@@ -172,7 +177,7 @@ class RequestContext:
                 if "route" not in scope:  # answered before routing (a 413, the user's middleware, a preflight)
                     scope["route"] = route_for(scope)  # counted by the route it was for all the same
                 self.observe(scope, status, seconds)
-            if not (self.quiet_health and status < 400 and scope["path"].startswith("/health")):
+            if not (status < 400 and id(scope.get("route")) in self.quiet):
                 log_access(scope, status, seconds, request_id)
             REQUEST.reset(token)
 
@@ -181,7 +186,7 @@ class RequestContext:
         and answered by the handler registered for 500, as in Starlette, else by our 500."""
         handler = handler_for(self.handlers, exc)
         if handler is None:
-            logger.exception("Unhandled exception in %s %s", scope["method"], printable(scope["path"]))
+            logger.exception("Unhandled exception in %s %s", scope["method"], loggable_path(scope["path"]))
             handler = self.handlers.get(500)
             if handler is None:
                 return server_error(exc, debug=self.debug)

@@ -109,7 +109,7 @@ async def test_vary_origin_joins_a_vary_the_app_already_sent() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    app = RequestContext(varying, quiet_health=False)
+    app = RequestContext(varying)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/")
@@ -133,7 +133,7 @@ async def test_vary_origin_is_sent_on_every_response_a_cache_may_store(
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    transport = httpx.ASGITransport(app=RequestContext(answer, quiet_health=False))
+    transport = httpx.ASGITransport(app=RequestContext(answer))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/")
     assert response.headers.get_list("vary") == vary

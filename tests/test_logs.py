@@ -7,16 +7,18 @@ import json
 import logging
 import os
 import select
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import msgspec
 import pytest
-from service import make_settings, serve
+from service import ROOT, make_settings, serve
 
 from api import Endpoints
 from app import create_app
-from logs import access_logger, configure_logging, write_access_line
+from logs import access_logger, client_text, configure_logging, write_access_line
 from logstream import BufferedHandler
 
 pytestmark = pytest.mark.anyio
@@ -40,6 +42,16 @@ async def chatty() -> Nothing:
 @chatty_routes.get("/boom/{anything}", summary="Fails, whatever the path says")
 async def boom(anything: str) -> Nothing:
     raise RuntimeError("boom")
+
+
+@chatty_routes.get("/healthcare", summary="A route of its own that merely starts like the probes")
+async def healthcare() -> Nothing:
+    return Nothing()
+
+
+@chatty_routes.get("/undecodable", summary="Fails with a message holding a lone surrogate")
+async def undecodable() -> Nothing:
+    raise RuntimeError(os.fsdecode(b"no file named \xff here"))  # what a non-UTF-8 file name decodes to
 
 
 @chatty_routes.post("/chatty", summary="Reads a body")
@@ -220,6 +232,86 @@ async def test_production_skips_successful_probes_but_logs_failed_ones(capsys: p
     assert [(a["path"], a["status"]) for a in access] == [("/health/db", 503), ("/nope", 404)]
 
 
+async def test_production_logs_a_route_that_merely_starts_like_the_probes(capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the probes' successes are quiet: `/healthcare` is a route like any other, and is logged."""
+    env = {"ENVIRONMENT": "production", "SECRET_KEY": SECRET, "DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/x"}
+    await run(env, ("/health", {}), ("/healthcare", {}), ("/health/", {}))
+    access = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"service.access"' in line]
+    assert [(a["path"], a["status"]) for a in access] == [("/healthcare", 200), ("/health/", 307)]
+
+
+async def test_a_long_or_hostile_path_and_client_keep_an_access_line_under_pipe_buf(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A path or `X-Forwarded-For` address of any length is cut (ending `…`), so the line is written
+    whole on a pipe shared by workers; escaping (ESC as `\\x1b`) and JSON's doubled backslashes included."""
+    paths = ["/" + "%1B" * 6000, "/" + "é" * 3000, "/" + "%5C" * 6000]
+    await run({"LOG_JSON": "true"}, *((path, {}) for path in paths))
+    lines = [line for line in capsys.readouterr().err.splitlines() if '"service.access"' in line]
+    assert len(lines) == 3
+    for line in lines:
+        assert len(line.encode()) + 1 <= select.PIPE_BUF
+        assert json.loads(line)["path"].endswith("…")
+    assert json.loads(lines[0])["path"].startswith("/\\x1b\\x1b")
+    forged = client_text(("6.6.6.6 [request_id=forged] GET /admin 200\x85FAKE" + "x" * 500, 80))
+    assert " " not in forged
+    assert "\x85" not in forged
+    assert forged.endswith("…:80")
+    assert len(forged.encode()) <= 128 + len("…:80".encode())
+
+
+async def test_secrets_are_redacted_from_every_field_of_a_json_access_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A secret in the path is masked in the access line's `path` field too, not only in its message."""
+    await run({"SECRET_KEY": SECRET, "LOG_JSON": "true"}, (f"/{SECRET}", {}))
+    [access] = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"service.access"' in line]
+    assert (access["path"], access["message"].split()[1]) == ("/***", "/***")
+
+
+async def test_a_message_json_cannot_carry_is_escaped_and_its_line_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    """A lone surrogate in an exception's message (a non-UTF-8 file name): the error line is still one
+    JSON object, with the character escaped, and its traceback; nothing is printed outside the format."""
+    await run({"LOG_JSON": "true"}, ("/undecodable", {}))
+    lines = capsys.readouterr().err.splitlines()
+    entries = [json.loads(line) for line in lines]  # every line parses
+    [error] = [e for e in entries if e["logger"] == "service.errors"]
+    assert "RuntimeError: no file named \\udcff here" in error["exception"]
+
+
+def test_warnings_and_exceptions_outside_requests_are_lines_in_the_log_format() -> None:
+    """What Python would print on stderr itself (a warning, a coroutine never awaited, a thread's
+    exception, an exception in `__del__`, `logging`'s report of a record whose arguments do not fit
+    its format) is a JSON line in production, like every other line."""
+    script = """
+import asyncio, gc, logging, threading, warnings
+from logs import configure_logging
+from settings import Settings
+configure_logging(Settings(log_json=True))
+logging.getLogger("orders").warning("count is %d", "abc")
+warnings.warn("a deprecated call")
+asyncio.sleep(0)  # never awaited
+thread = threading.Thread(target=lambda: 1 / 0, name="worker-1")
+thread.start(); thread.join()
+class Leaky:
+    def __del__(self): raise ValueError("in __del__")
+Leaky(); gc.collect()
+from logstream import finish_logs
+finish_logs()
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    entries = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON object
+    messages = " | ".join(e["message"] for e in entries)
+    assert "UserWarning: a deprecated call" in messages
+    assert "coroutine 'sleep' was never awaited" in messages
+    assert "Exception in thread worker-1" in messages
+    assert any("ZeroDivisionError" in e.get("exception", "") for e in entries)
+    assert any("ValueError: in __del__" in e.get("exception", "") for e in entries)
+    [report] = [e for e in entries if e["logger"] == "service.logs"]
+    assert report["level"] == "ERROR"
+    assert report["message"].startswith("A log line of orders could not be formatted (TypeError: ")
+    assert "'count is %d'" in report["message"]
+
+
 async def test_development_logs_successful_probes(capsys: pytest.CaptureFixture[str]) -> None:
     """Outside production every request has its access line."""
     await run({}, ("/health", {}))
@@ -338,6 +430,7 @@ def test_write_access_line_writes_what_logging_would(tmp_path: Path, monkeypatch
     assert direct.pop("timestamp")[:19] == logged.pop("timestamp")[:19]
     assert direct == logged
     assert direct["message"] == "GET /direct/*** 404 0.31ms client=127.0.0.1:5"  # redacted as any line
+    assert direct["path"] == "/direct/***"  # and in its own field, where a log search would find it
 
 
 def test_write_access_line_goes_through_logging_when_something_else_listens(

@@ -88,7 +88,7 @@ async def test_routes_are_labelled_by_template_not_path() -> None:
 
     metrics = Metrics()
     app = Starlette(routes=[Route("/items/{item_id}", item), Route("/metrics", MetricsEndpoint(metrics))])
-    wrapped = RequestContext(app, quiet_health=False, observe=metrics.record)
+    wrapped = RequestContext(app, observe=metrics.record)
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         await http.get("/items/1")
