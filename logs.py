@@ -214,10 +214,11 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     _service_logger.error("Exception in thread %s", name, exc_info=exc_info)
 
 
-def _log_unraisable(unraisable: Any) -> None:
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     message = unraisable.err_msg or "Exception ignored in"
-    exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
-    _service_logger.error("%s: %r", message, unraisable.object, exc_info=exc_info if unraisable.exc_value else None)
+    error = unraisable.exc_value
+    exc_info = (type(error), error, unraisable.exc_traceback) if error is not None else None
+    _service_logger.error("%s: %r", message, unraisable.object, exc_info=exc_info)
 
 
 def log_refusal(
