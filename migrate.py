@@ -11,11 +11,16 @@ exit: 1 when the operation failed, 2 for a usage or configuration mistake.
 from __future__ import annotations
 
 import argparse
+import functools
+import glob
 import logging
+import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +34,12 @@ _NUMBERED = re.compile(r"(\d{4})\.[^.]+\.sql")
 # Seconds a replica waits for another one's migrations before giving up: long enough for any
 # migration fit for a rolling deploy; a lock left by a killed process needs `unlock`.
 LOCK_TIMEOUT = 60.0
+# Seconds a database that stopped answering gets, beyond the lock's own timeout or after SIGTERM,
+# before the command gives up on it and exits: its clean-up would otherwise wait forever.
+UNANSWERED_GRACE = 10.0
 APPLIED_SQL = "SELECT migration_id, applied_at_utc FROM _yoyo_migration ORDER BY applied_at_utc, migration_id"
 LOCK_HOLDER_SQL = "SELECT pid, ctime FROM yoyo_lock"
+RELEASE_SQL = "DELETE FROM yoyo_lock WHERE pid = :pid"
 
 Backend = Any  # yoyo is untyped: a yoyo.backends.DatabaseBackend
 
@@ -78,7 +87,7 @@ def new(directory: Path, stem: str, latest: str | None) -> tuple[Path, Path]:
 
 def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
     """Apply every pending migration in order; the first failure stops the run."""
-    with backend.lock(args.lock_timeout):
+    with _locked(backend, args):
         pending = backend.to_apply(migrations)
         for migration in pending:  # before applying any: an unwritten one would be recorded as applied
             if _only_comments(Path(migration.path)):
@@ -94,7 +103,7 @@ def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
 
 def rollback(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
     """Roll back the most recently applied migration, and only that one."""
-    with backend.lock(args.lock_timeout):
+    with _locked(backend, args):
         applied = _applied(backend)
         if not applied:
             print("nothing to roll back: no migration is applied")
@@ -146,24 +155,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _new(args)
     # Imported here, not at the top: the app imports this module and must not load either.
     import psycopg
-    from yoyo import get_backend
-    from yoyo.exceptions import BadMigration, LockTimeout, MigrationConflict
+    from yoyo.exceptions import BadMigration, LockTimeout
 
     # Our own lines say what happened; yoyo's logging would add tracebacks for a bad migration.
     logging.getLogger("yoyo").propagate = False
     logging.getLogger("yoyo").addHandler(logging.NullHandler())
     command: Callable[[Backend, Any, argparse.Namespace], int] = args.command
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, functools.partial(_terminate, args.name))
     secrets: tuple[str, ...] = ()
     try:
         settings = _settings()
         url, secrets = settings.database_url, settings.secrets
         assert url is not None
         migrations = _read(args.sources)
-        try:
-            backend = get_backend(yoyo_url(url))
-        except psycopg.Error as exc:
-            raise CommandError(f"cannot connect to {mask_url(url)}: {_one_line(exc)}") from exc
+        args.url = url
+        backend = _connect(url)
         with backend:
             return command(backend, migrations, args)
     except CommandError as exc:
@@ -174,13 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "is running, a killed one left it: remove it with `python -m db unlock`")  # fmt: skip
         _fail(args.name, message, secrets)
         return 1
-    except (BadMigration, MigrationConflict) as exc:
+    except BadMigration as exc:
         _fail(args.name, f"bad migration: {' '.join(map(str, exc.args))}", secrets)
         return 1
     except psycopg.Error as exc:
         _fail(args.name, f"database error: {_one_line(exc)}", secrets)
         return 1
     except (KeyboardInterrupt, Terminated) as exc:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # the clean-up is done: its deadline is not needed
         signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         _fail(args.name, f"stopped by {signum.name}; a migration in progress was not recorded as applied", secrets)
         return 128 + signum
@@ -247,14 +254,158 @@ def _settings() -> Settings:
 
 
 def _read(directories: list[Path]) -> Any:
+    """The migrations of `directories`, read together; CommandError (status 2) for a folder or file
+    yoyo would misread: missing, holding Python, not UTF-8, an id in two folders, a dependency loop.
+    yoyo's BadMigration (a dependency on no migration) is raised for every command, not only migrate."""
     from yoyo import read_migrations
+    from yoyo.migrations import topological_sort
+    from yoyo.topologicalsort import CycleError
 
+    where: dict[str, Path] = {}
     for directory in directories:
         if not directory.is_dir():
             raise CommandError(f"no migrations directory at {directory}", status=2)
         if any(directory.glob("*.py")):  # yoyo would import and record them as migrations
             raise CommandError(f"{directory} holds Python files: a migrations folder holds only .sql files", status=2)
-    return read_migrations(*map(str, directories))
+        for path in sorted(directory.glob("*.sql")):
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise CommandError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})", status=2) from None
+            forward = not path.name.endswith(".rollback.sql")
+            if forward and (other := where.setdefault(path.stem, directory)) != directory:
+                raise CommandError(f"{path.stem} is in both {other} and {directory}: rename one", status=2)
+    # A folder's name is a glob pattern to yoyo: `app[v2]` would match nothing, and be skipped.
+    migrations = read_migrations(*(glob.escape(str(d)) for d in directories))
+    try:
+        list(topological_sort(migrations))  # lazy; status and rollback would not sort them, and never notice
+    except CycleError as exc:  # yoyo turns most into BadMigration, but not every one
+        looped = ", ".join(m.id for m in exc.args[1])
+        raise CommandError(f"the migrations' dependencies form a loop among {looped}", status=2) from None
+    return migrations
+
+
+def _connect(url: str) -> Backend:
+    """yoyo's backend on `url`, its connection made fit for PgBouncer in transaction mode.
+
+    psycopg prepares a statement on the server once it has run five times; through PgBouncer,
+    the next transaction may land on a server connection that has it already ("prepared
+    statement _pg3_0 already exists") or lacks it. A migration job reads `DATABASE_URL` as the
+    app does, which may name PgBouncer: so nothing is prepared (`prepare_threshold = None`).
+    """
+    import psycopg
+    from yoyo import get_backend
+
+    try:
+        backend = get_backend(yoyo_url(url))
+    except psycopg.Error as exc:
+        raise CommandError(f"cannot connect to {mask_url(url)}: {_one_line(exc)}") from exc
+    backend.connection.prepare_threshold = None
+    return backend
+
+
+@contextmanager
+def _locked(backend: Backend, args: argparse.Namespace) -> Iterator[None]:
+    """yoyo's migration lock (one run at a time across replicas), kept to its promises:
+
+    - taking it never waits past `--lock-timeout` (and `UNANSWERED_GRACE`), even on a database
+      that stopped answering, where yoyo's own wait would block in a query;
+    - a database that refuses yoyo its lock table (no CREATE on the schema) is said so at once,
+      not after the timeout as "relation yoyo_lock does not exist";
+    - it is released even when the connection that took it died (the database restarted under
+      the run): on a new connection; the run's own failure is what is reported.
+    """
+    import psycopg
+
+    _ensure_lock_table(backend)
+    timeout = args.lock_timeout
+    waiting = f"{args.name}: gave up after {timeout:g} s waiting for the migration lock: the database stopped answering"
+    with _deadline(timeout + UNANSWERED_GRACE if timeout else 0, waiting):
+        lock = backend.lock(timeout)
+        lock.__enter__()
+    failure: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        try:
+            lock.__exit__(None, None, None)
+        except psycopg.Error as exc:
+            _release(args, exc, failure)
+
+
+def _release(args: argparse.Namespace, error: Exception, failure: BaseException | None) -> None:
+    """Delete this process's lock row on a new connection, the one that took it having failed with
+    `error`; `failure` is the run's own error, if it had one, which the caller reports."""
+    import psycopg
+
+    deadline = time.monotonic() + UNANSWERED_GRACE  # a restarting database takes a moment to come back
+    while True:
+        try:
+            fresh = _connect(args.url)
+            with fresh, fresh.transaction():
+                fresh.execute(RELEASE_SQL, {"pid": os.getpid()})
+            return
+        except (psycopg.Error, CommandError) as exc:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            stuck = (f"the migration lock could not be released ({_one_line(error)}; then {exc}): once the "
+                     "database answers, run `python -m db unlock`")  # fmt: skip
+            if failure is None:
+                raise CommandError(stuck) from None
+            print(f"{args.name}: {stuck}", file=sys.stderr, flush=True)  # and the caller reports `failure`
+            return
+
+
+def _ensure_lock_table(backend: Backend) -> None:
+    """yoyo creates its lock table and swallows any error doing so; then its lock waits for a row
+    in a table that is not there. Create it here when missing, so a refusal is said at once."""
+    import psycopg
+
+    if backend.execute("SELECT to_regclass('yoyo_lock')").fetchone()[0] is not None:
+        return
+    try:
+        with backend.transaction():
+            backend.execute(backend.format_sql(backend.create_lock_table_sql))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise CommandError(
+            f"cannot create yoyo's tables ({exc.diag.message_primary}): the role needs CREATE on the schema "
+            "(PostgreSQL 15 gives it only to the database's owner), or run migrations as the owner"
+        ) from None
+    except psycopg.errors.DuplicateTable:  # another replica made it meanwhile
+        pass
+
+
+@contextmanager
+def _deadline(seconds: float, line: str) -> Iterator[None]:
+    """Exit 1 with `line` on stderr if the block takes longer than `seconds` (0: no limit).
+
+    A query to a database that stopped answering blocks, and so would any clean-up after it
+    (yoyo's rollback, the lock's release): the only bounded way out is to leave the process.
+    """
+    if not seconds:
+        yield
+        return
+    _give_up_in(seconds, line, 1)
+    try:
+        yield
+    finally:
+        if not _stopping:  # SIGTERM armed the clean-up's own deadline: it stays
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _give_up_in(seconds: float, line: str, status: int) -> None:
+    """In `seconds`, write `line` and exit with `status` at once, whatever the process is waiting for."""
+
+    def give_up(signum: int, frame: object) -> None:
+        print(line, file=sys.stderr, flush=True)
+        os._exit(status)
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
 def _applied(backend: Backend) -> list[tuple[str, datetime]]:
@@ -321,7 +472,18 @@ def _names(directories: list[Path]) -> str:
     return ", ".join(str(d) for d in directories)
 
 
-def _terminate(signum: int, frame: object) -> None:
+_stopping = False  # SIGTERM came: its clean-up runs under a deadline of its own
+
+
+def _terminate(command: str, signum: int, frame: object) -> None:
+    """SIGTERM: stop the run through `Terminated`, so the lock is released on the way out; a database
+    that does not answer that clean-up gets `UNANSWERED_GRACE` seconds, then the process exits."""
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        line = (f"{command}: stopped by SIGTERM; the database did not answer the clean-up, so the migration "
+                "lock may be left: once it answers, run `python -m db unlock`")  # fmt: skip
+        _give_up_in(UNANSWERED_GRACE, line, 128 + signal.SIGTERM)
     raise Terminated
 
 

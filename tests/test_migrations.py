@@ -15,10 +15,11 @@ from urllib.parse import quote, urlsplit
 import asyncpg
 import psycopg
 import pytest
+from cluster import Cluster
 from service import ROOT, free_port, make_settings, pending, serve
 
 from app import create_app
-from migrate import MIGRATIONS_DIR, migrations_on_disk
+from migrate import MIGRATIONS_DIR, UNANSWERED_GRACE, migrations_on_disk
 
 FIRST = "0001.uuidv7"
 # What `migrations/` holds: the foundation's, and any migration a team added beside it. Migrations
@@ -41,7 +42,7 @@ def run_db(url: str | None, *args: str, cwd: Path = ROOT) -> subprocess.Complete
 def migrations_with(tmp_path: Path, extra: dict[str, str]) -> Path:
     """A second migrations folder holding the `extra` files (name: SQL), for `--source`."""
     directory = tmp_path / "migrations"
-    directory.mkdir()
+    directory.mkdir(parents=True)
     for name, text in extra.items():
         (directory / name).write_text(text)
     return directory
@@ -478,3 +479,130 @@ async def test_the_examples_migrations_apply_with_the_source_option(database_url
     rolled = run_db(database_url, "rollback", "--source", source)
     assert rolled.stdout.splitlines()[-1] == "rolled back 0001.create_items"
     assert await fetch(database_url, "SELECT 1 FROM pg_tables WHERE tablename = 'items'") == []
+
+
+def _wait_for_query(url: str, text: str) -> None:
+    """Until the server is running a query that starts with `text` (a migration under way)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not conn.execute("SELECT 1 FROM pg_stat_activity WHERE query LIKE %s", (text + "%",)).fetchall():
+            assert time.monotonic() < deadline, f"no query {text!r} started"
+            time.sleep(0.05)
+
+
+def _start_db(url: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DATABASE_URL": url}
+    command = [sys.executable, "-m", "db", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+SLOW = "DO $$ BEGIN PERFORM pg_sleep(60); END $$;"
+
+
+@pytest.mark.slow
+def test_a_database_restart_under_a_migration_leaves_no_lock_and_names_the_migration(
+    cluster: Cluster, database_url: str, tmp_path: Path
+) -> None:
+    """The connection that took the lock dies with the restart: the lock is released on a new one
+    once the server is back, and the error is the migration's, so the next deploy migrates at once."""
+    if not cluster.controllable:
+        pytest.skip("needs the throwaway cluster")
+    directory = migrations_with(tmp_path, {"9001.slow.sql": f"{SLOW}\n", "9001.slow.rollback.sql": "SELECT 1;\n"})
+    migrating = _start_db(database_url, "migrate", "--source", str(directory))
+    _wait_for_query(database_url, SLOW)
+    cluster.restart()
+    _, stderr = migrating.communicate(timeout=COMMAND_TIMEOUT)
+    assert migrating.returncode == 1
+    assert stderr.startswith("migrate: 9001.slow failed: ")
+    assert stderr.count("\n") == 1
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT * FROM yoyo_lock").fetchall() == []
+    (directory / "9001.slow.sql").write_text("SELECT 1;\n")
+    assert run_db(database_url, "migrate", "--source", str(directory), "--lock-timeout", "1").returncode == 0
+
+
+@pytest.mark.slow
+def test_waiting_for_the_lock_on_a_database_that_stops_answering_still_ends(
+    cluster: Cluster, database_url: str
+) -> None:
+    """`--lock-timeout` holds even when the database freezes while a replica waits: yoyo's own wait
+    would block in its next query; the command exits after the timeout and a grace period."""
+    if not cluster.controllable:
+        pytest.skip("needs the throwaway cluster")
+    assert run_db(database_url, "migrate").returncode == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:  # another replica's lock
+        conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) VALUES (1, now() AT TIME ZONE 'UTC', 424242)")
+    waiting = _start_db(database_url, "migrate", "--lock-timeout", "5")
+    _wait_for_query(database_url, "ROLLBACK")  # of its INSERT of the lock row, which the held row refuses
+    started = time.monotonic()
+    cluster.hang()
+    try:
+        _, stderr = waiting.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        cluster.resume()
+    assert waiting.returncode == 1
+    assert time.monotonic() - started < 5 + UNANSWERED_GRACE + 2
+    expected = "migrate: gave up after 5 s waiting for the migration lock: the database stopped answering\n"
+    assert stderr == expected
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_database_does_not_answer_ends_the_command_with_a_hint(
+    cluster: Cluster, database_url: str, tmp_path: Path
+) -> None:
+    """A SIGTERM's clean-up (rolling back, releasing the lock) cannot reach a frozen database: after a
+    grace period the command exits 143 and says the lock may be left, rather than waiting forever."""
+    if not cluster.controllable:
+        pytest.skip("needs the throwaway cluster")
+    directory = migrations_with(tmp_path, {"9001.slow.sql": f"{SLOW}\n", "9001.slow.rollback.sql": "SELECT 1;\n"})
+    migrating = _start_db(database_url, "migrate", "--source", str(directory))
+    _wait_for_query(database_url, SLOW)
+    cluster.hang()
+    try:
+        migrating.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, stderr = migrating.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        cluster.resume()
+    assert migrating.returncode == 128 + signal.SIGTERM
+    assert time.monotonic() - started < UNANSWERED_GRACE + 2
+    assert stderr.endswith("the migration lock may be left: once it answers, run `python -m db unlock`\n")
+
+
+def test_a_role_that_cannot_create_yoyos_tables_is_told_at_once(cluster: Cluster, database_url: str) -> None:
+    """PostgreSQL 15 lets only the database's owner create in `public`: yoyo swallows the refusal and
+    then waits out the lock timeout for a table that is not there; the command says why, at once."""
+    role, password = f"migrator_{uuid.uuid4().hex[:12]}", "pw-" + uuid.uuid4().hex
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    parts = urlsplit(database_url)
+    url = parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port}").geturl()
+    started = time.monotonic()
+    refused = run_db(url, "migrate")
+    assert time.monotonic() - started < 10
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("migrate: cannot create yoyo's tables (permission denied for schema public)")
+    assert "CREATE on the schema" in refused.stderr
+
+
+def test_migration_files_yoyo_would_misread_are_refused_by_every_command(database_url: str, tmp_path: Path) -> None:
+    """Not UTF-8, an id in two folders, dependencies in a loop: one line and status 2, for `status`
+    too, never a traceback; a folder whose name has glob characters is read, not skipped."""
+    latin = migrations_with(tmp_path / "latin", {"9001.latin.sql": "-- caf\xe9\nSELECT 1;\n"})
+    (latin / "9001.latin.sql").write_bytes(b"-- caf\xe9\nSELECT 1;\n")
+    twice = migrations_with(tmp_path / "twice", {"0001.uuidv7.sql": "SELECT 1;\n"})
+    loop = migrations_with(tmp_path / "loop", {"9001.a.sql": "-- depends: 9002.b\nSELECT 1;\n",
+                                               "9002.b.sql": "-- depends: 9001.a\nSELECT 1;\n"})  # fmt: skip
+    expected = {
+        latin: f"{latin / '9001.latin.sql'} is not UTF-8 text (invalid continuation byte at byte 6)",
+        twice: f"0001.uuidv7 is in both {MIGRATIONS_DIR} and {twice}: rename one",
+        loop: "the migrations' dependencies form a loop among 9001.a, 9002.b",
+    }
+    for directory, message in expected.items():
+        for command in ("migrate", "status"):
+            result = run_db(database_url, command, "--source", str(directory))
+            assert (result.returncode, result.stderr) == (2, f"{command}: {message}\n")
+    globbed = migrations_with(tmp_path / "app[v2]", dict(WIDGETS))
+    assert run_db(database_url, "migrate", "--source", str(globbed)).returncode == 0
+    status = run_db(database_url, "status", "--source", str(globbed)).stdout
+    assert "applied  9001.widgets" in status

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+import psycopg
 import pytest
 from cluster import Cluster
 from pgbouncer import BINARY, PgBouncer, running_pgbouncer
-from service import serve
+from service import ROOT, serve
 from yoyo import get_backend, read_migrations
 
 from app import create_app
 from db import PREPARED_STATEMENT_LOST
-from migrate import MIGRATIONS_DIR
+from migrate import MIGRATIONS_DIR, migrations_on_disk
 from settings import load_settings
 
 pytestmark = [
@@ -108,3 +112,20 @@ async def test_asyncpg_prepared_statements_break_under_transaction_pooling(
     assert all(isinstance(e, PREPARED_STATEMENT_ERRORS) for e in cached), {type(e).__name__ for e in cached}
     assert "pgbouncer" in str(cached[0]).lower()  # asyncpg's own hint names the cause and the fix
     assert [e for e in await run(0) if e is not None] == []
+
+
+def test_migrations_run_through_pgbouncer_in_transaction_mode(bouncer: PgBouncer, database_url: str) -> None:
+    """A migration job reads DATABASE_URL as the app does, which may name PgBouncer: migrate, rollback
+    and migrate again all succeed (psycopg's server-side prepared statements would collide, "_pg3_0
+    already exists", once a query ran five times), and no lock is left behind."""
+    url = bouncer.url_for(urlsplit(database_url).path.lstrip("/"))
+    source = ["--source", str(ROOT / "examples" / "migrations")]
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "DATABASE_URL": url}
+    for command in ("migrate", "rollback", "rollback", "migrate", "rollback", "migrate", "status"):
+        done = subprocess.run([sys.executable, "-m", "db", command, *source], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT * FROM yoyo_lock").fetchall() == []
+        applied = conn.execute("SELECT migration_id FROM _yoyo_migration ORDER BY 1").fetchall()
+    assert [m for (m,) in applied] == sorted([*migrations_on_disk(MIGRATIONS_DIR), "0001.create_items"])
