@@ -191,8 +191,9 @@ def test_a_request_the_parser_refuses_gets_the_400_envelope_with_its_request_id_
     assert [(r["method"], r["path"], r["status"]) for r in logged_with(server, request_id)] == [("-", "-", 400)]
 
 
-def test_a_head_over_the_limit_gets_one_access_line_with_the_first_kib_of_its_path(server: UvicornProcess) -> None:
-    """The 431 is logged as any request is, once, with its request ID; a long URL's path is cut to 1 KiB."""
+def test_a_head_over_the_limit_gets_one_access_line_with_the_start_of_its_path(server: UvicornProcess) -> None:
+    """The 431 is logged as any request is, once, with its request ID; a long URL's path is cut, as in
+    every access line, to 512 bytes ending `…`."""
     answer = exchange(server.port, b"GET /" + b"a" * 9000 + b"?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 ")
@@ -200,7 +201,7 @@ def test_a_head_over_the_limit_gets_one_access_line_with_the_first_kib_of_its_pa
     assert [(r["logger"], r["level"], r["method"], r["status"]) for r in logged] == [
         ("service.access", "INFO", "GET", 431)
     ]
-    assert logged[0]["path"] == "/" + "a" * 1023
+    assert logged[0]["path"] == "/" + "a" * 511 + "…"
     assert logged[0]["client"].startswith("127.0.0.1:")
     assert logged[0]["duration_ms"] >= 0
 
