@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _new(args)
     # Imported here, not at the top: the app imports this module and must not load either.
     import psycopg
-    from yoyo.exceptions import BadMigration, LockTimeout
+    from yoyo.exceptions import BadMigration, LockTimeout, MigrationConflict
 
     # Our own lines say what happened; yoyo's logging would add tracebacks for a bad migration.
     logging.getLogger("yoyo").propagate = False
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings()
         url, secrets = settings.database_url, settings.secrets
         assert url is not None
-        migrations = _read(args.sources)
+        migrations = _read(args.sources) if command is not unlock else None  # unlocking needs no files
         args.url = url
         backend = _connect(url)
         with backend:
@@ -183,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadMigration as exc:
         _fail(args.name, f"bad migration: {' '.join(map(str, exc.args))}", secrets)
         return 1
+    except MigrationConflict as exc:  # `_read` refuses an id in two folders; yoyo may find others
+        _fail(args.name, f"bad migration: {exc.args[0]} is defined twice", secrets)
+        return 2
     except psycopg.Error as exc:
         _fail(args.name, f"database error: {_one_line(exc)}", secrets)
         return 1
@@ -317,10 +320,10 @@ def _locked(backend: Backend, args: argparse.Namespace) -> Iterator[None]:
     """
     import psycopg
 
-    _ensure_lock_table(backend)
     timeout = args.lock_timeout
     waiting = f"{args.name}: gave up after {timeout:g} s waiting for the migration lock: the database stopped answering"
     with _deadline(timeout + UNANSWERED_GRACE if timeout else 0, waiting):
+        _ensure_lock_table(backend)
         lock = backend.lock(timeout)
         lock.__enter__()
     failure: BaseException | None = None
