@@ -499,17 +499,23 @@ def _start_db(url: str, *args: str) -> subprocess.Popen[str]:
 SLOW = "DO $$ BEGIN PERFORM pg_sleep(60); END $$;"
 
 
+def _migrating_slowly(cluster: Cluster, url: str, tmp_path: Path) -> tuple[Path, subprocess.Popen[str]]:
+    """A `migrate` in the middle of a minute-long migration (9001.slow, in the folder returned)."""
+    if not cluster.controllable:
+        pytest.skip("needs the throwaway cluster")
+    directory = migrations_with(tmp_path, {"9001.slow.sql": f"{SLOW}\n", "9001.slow.rollback.sql": "SELECT 1;\n"})
+    migrating = _start_db(url, "migrate", "--source", str(directory))
+    _wait_for_query(url, SLOW)
+    return directory, migrating
+
+
 @pytest.mark.slow
 def test_a_database_restart_under_a_migration_leaves_no_lock_and_names_the_migration(
     cluster: Cluster, database_url: str, tmp_path: Path
 ) -> None:
     """The connection that took the lock dies with the restart: the lock is released on a new one
     once the server is back, and the error is the migration's, so the next deploy migrates at once."""
-    if not cluster.controllable:
-        pytest.skip("needs the throwaway cluster")
-    directory = migrations_with(tmp_path, {"9001.slow.sql": f"{SLOW}\n", "9001.slow.rollback.sql": "SELECT 1;\n"})
-    migrating = _start_db(database_url, "migrate", "--source", str(directory))
-    _wait_for_query(database_url, SLOW)
+    directory, migrating = _migrating_slowly(cluster, database_url, tmp_path)
     cluster.restart()
     _, stderr = migrating.communicate(timeout=COMMAND_TIMEOUT)
     assert migrating.returncode == 1
@@ -552,11 +558,7 @@ def test_sigterm_while_the_database_does_not_answer_ends_the_command_with_a_hint
 ) -> None:
     """A SIGTERM's clean-up (rolling back, releasing the lock) cannot reach a frozen database: after a
     grace period the command exits 143 and says the lock may be left, rather than waiting forever."""
-    if not cluster.controllable:
-        pytest.skip("needs the throwaway cluster")
-    directory = migrations_with(tmp_path, {"9001.slow.sql": f"{SLOW}\n", "9001.slow.rollback.sql": "SELECT 1;\n"})
-    migrating = _start_db(database_url, "migrate", "--source", str(directory))
-    _wait_for_query(database_url, SLOW)
+    _, migrating = _migrating_slowly(cluster, database_url, tmp_path)
     cluster.hang()
     try:
         migrating.send_signal(signal.SIGTERM)
