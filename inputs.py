@@ -66,8 +66,9 @@ def query_binder(kind: type[msgspec.Struct]) -> Binder:
     first `?id=` and a handler taking the last would each act on a different request. Names no
     field reads are left to the Struct (ignored, or refused with `forbid_unknown_fields`).
     """
-    fields = {f.encode_name for f in msgspec.structs.fields(kind)}
-    many = {f.encode_name for f in msgspec.structs.fields(kind) if _takes_many(msgspec.inspect.type_info(f.type))}
+    declared = msgspec.structs.fields(kind)
+    fields = {f.encode_name for f in declared}
+    many = {f.encode_name for f in declared if _takes_many(msgspec.inspect.type_info(f.type))}
 
     def read(request: Request) -> dict[str, Any]:
         values: dict[str, Any] = {}
