@@ -168,9 +168,33 @@ class Guard:
                 raise AuthenticationError()
             return found
         except AuthenticationError as exc:
-            if exc.headers is None and self.scheme.get("type") == "http":  # RFC 9110: a 401 names its scheme
-                exc.headers = {"WWW-Authenticate": str(self.scheme["scheme"]).capitalize()}
+            if exc.headers is None and (challenge := _challenge(self.scheme)):  # RFC 9110: a 401 sends a challenge
+                exc.headers = {"WWW-Authenticate": challenge}
             raise
+
+
+def _challenge(scheme: Mapping[str, Any]) -> str | None:
+    """The `WWW-Authenticate` challenge of a 401 under `scheme`: RFC 9110 requires one on every 401.
+
+    An `http` scheme names itself (`Bearer`, `Basic`); OAuth 2.0 and OpenID Connect tokens are
+    bearer tokens (RFC 6750). An API key has no registered scheme: `ApiKey` with where the key
+    goes, as the OpenAPI scheme says (`in="header", name="X-API-Key"`). Mutual TLS is asked for
+    by TLS, not by a header: none.
+    """
+    match scheme.get("type"):
+        case "http":
+            return str(scheme["scheme"]).capitalize()
+        case "oauth2" | "openIdConnect":
+            return "Bearer"
+        case "apiKey":
+            return f"ApiKey in={_quoted(str(scheme['in']))}, name={_quoted(str(scheme['name']))}"
+    return None
+
+
+def _quoted(text: str) -> str:
+    """An RFC 9110 quoted-string of `text`, its characters outside visible ASCII left out (a header is ASCII)."""
+    visible = "".join(c for c in text if " " <= c <= "~")
+    return '"' + visible.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,7 +152,7 @@ _HEADERS = {
     "Allow": {"description": "The methods the path answers", "schema": {"type": "string"}},
     "Location": {"description": "The path of the resource just created", "schema": {"type": "string"}},
     "WWW-Authenticate": {
-        "description": "How to authenticate (RFC 9110): `Bearer` for a bearer guard",
+        "description": "How to authenticate (RFC 9110): `Bearer`, `Basic`, or `ApiKey in=..., name=...`",
         "schema": {"type": "string"},
     },
 }

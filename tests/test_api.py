@@ -1060,6 +1060,38 @@ async def test_a_guard_whose_check_finds_no_caller_lets_no_one_in() -> None:
     assert (known.status_code, known.json()) == (200, {"name": "ann"})
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("scheme", "challenge"),
+    [
+        ({"type": "http", "scheme": "basic"}, "Basic"),
+        ({"type": "apiKey", "in": "header", "name": "X-API-Key"}, 'ApiKey in="header", name="X-API-Key"'),
+        ({"type": "apiKey", "in": "query", "name": 'k"é\\'}, 'ApiKey in="query", name="k\\"\\\\"'),
+        ({"type": "oauth2", "flows": {"clientCredentials": {"tokenUrl": "/token", "scopes": {}}}}, "Bearer"),
+        (
+            {"type": "openIdConnect", "openIdConnectUrl": "https://id.example/.well-known/openid-configuration"},
+            "Bearer",
+        ),
+        ({"type": "mutualTLS"}, None),
+    ],
+)
+async def test_every_401_of_a_guard_names_how_to_authenticate(scheme: dict[str, Any], challenge: str | None) -> None:
+    """RFC 9110 asks a 401 for a challenge: each scheme's own, an API key's saying where the key goes; TLS none."""
+
+    async def nobody(request: Request) -> Caller | None:
+        return None
+
+    guarded = Endpoints(tag="guarded", guard=Guard("guard", scheme, nobody))
+
+    @guarded.get("/guarded", summary="Behind a guard")
+    async def behind_guard(user: Caller) -> Caller:
+        return user
+
+    async with serve(create_app(make_settings(), endpoints=[guarded])) as client:
+        refused = await client.get("/guarded")
+    assert (refused.status_code, refused.headers.get("www-authenticate")) == (401, challenge)
+
+
 class Listed(msgspec.Struct, rename="kebab"):
     x_ids: list[int] = []
     if_none_match: list[str] = []
