@@ -33,6 +33,18 @@ from settings import Settings
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 # One round trip answers both questions: the server is reachable, and which migrations it has.
 APPLIED_MIGRATIONS_SQL = "SELECT migration_id FROM _yoyo_migration"
+# Asked only when that table "does not exist": PostgreSQL skips a search_path schema the role may
+# not use without a word, so a table applied there by another role is hidden, not absent. The
+# catalog is readable by every role; the path is split here (`hidden_schemas`), as no function
+# returns it whole (`current_schemas` drops the very schemas in question).
+HIDDEN_MIGRATIONS_SQL = """\
+SELECT current_setting('search_path'), current_user, array(
+    SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relname = '_yoyo_migration' AND NOT has_schema_privilege(n.oid, 'USAGE'))"""
+# One item of a search_path as the server splits it (SplitIdentifierString): "quoted" ("" a quote
+# in it), or bare up to a comma or its white space.
+_PATH_ITEM = re.compile(r'"((?:[^"]|"")*)"|([^, \t\n\r\f]+)')
+NAME_BYTES = 63  # the server cuts identifiers to NAMEDATALEN - 1 bytes
 NOT_CONFIGURED = "Database is not configured (DATABASE_URL is unset)"
 CLOSE_TIMEOUT = 10.0  # seconds to close the pool gracefully before terminating connections
 IDLE_LIFETIME = 300.0  # seconds an idle connection is kept (asyncpg's pool default)
@@ -383,14 +395,31 @@ def _condition(exc: asyncpg.PostgresError) -> str:
 
 
 async def applied_migrations(conn: Connection) -> frozenset[str] | None:
-    """Ids of applied migrations; empty when none ever were, None when we may not look."""
+    """Ids of applied migrations; empty when none ever were, None when we may not look.
+
+    One query when the table is there. When it is not, a second asks the catalog whether it is in
+    a schema of our search_path that we may not use: then we cannot tell (None), not "none applied".
+    Both only read, outside a transaction, so the probe's `stateless` connection stays clean.
+    """
     try:
         rows = await conn.fetch(APPLIED_MIGRATIONS_SQL)
     except asyncpg.UndefinedTableError:
-        return frozenset()
+        [(search_path, user, unusable)] = await conn.fetch(HIDDEN_MIGRATIONS_SQL)  # always one row
+        return None if hidden_schemas(search_path, user, unusable) else frozenset()
     except asyncpg.InsufficientPrivilegeError:
         return None
     return frozenset(row[0] for row in rows)
+
+
+def hidden_schemas(search_path: str, user: str, unusable: list[str]) -> list[str]:
+    """Those of `unusable` that `search_path` names, in its order, read as the server reads it: a
+    bare name in ASCII lower case, a quoted one as written, both cut to 63 bytes; `$user` the role."""
+    named = []
+    for quoted, bare in _PATH_ITEM.findall(search_path):
+        name = quoted.replace('""', '"').encode() if quoted else bare.encode().lower()  # bytes: ASCII only
+        schema = name[:NAME_BYTES].decode(errors="ignore")  # a character cut in two is dropped, as the server does
+        named.append(user if schema == "$user" else schema)
+    return [schema for schema in dict.fromkeys(named) if schema in unusable]
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -315,6 +315,8 @@ def _locked(backend: Backend, args: argparse.Namespace) -> Iterator[None]:
       that stopped answering, where yoyo's own wait would block in a query;
     - a database that refuses yoyo its lock table (no CREATE on the schema) is said so at once,
       not after the timeout as "relation yoyo_lock does not exist";
+    - a tracking table out of this role's sight (`_refuse_hidden`) is refused, not started again
+      beside it with every migration applied a second time;
     - it is released even when the connection that took it died (the database restarted under
       the run): on a new connection; the run's own failure is what is reported.
     """
@@ -323,6 +325,8 @@ def _locked(backend: Backend, args: argparse.Namespace) -> Iterator[None]:
     timeout = args.lock_timeout
     waiting = f"{args.name}: gave up after {timeout:g} s waiting for the migration lock: the database stopped answering"
     with _deadline(timeout + UNANSWERED_GRACE if timeout else 0, waiting):
+        if backend.execute("SELECT to_regclass('_yoyo_migration')").fetchone()[0] is None:
+            _refuse_hidden(backend)
         _ensure_lock_table(backend)
         lock = backend.lock(timeout)
         lock.__enter__()
@@ -418,7 +422,24 @@ def _applied(backend: Backend) -> list[tuple[str, datetime]]:
     try:
         return [(row[0], row[1]) for row in backend.execute(APPLIED_SQL).fetchall()]
     except psycopg.errors.UndefinedTable:
+        _refuse_hidden(backend)
         return []
+
+
+def _refuse_hidden(backend: Backend) -> None:
+    """CommandError when `_yoyo_migration` is in a schema of the search_path this role may not use.
+
+    The server skips such a schema without a word: `status` would list every migration pending,
+    and `migrate` would start a second table wherever the role may create one and apply them all again.
+    """
+    from db import HIDDEN_MIGRATIONS_SQL, hidden_schemas
+
+    hidden = hidden_schemas(*backend.execute(HIDDEN_MIGRATIONS_SQL).fetchone())
+    if hidden:
+        raise CommandError(
+            f"permission denied for schema {hidden[0]}, which holds _yoyo_migration: the role needs USAGE "
+            "on it, or run the command as the role that applied the migrations"
+        )
 
 
 def _check_undo(migration: Any) -> None:

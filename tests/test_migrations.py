@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -16,9 +18,11 @@ import asyncpg
 import psycopg
 import pytest
 from cluster import Cluster
-from service import ROOT, free_port, make_settings, pending, serve
+from psycopg.sql import SQL, Identifier
+from service import ROOT, free_port, make_settings, migrated, pending, serve
 
 from app import create_app
+from db import hidden_schemas
 from migrate import MIGRATIONS_DIR, UNANSWERED_GRACE, migrations_on_disk
 
 FIRST = "0001.uuidv7"
@@ -62,6 +66,22 @@ async def health_db(url: str, source: Path | None = None) -> dict[str, object]:
     assert response.status_code == 200
     body: dict[str, object] = response.json()
     return body
+
+
+@contextmanager
+def login_role(database_url: str, prefix: str) -> Iterator[tuple[str, str]]:
+    """(name, URL) of a new role that may log in and nothing more (its password needs quoting in the
+    URL); dropped afterwards, with whatever it was granted or created in this database."""
+    role, password = f"{prefix}_{uuid.uuid4().hex[:12]}", "p@ss:w/rd %?#"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        parts = urlsplit(database_url)
+        yield role, parts._replace(netloc=f"{role}:{quote(password, safe='')}@{parts.hostname}:{parts.port}").geturl()
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
 
 
 async def fetch(url: str, query: str) -> list[asyncpg.Record]:
@@ -287,21 +307,75 @@ def test_sigterm_mid_migration_releases_the_lock(database_url: str, tmp_path: Pa
 async def test_unreadable_tracking_table_is_unknown(database_url: str) -> None:
     """A role that may not read `_yoyo_migration` gets `unknown` from readiness, an error from status."""
     assert run_db(database_url, "migrate").returncode == 0
-    role, password = f"reader_{uuid.uuid4().hex[:12]}", "p@ss:w/rd %?#"
-    await fetch(database_url, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-    try:
-        parts = urlsplit(database_url)
-        netloc = f"{role}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
-        url = parts._replace(netloc=netloc).geturl()
-
+    with login_role(database_url, "reader") as (_, url):
         body = await health_db(url)
         assert (body["status"], body["database_connected"], body["migration_status"]) == ("healthy", True, "unknown")
 
         status = run_db(url, "status")
         assert status.returncode == 1
         assert status.stderr == "status: database error: permission denied for table _yoyo_migration\n"
-    finally:
-        await fetch(database_url, f"DROP ROLE {role}")
+
+
+@pytest.mark.anyio
+async def test_tracking_table_in_a_schema_the_role_may_not_use_is_unknown(database_url: str) -> None:
+    """Applied into a schema of the search path the role has no USAGE on, the table is not refused
+    but hidden (the server skips that schema): readiness says `unknown`, not every migration pending,
+    and the commands refuse rather than start a second table where the role may create one."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "App Schema"')
+        database = Identifier(urlsplit(database_url).path.removeprefix("/"))
+        conn.execute(SQL('ALTER DATABASE {} SET search_path = "App Schema", public').format(database))
+    migrated(database_url)  # on a new connection, so into "App Schema"
+    with login_role(database_url, "reader") as (role, url):
+        await fetch(database_url, f"GRANT CREATE ON SCHEMA public TO {role}")
+        body = await health_db(url)
+        assert (body["status"], body["database_connected"], body["migration_status"], body["errors"]) == (
+            "healthy", True, "unknown", ["Migration status unknown: the migration table cannot be read"],
+        )  # fmt: skip
+
+        for command in ("status", "migrate"):
+            result = run_db(url, command)
+            assert (result.returncode, result.stderr) == (
+                1,
+                f"{command}: permission denied for schema App Schema, which holds _yoyo_migration: the role "
+                "needs USAGE on it, or run the command as the role that applied the migrations\n",
+            )
+    tracking = "SELECT relnamespace::regnamespace::text FROM pg_class WHERE relname = '_yoyo_migration'"
+    assert [row[0] for row in await fetch(database_url, tracking)] == ['"App Schema"']
+
+
+@pytest.mark.anyio
+async def test_tracking_table_off_the_roles_search_path_leaves_it_pending(database_url: str) -> None:
+    """A role that can see no tracking table, even with one it may not use elsewhere (in a schema its
+    search path does not name), has every migration pending, as on a fresh database."""
+    await fetch(database_url, "CREATE SCHEMA elsewhere")
+    await fetch(database_url, f"CREATE TABLE elsewhere._yoyo_migration AS SELECT '{ON_DISK[0]}' AS migration_id")
+    with login_role(database_url, "reader") as (_, url):
+        body = await health_db(url)
+        assert (body["status"], body["migration_status"], body["errors"]) == ("degraded", "pending", [pending(ON_DISK)])
+
+        status = run_db(url, "status")
+        assert (status.returncode, status.stdout.splitlines()[-1]) == (0, f"0 applied, {len(ON_DISK)} pending")
+
+
+def test_search_path_is_read_as_the_server_reads_it(database_url: str) -> None:
+    """`hidden_schemas` finds the schemas the server's own reading of a search_path finds: quoted names
+    holding commas, spaces and quotes, bare names in lower case (ASCII letters only), `$user` for the
+    role, names cut to 63 bytes (never inside a character)."""
+    path = f'"$user",public , "App Schema",MiXeD,"MiXeD",  "q""uote","a, b",ÄBC,{"X" * 70},{"ü" * 40}'
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA AUTHORIZATION CURRENT_USER")  # named after the role
+        for name in ("App Schema", "mixed", "MiXeD", 'q"uote', "a, b", "Äbc", "x" * 63, "ü" * 31):
+            conn.execute(SQL("CREATE SCHEMA {}").format(Identifier(name)))
+        conn.execute("SELECT set_config('search_path', %s, false)", (path,))
+        row = conn.execute(
+            "SELECT current_setting('search_path'), current_user, array(SELECT nspname::text FROM pg_namespace), "
+            "current_schemas(false)"
+        ).fetchone()
+    assert row is not None
+    setting, user, every, schemas = row
+    assert len(schemas) == 10
+    assert hidden_schemas(setting, user, every) == schemas
 
 
 @pytest.mark.parametrize("command", ["migrate", "rollback", "status", "unlock"])
@@ -574,13 +648,9 @@ def test_sigterm_while_the_database_does_not_answer_ends_the_command_with_a_hint
 def test_a_role_that_cannot_create_yoyos_tables_is_told_at_once(cluster: Cluster, database_url: str) -> None:
     """PostgreSQL 15 lets only the database's owner create in `public`: yoyo swallows the refusal and
     then waits out the lock timeout for a table that is not there; the command says why, at once."""
-    role, password = f"migrator_{uuid.uuid4().hex[:12]}", "pw-" + uuid.uuid4().hex
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-    parts = urlsplit(database_url)
-    url = parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port}").geturl()
-    started = time.monotonic()
-    refused = run_db(url, "migrate")
+    with login_role(database_url, "migrator") as (_, url):
+        started = time.monotonic()
+        refused = run_db(url, "migrate")
     assert time.monotonic() - started < 10
     assert refused.returncode == 1
     assert refused.stderr.startswith("migrate: cannot create yoyo's tables (permission denied for schema public)")
