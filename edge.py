@@ -8,6 +8,9 @@
   where uvicorn sends plain text, after the answers to the requests before it; one whose chunked
   body turns out malformed (a bad chunk size) while its app reads it is answered by the app, told
   so at its next read (`errors.UNREADABLE_BODY`), and the connection is closed after;
+- an HTTP/1.1 request without a Host header, any request with more than one Host line, or
+  one whose Host is not `host[:port]` (RFC 9112 §3.2) gets the 400 envelope, and the connection
+  is closed; HTTP/1.0 without Host is served, as is an empty Host (a target without authority);
 - a request asking for a protocol the server does not speak (`Upgrade: h2c`, from `curl
   --http2`) is served as HTTP/1.1 with its body, where uvicorn lost the body and parsed it as
   the next request if it came later;
@@ -21,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,16 @@ MALFORMED_BODY = "Malformed request body: its framing (Transfer-Encoding, chunk 
 TRANSFER_ENCODING_UPGRADE = (
     "Malformed request: a body sent with Transfer-Encoding cannot come with Upgrade; send it without"
 )
+HOST_MISSING = "Malformed request: HTTP/1.1 requires exactly one Host header"
+HOST_REPEATED = "Malformed request: a request takes exactly one Host header, not several"
+HOST_INVALID = "Malformed request: the Host header is not a valid host[:port]"
+# RFC 9112 §3.2's `uri-host [ ":" port ]` (RFC 3986): a reg-name (an IPv4 address is one too) or a
+# bracketed IP literal, leniently (any IPv6 or IPvFuture characters, a zone ID), and a numeric port.
+VALID_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z._~%!$&'()*+,;=:-]+\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
+# `_host` after a second Host line: no valid Host equals it (a NUL), so no cached one passes it.
+_SEVERAL = b"\x00several"
 # A held head and a body up to this size are joined into one buffer; a larger body is handed
 # over with the head as two buffers, in one call (uvloop writes them with one `writev`).
 JOIN_LIMIT = 64 * 1024
@@ -63,9 +77,14 @@ class EdgeProtocol(HttpToolsProtocol):
     counts its duration from `awaiting_head_since` too.
     """
 
-    # Set by refuse() alone, so a class default rather than one more assignment per connection.
+    # Set by refuse() alone (or, `_valid_host`, by a connection's first Host), so class defaults
+    # rather than one more assignment per connection.
     _refused_since = 0.0  # monotonic: where a refused request's access line counts its duration from
     _body_left = 0  # bytes of a not-upgraded request's body still to come, read here (`_not_upgraded`)
+    _refusal_message = ""  # a refusal's own message, else the status's (`errors.MESSAGES`)
+    # The Host value this connection last had accepted: a keep-alive client sends the same one
+    # each time, checked by one comparison rather than by the pattern. The default is no valid Host.
+    _valid_host = b"\x00"
 
     def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -78,6 +97,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_slack = 0  # length of the chunk the head began in (an upper bound of its share)
         self._chunk = 0
         self._refused = 0  # the status a refused request gets (400, 431) once those before it are answered
+        self._host: bytes | None = None  # the head's Host value, `_SEVERAL` after a second line, None without
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -116,12 +136,23 @@ class EdgeProtocol(HttpToolsProtocol):
             self.refuse(431)
         return b""
 
-    # The four methods below run for every request: they call uvicorn's own directly rather
-    # than through `super()`, which builds a proxy object each time.
+    # The methods below run for every request (`on_header` for every header line): they call
+    # uvicorn's own directly rather than through `super()`, which builds a proxy object each time,
+    # or, `on_header`, repeat it, which spares a call per header line.
     def on_message_begin(self) -> None:
         _on_message_begin(self)
         self._head_bytes = 0
         self._head_slack = self._chunk
+        self._host = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's own, plus the Host lines counted: one comparison per header, checked once per head.
+        name = name.lower()
+        if name == b"host":
+            self._host = value if self._host is None else _SEVERAL
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         counted = self._head_bytes or 0
@@ -129,6 +160,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             self.refuse(431)
             raise _HeadRefused  # stops the parser; data_received knows it was answered
+        host = self._host
+        if host != self._valid_host and (problem := self._host_problem(host)):
+            self.refuse(400, problem)
+            raise _HeadRefused
         self.awaiting_head_since = None  # after the check: a refusal's access line counts from it
         _on_headers_complete(self)
         # The request's `scope["headers"]` keeps this list; uvicorn appends any trailer fields that
@@ -212,6 +247,22 @@ class EdgeProtocol(HttpToolsProtocol):
             and not self.flow.read_paused
         )
 
+    def _host_problem(self, host: bytes | None) -> str:
+        """Why the head's Host breaks RFC 9112 §3.2 (a message for the 400), or "" when it is valid.
+
+        Without Host only HTTP/1.1 is refused: HTTP/1.0 has no Host requirement. An empty value is
+        valid (what a client sends for a target without an authority). The value's trailing
+        whitespace is not part of it (the parser leaves it on).
+        """
+        if host is None:
+            return HOST_MISSING if self.parser.get_http_version() == "1.1" else ""
+        if host is _SEVERAL:
+            return HOST_REPEATED
+        if VALID_HOST.fullmatch(host.rstrip(b" \t")) is None:
+            return HOST_INVALID
+        self._valid_host = host
+        return ""
+
     def _head_size(self) -> int:
         """The head's size as sent, give or take optional whitespace."""
         request_line = len(self.parser.get_method()) + len(self.url) + len(b"  HTTP/1.1\r\n")
@@ -222,12 +273,14 @@ class EdgeProtocol(HttpToolsProtocol):
         # response still being written; this one is the envelope, and waits for those.
         self.refuse(400)
 
-    def refuse(self, status: int) -> None:
-        """Answer `status` (400, 431) with the error envelope and close; nothing more is read or parsed.
+    def refuse(self, status: int, message: str = "") -> None:
+        """Answer `status` (400, 431) with the error envelope (`message`, else the status's) and close;
+        nothing more is read or parsed.
 
         Requests before the refused one on the connection (pipelined) get their responses first.
         """
         self._refused = status
+        self._refusal_message = message
         since = self.awaiting_head_since  # None when it came while a request before it was served
         self._refused_since = time.monotonic() if since is None else since
         self._head_bytes = None
@@ -252,7 +305,9 @@ class EdgeProtocol(HttpToolsProtocol):
             metrics.record({"method": method.decode("latin-1")}, status, seconds)
         if self.transport.is_closing():  # the client has gone: its line is written all the same
             return
-        body = ENCODER.encode(ErrorBody(CODES[status], MESSAGES[status], utc_timestamp(), request_id))
+        body = ENCODER.encode(
+            ErrorBody(CODES[status], self._refusal_message or MESSAGES[status], utc_timestamp(), request_id)
+        )
         head = [
             STATUS_LINE[status],
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),

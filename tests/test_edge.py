@@ -30,7 +30,7 @@ from test_metrics import value
 
 from api import Endpoints
 from app import create_app
-from edge import JOIN_LIMIT
+from edge import HOST_INVALID, HOST_MISSING, HOST_REPEATED, JOIN_LIMIT
 from metrics import UNMATCHED
 from server import DrainingServer, EdgeConfig
 
@@ -582,6 +582,72 @@ def test_a_refusal_to_a_head_request_has_no_body(server: UvicornProcess) -> None
     assert head.startswith(b"HTTP/1.1 400 ")
     assert int(re.search(rb"content-length: (\d+)", head)[1]) > 0  # type: ignore[index]
     assert body == b""
+
+
+# Host (RFC 9112 §3.2): exactly one, and valid ----------------------------------------------
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+REFUSED_HOSTS = {  # each is sent, then HEALTH on the same connection, which must never be served
+    "HTTP/1.1 without Host": (b"GET /health HTTP/1.1\r\n\r\n", HOST_MISSING),
+    "two Host lines": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nHost: x\r\n\r\n", HOST_REPEATED),
+    "two Host lines, HTTP/1.0": (b"GET /health HTTP/1.0\r\nHOST: x\r\nhost: y\r\n\r\n", HOST_REPEATED),
+    "a space": (b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n", HOST_INVALID),
+    "a space before a port": (b"GET /health HTTP/1.1\r\nHost: exa mple:80\r\n\r\n", HOST_INVALID),
+    "a port that is no number": (b"GET /health HTTP/1.1\r\nHost: host:port\r\n\r\n", HOST_INVALID),
+    "a slash": (b"GET /health HTTP/1.1\r\nHost: x/y\r\n\r\n", HOST_INVALID),
+    # after a request with a valid Host on the connection: the one it accepted is not waved through
+    "an invalid Host after a valid one": (HEALTH + b"GET /health HTTP/1.1\r\nHost: x y\r\n\r\n", HOST_INVALID),
+    "the valid Host twice after it once": (
+        HEALTH + b"GET /health HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
+        HOST_REPEATED,
+    ),
+}
+
+
+def test_a_request_without_exactly_one_valid_host_is_the_400_envelope_and_a_close(server: UvicornProcess) -> None:
+    """RFC 9112 §3.2: no Host on HTTP/1.1, several Host lines, or a Host that is not `host[:port]` is a 400,
+    with a message saying which; the connection is closed, so a request pipelined after it is never served."""
+    for case, (payload, message) in REFUSED_HOSTS.items():
+        answer = exchange(server.port, payload + HEALTH)
+        served = payload.count(b"\r\n\r\n") - 1  # the valid requests before the refused one
+        assert answer.count(b"HTTP/1.1 200 ") == served, case
+        head, _, body = answer.rpartition(b"HTTP/1.1 400 ")[2].partition(b"\r\n\r\n")
+        assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == served + 1, case  # nothing after the 400
+        assert b"\r\nconnection: close" in head, case
+        envelope = json.loads(body)
+        assert (envelope["error"], envelope["message"]) == ("VALIDATION_ERROR", message), case
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"Host: example.com", b"Host: [::1]:8000", b"Host: 127.0.0.1:8000", b"Host:", b"host: x.example:80 \t"],
+    ids=["name", "ipv6", "ipv4", "empty", "trailing-whitespace"],
+)
+def test_a_request_with_one_valid_host_is_served(server: UvicornProcess, host: bytes) -> None:
+    """A name, an IP literal, an IPv4 address, with or without a port; an empty Host (a target without
+    authority) too. Twice on one connection: the second request passes the connection's cached Host."""
+    request = b"GET /health HTTP/1.1\r\n" + host + b"\r\n\r\n"
+    answer = exchange(server.port, request + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+
+
+def test_an_http_1_0_request_without_host_is_served(server: UvicornProcess) -> None:
+    """Only HTTP/1.1 requires a Host."""
+    answer = exchange(server.port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b'"status":"healthy"' in answer
+
+
+def test_a_host_refusal_has_its_access_line_and_is_counted_in_the_metrics(server: UvicornProcess) -> None:
+    """Refused by the server before the app, as a malformed request is: one access line, and `<unmatched>`."""
+    answer = exchange(server.port, b"POST /items?q=1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    request_id = json.loads(answer.partition(b"\r\n\r\n")[2])["request_id"]
+    logged = logged_with(server, request_id)
+    assert [(r["logger"], r["method"], r["path"], r["status"]) for r in logged] == [
+        ("service.access", "POST", "/items", 400)
+    ]
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert value(text, "http_requests_total", method="POST", route=UNMATCHED, status="400") == 1
 
 
 H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
