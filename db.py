@@ -131,9 +131,10 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         assert settings.database_url is not None
-        self.dsn = asyncpg_dsn(settings.database_url)
+        self.dsn, connect_timeout = asyncpg_dsn(settings.database_url)
         self.connect_options: dict[str, Any] = {
             "connection_class": _Connection,
+            **({"timeout": connect_timeout} if connect_timeout is not None else {}),
             "statement_cache_size": settings.database_statement_cache_size,
             "server_settings": {"application_name": settings.app_name[:63]},
         }

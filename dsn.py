@@ -7,13 +7,29 @@ message that names it; its password is masked wherever it is shown, however malf
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
 _QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
 CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout: a black-holed host must not hang us
+# libpq's keywords that asyncpg does not know: it would send them to the server as settings, which
+# the server refuses ("unrecognized configuration parameter"), so the app could never connect.
+# `connect_timeout` becomes asyncpg's own `timeout`; the values listed are what asyncpg does anyway,
+# so they are left out of the app's connection (the migration command, on libpq, still reads them);
+# any other value, or another of these keywords, is one asyncpg cannot honour: refused.
+_LIBPQ_ONLY: dict[str, frozenset[str] | None] = {
+    "channel_binding": frozenset({"disable", "prefer"}),  # asyncpg's SCRAM binds no channel
+    "gssencmode": frozenset({"disable", "prefer"}),  # asyncpg does not encrypt with GSSAPI
+    "keepalives": frozenset({"1"}),
+    "sslcompression": frozenset({"0", "1"}),  # ignored by libpq itself since PostgreSQL 14
+    "sslsni": frozenset({"1"}),
+    "fallback_application_name": None,  # any value: the app names itself (application_name)
+    **dict.fromkeys(("hostaddr", "require_auth", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                     "tcp_user_timeout", "replication", "requiressl", "sslkeylogfile", "sslcertmode",
+                     "sslcrldir", "requirepeer", "gssdelegation", "load_balance_hosts"), frozenset()),
+}  # fmt: skip
 
 
 def check_url(raw: str) -> str:
@@ -25,7 +41,8 @@ def check_url(raw: str) -> str:
         parts = urlsplit(raw)
     except ValueError:
         raise ValueError(f"is not a valid URL ({_ESCAPE_HINT})") from None
-    if "@" in parts.path or parts.fragment:  # `app:12/Secret@db`: the password's rest read as the path
+    # `app:12/Secret@db`, `app:?Secret@db`: the password's rest read as the path or the query
+    if "@" in parts.path or "@" in parts.query or parts.fragment:
         raise ValueError(f"is not the URL it seems ({_ESCAPE_HINT})")
     # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
     for host in parts.netloc.rpartition("@")[2].split(","):
@@ -37,6 +54,12 @@ def check_url(raw: str) -> str:
     sslmode = parse_qs(parts.query).get("sslmode", [None])[-1]
     if sslmode is not None and sslmode not in SSL_MODES:
         raise ValueError(f"has an unknown sslmode (one of {', '.join(SSL_MODES)})")
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "connect_timeout":
+            if not (value.isascii() and value.isdigit() and int(value) > 0):
+                raise ValueError("has a connect_timeout that is not a whole number of seconds above 0")
+        elif key in _LIBPQ_ONLY and (allowed := _LIBPQ_ONLY[key]) is not None and value not in allowed:
+            raise ValueError(f"sets {key}={value}, which the app's driver (asyncpg) cannot honour: remove it")
     return raw
 
 
@@ -73,10 +96,22 @@ def passwords(url: str) -> list[str]:
     return found + [m.group(2).strip("'") for m in _QUERY_PASSWORD.finditer(parts.query) if m.group(2)]
 
 
-def asyncpg_dsn(url: str) -> str:
-    """The app accepts `postgresql+asyncpg://` (SQLAlchemy style); asyncpg itself does not."""
+def asyncpg_dsn(url: str) -> tuple[str, float | None]:
+    """The URL as asyncpg takes it, and the connect timeout it sets (`connect_timeout`), if any.
+
+    `postgresql+asyncpg://` (SQLAlchemy style) becomes `postgresql://`, and libpq's keywords
+    asyncpg does not know are left out (`check_url` let through only those asyncpg honours anyway).
+    """
     scheme, _, rest = url.partition("://")
-    return f"postgresql://{rest}" if scheme.lower() == "postgresql+asyncpg" else url
+    if scheme.lower() == "postgresql+asyncpg":
+        url = f"postgresql://{rest}"
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(key, value) for key, value in query if key not in _LIBPQ_ONLY and key != "connect_timeout"]
+    if len(kept) == len(query):
+        return url, None
+    timeout = next((float(value) for key, value in reversed(query) if key == "connect_timeout"), None)
+    return parts._replace(query=urlencode(kept)).geturl(), timeout
 
 
 def yoyo_url(url: str) -> str:
@@ -91,9 +126,11 @@ def yoyo_url(url: str) -> str:
     if not any(key == "connect_timeout" for key, _ in query):
         query.append(("connect_timeout", str(CONNECT_TIMEOUT)))
     userinfo, at, hosts = parts.netloc.rpartition("@")
-    if "," in hosts:  # libpq's failover form, which yoyo cannot parse: libpq's own host= and port= lists
+    # libpq's failover form, and a socket directory written in the host (`%2Ftmp`), which yoyo
+    # reads as a host name as it is: libpq's own host= and port= lists, the names unquoted.
+    if "," in hosts or "%" in hosts:
         names, ports = zip(*(_host_and_port(host) for host in hosts.split(",")), strict=True)
-        query += [("host", ",".join(names)), ("port", ",".join(port or "5432" for port in ports))]
+        query += [("host", ",".join(map(unquote, names))), ("port", ",".join(port or "5432" for port in ports))]
         parts = parts._replace(netloc=userinfo + at)
     return parts._replace(scheme="postgresql+psycopg", query=urlencode(query)).geturl()
 

@@ -153,6 +153,32 @@ def test_commands_take_libpqs_failover_form_of_the_url(database_url: str) -> Non
 
 
 @pytest.mark.anyio
+async def test_libpq_options_reach_the_database_from_the_app_and_the_commands(database_url: str) -> None:
+    """Options libpq knows and asyncpg does not (as in Neon's and RDS's URLs) are not sent to the server
+    as settings, which it refuses: the app and the commands both connect."""
+    url = f"{database_url}?connect_timeout=5&channel_binding=prefer&keepalives=1&gssencmode=disable"
+    assert run_db(url, "migrate").returncode == 0
+    body = await health_db(url)
+    assert (body["status"], body["database_connected"], body["migration_status"]) == ("healthy", True, "up_to_date")
+
+
+@pytest.mark.anyio
+async def test_a_socket_directory_written_as_the_host_serves_the_app_and_the_commands(
+    cluster: Cluster, database_url: str
+) -> None:
+    """libpq's `postgresql://user@%2Frun%2Fpostgresql/db`: asyncpg reads the host unquoted, and so do the commands."""
+    if cluster.data_dir is None:
+        pytest.skip("needs the throwaway cluster's socket directory")
+    parts = urlsplit(database_url)
+    host = quote(str(cluster.data_dir.parent), safe="")
+    url = parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@{host}:{parts.port}").geturl()
+    migrate = run_db(url, "migrate")
+    assert migrate.returncode == 0, migrate.stderr
+    body = await health_db(url)
+    assert (body["status"], body["migration_status"]) == ("healthy", "up_to_date")
+
+
+@pytest.mark.anyio
 async def test_new_migration_on_disk_is_pending_until_migrated(database_url: str, tmp_path: Path) -> None:
     """A file the database has not seen makes readiness degraded, naming it; `migrate` fixes that."""
     assert run_db(database_url, "migrate").returncode == 0

@@ -331,6 +331,7 @@ def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
         "postgresql://app@db:99999/app?sslpassword=TopSecretPw1",
         "host=db user=app password='Top Secret Pw1' dbname=app",  # quoted, with blanks
         "postgresql://app:12/Secret@db:99999/app",  # `12` read as a port, the rest as the path
+        "postgresql://app:?TopSecretPw1@db.internal:5432/app",  # an unescaped `?`: the rest read as the query
     ],
 )
 def test_a_refused_database_url_never_shows_its_password(url: str) -> None:
@@ -348,6 +349,8 @@ def test_a_refused_database_url_never_shows_its_password(url: str) -> None:
         "postgresql://app:pw@db1,[::1]:5433/app",
         "postgresql://app:pw@db/app?sslmode=verify-full",
         "postgresql:///app?host=/run/postgresql",
+        # libpq's own options where asyncpg does the same anyway (Neon's and RDS's URLs carry some)
+        "postgresql://app:pw@db/app?sslmode=require&channel_binding=prefer&connect_timeout=5&keepalives=1",
     ],
 )
 def test_database_urls_that_asyncpg_connects_with_are_accepted(url: str) -> None:
@@ -363,6 +366,13 @@ def test_database_urls_that_asyncpg_connects_with_are_accepted(url: str) -> None
         ("postgresql://app:pass/word@db/app", f"is not the URL it seems ({ESCAPE_HINT})"),
         ("postgresql://app:pw@db:\u0665\u0664\u0663\u0662/app", f"has an invalid port ({ESCAPE_HINT})"),  # Arabic-Indic
         ("postgresql://app:pw@db:5x32/app", f"has an invalid port ({ESCAPE_HINT})"),
+        ("postgresql://app:?pw@db/app", f"is not the URL it seems ({ESCAPE_HINT})"),
+        ("postgresql://app:pw@db/app?channel_binding=require", "sets channel_binding=require, which the app's "
+                                                               "driver (asyncpg) cannot honour: remove it"),
+        ("postgresql://app:pw@db/app?keepalives_idle=30", "sets keepalives_idle=30, which the app's driver "
+                                                          "(asyncpg) cannot honour: remove it"),
+        ("postgresql://app:pw@db/app?connect_timeout=0", "has a connect_timeout that is not a whole number of "
+                                                         "seconds above 0"),
     ],
 )  # fmt: skip
 def test_database_urls_that_could_never_connect_are_refused_with_the_reason(url: str, rule: str) -> None:
