@@ -79,7 +79,7 @@ class RequestContext:
         *,
         quiet: Collection[BaseRoute] = (),
         observe: Callable[[Scope, int, float], None] | None = None,
-        cors: Callable[[ASGIApp], ASGIApp] | None = None,
+        cors: Callable[[ASGIApp], CORS] | None = None,
         max_body_bytes: int | None = None,
         handlers: Mapping[Any, ExceptionHandler] = EXCEPTION_HANDLERS,
         debug: bool = False,
@@ -168,7 +168,7 @@ class RequestContext:
                     )
                     response = server_error(exc, debug=self.debug)
             if has_origin and self.cors is not None:  # a browser reads an error only with its CORS headers
-                response = self.cors(response)
+                response = self.cors(response).with_headers
             await response(scope, receive, send_with_context)
         finally:
             seconds = time.perf_counter() - started
@@ -239,6 +239,15 @@ class CORS(CORSMiddleware):
     `RequestContext` sends it only the requests with an `Origin`: all Starlette would add to
     the others (probes, servers, curl) is `Vary: Origin`, which the request layer adds itself.
     """
+
+    async def with_headers(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The wrapped app's answer with the CORS headers of a simple request, even to a preflight.
+
+        For an error answered on a request's behalf: refused on a preflight's way (a body over the
+        limit), the refusal is the answer, never swapped for the preflight's 200, after which the
+        server would read the whole body to reach the next request.
+        """
+        await self.simple_response(scope, receive, send, request_headers=Headers(scope=scope))
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)

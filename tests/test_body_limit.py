@@ -76,6 +76,19 @@ async def test_content_length_over_the_limit_is_refused_before_the_handler() -> 
 
 
 @pytest.mark.anyio
+async def test_a_preflight_with_a_body_over_the_limit_is_the_413_with_its_cors_headers() -> None:
+    """A body over the limit on a CORS preflight is refused like any other, not answered as the preflight
+    (a 200 after which the server would read the whole body to reach the next request)."""
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    async with serve(limited_app()) as client:
+        response = await client.request("OPTIONS", "/blobs", headers=preflight, content=b" " * (LIMIT + 1))
+        served = await client.options("/blobs", headers=preflight)
+    assert_413(response)
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert (served.status_code, served.headers["access-control-allow-methods"].count("POST")) == (200, 1)
+
+
+@pytest.mark.anyio
 async def test_a_413_under_a_mount_is_counted_under_the_route_inside_it() -> None:
     """As the router labels what it serves under a Mount: the inner route's template, one series for both."""
 
