@@ -39,12 +39,18 @@ CONFIGURATION_ERROR = 3
 SECRET_KEY_PLACEHOLDERS = ("change-me", "changeme", "change_me", "your-secret", "your_secret",
                            "secret-key-here", "replace-me", "placeholder", "example", "insecure", "goes-here",
                            "todo")  # fmt: skip
+# A placeholder as a word of its own: inside a random key (`...xTODOq...`) letters or digits surround it.
+_PLACEHOLDER = re.compile(rf"(?<![a-z0-9])(?:{'|'.join(map(re.escape, SECRET_KEY_PLACEHOLDERS))})(?![a-z0-9])")
 # `'a' * 32` or `'secret' * 6` is long enough and still guessed at once; 32 hex digits have about 15.
 MIN_SECRET_KEY_CHARACTERS = 10
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 _ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
+_ORIGIN_PARTS = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _DEVELOPMENT: Environment = "development"
 _ENVIRONMENTS: dict[str, Environment] = {"development": "development", "staging": "staging", "production": "production"}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -124,13 +130,17 @@ class Redactor:
 class SettingsError(Exception):
     """Raised with every problem found, one line each, so they can be fixed in one go."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], unknown: Iterable[tuple[str, str]] = ()) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.unknown = tuple(unknown)  # (name, the setting it looks meant for): often the problem's cause
 
     def __str__(self) -> str:
         lines = "\n".join(f"  {problem}" for problem in self.problems)
-        return f"Invalid settings ({len(self.problems)} problem(s)):\n{lines}"
+        hints = "".join(
+            f"\n  ({name} is set but is not a setting: did you mean {meant}?)" for name, meant in self.unknown
+        )
+        return f"Invalid settings ({len(self.problems)} problem(s)):\n{lines}{hints}"
 
 
 def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
@@ -152,6 +162,10 @@ def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
         if unparsed := [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]:
             _exit_with(str(SettingsError([_unparsed(env_file, line.line, line.string) for line in unparsed])))
         values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
+        if "PROMETHEUS_MULTIPROC_DIR" in values and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # prometheus-client reads it from the process environment, as it is imported: never from here
+            _exit_with(str(SettingsError([f"{env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client "
+                                          "reads from the server's environment alone: set it there"])))  # fmt: skip
     values.update(os.environ)
     return values
 
@@ -173,6 +187,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             default = _DEFAULTS[name.lower()]
         raw = environ.get(name)
         if raw is None:
+            return default
+        try:
+            raw.encode()  # the OS hands over bytes that are not UTF-8 as surrogates: no setting takes them
+        except UnicodeEncodeError:
+            problems.append(f"{name}={show(raw.encode(errors='surrogateescape').decode('latin-1'))}: is not UTF-8 text")
             return default
         try:
             return parse(raw.strip())
@@ -210,11 +229,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         shutdown_drain_seconds=get("SHUTDOWN_DRAIN_SECONDS", _bounded(float, 0, 120)),
         unknown_variables=_unknown_variables(environ),
     )
+    # prometheus-client's own variable, read by it alone: a directory it cannot write is a traceback at start-up.
+    shared = environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if shared and values.enable_metrics and not (os.path.isdir(shared) and os.access(shared, os.W_OK | os.X_OK)):
+        problems.append(f"PROMETHEUS_MULTIPROC_DIR={shared!r}: must be an existing directory this process may write")
     # A variable whose value was refused is not reported a second time as missing.
     reported = {_variable(p) for p in problems}
     problems += [p for p in _check_environment_rules(values) if _variable(p) not in reported]
-    if problems:
-        raise SettingsError(problems)
+    if problems:  # a misspelt name is said here too: create_app, which warns of it, never runs
+        raise SettingsError(problems, values.unknown_variables)
     if not values.secret_key:
         return msgspec.structs.replace(values, secret_key=secrets.token_urlsafe(48), secret_key_generated=True)
     return values
@@ -278,7 +301,7 @@ def _check_environment_rules(s: Settings) -> list[str]:
             f"SECRET_KEY='***' ({len(s.secret_key)} characters): must be at least "
             f"{MIN_SECRET_KEY_LENGTH} characters {where}"
         )
-    elif any(p in s.secret_key.lower() for p in SECRET_KEY_PLACEHOLDERS):
+    elif _PLACEHOLDER.search(s.secret_key.lower()):
         problems.append(f"SECRET_KEY='***': looks like a documentation placeholder; generate a real key {where}")
     elif (distinct := len(set(s.secret_key))) < MIN_SECRET_KEY_CHARACTERS:
         problems.append(
@@ -377,12 +400,15 @@ def _log_format(raw: str) -> str:
 
 
 def _as_sent(origin: str) -> str:
-    """An origin as a browser sends it: scheme and host in lowercase, without the scheme's default port."""
+    """An origin as a browser sends it: scheme and host in lowercase, the port as a number
+    (`:0080` is `:80`), without the scheme's default one. Anything else is left for `_origins` to refuse."""
     origin = origin.strip().lower()
-    for scheme, port in (("http://", ":80"), ("https://", ":443")):
-        if origin.startswith(scheme) and origin.endswith(port):
-            return origin.removesuffix(port)
-    return origin
+    parts = _ORIGIN_PARTS.fullmatch(origin)
+    if parts is None or parts["port"] is None or not 0 < int(parts["port"]) < 65536:
+        return origin
+    port = int(parts["port"])
+    default = _DEFAULT_PORTS.get(parts["scheme"]) == port
+    return f"{parts['scheme']}://{parts['host']}" + ("" if default else f":{port}")
 
 
 def _origins(raw: str) -> tuple[str, ...]:
@@ -396,9 +422,28 @@ def _origins(raw: str) -> tuple[str, ...]:
     else:
         items = raw.split(",")
     origins = tuple(_as_sent(item) for item in items if item.strip())
-    bad = [o for o in origins if o != "*" and not _ORIGIN.match(o)]
+    if foreign := [o for o in origins if not o.isascii()]:  # a browser sends the host in punycode
+        raise ValueError(
+            f"write each host as browsers send it, in ASCII (punycode: {', '.join(map(_punycode, foreign))})"
+        )
+    bad = [o for o in origins if o != "*" and not _is_origin(o)]
     if bad:
         raise ValueError(
             f"each origin must be '*' or scheme://host[:port], with no path, user or wildcard (bad: {', '.join(bad)})"
         )
     return origins
+
+
+def _is_origin(origin: str) -> bool:
+    """Whether `origin` (as `_as_sent` left it) is `scheme://host[:port]`, a port from 1 to 65535."""
+    parts = _ORIGIN_PARTS.fullmatch(origin)
+    return bool(_ORIGIN.match(origin) and parts and (parts["port"] is None or 0 < int(parts["port"]) < 65536))
+
+
+def _punycode(origin: str) -> str:
+    """`https://bücher.example` as browsers send it (`https://xn--bcher-kva.example`), for the message."""
+    scheme, _, host = origin.partition("://")
+    try:
+        return f"{scheme}://{host.encode('idna').decode()}"
+    except UnicodeError:
+        return f"{origin}: not a host name"

@@ -169,14 +169,23 @@ def test_cors_origins_accept_json_and_comma_lists() -> None:
 
 def test_cors_origins_are_read_as_browsers_send_them() -> None:
     """Lowercase, without the default port: `Origin: https://a.example` matches what was configured."""
-    origins = load_settings({"CORS_ORIGINS": "HTTPS://A.Example:443, http://B.example:80, http://c.example:8080"})
-    assert origins.cors_origins == ("https://a.example", "http://b.example", "http://c.example:8080")
+    origins = load_settings({"CORS_ORIGINS": "HTTPS://A.Example:443, http://B.example:80, http://c.example:8080, "
+                                             "http://localhost:0080, http://[::1]:03000"})  # fmt: skip
+    assert origins.cors_origins == ("https://a.example", "http://b.example", "http://c.example:8080",
+                                    "http://localhost", "http://[::1]:3000")  # fmt: skip
 
 
-@pytest.mark.parametrize("origin", ["https://*.example.com", "https://user:pw@a.example"])
+@pytest.mark.parametrize("origin", ["https://*.example.com", "https://user:pw@a.example", "http://a.example:99999",
+                                    "http://a.example:"])  # fmt: skip
 def test_cors_origins_that_no_browser_sends_are_refused(origin: str) -> None:
     [problem] = problems({"CORS_ORIGINS": origin})
     assert "each origin must be '*' or scheme://host[:port], with no path, user or wildcard" in problem
+
+
+def test_a_cors_origin_of_an_international_host_is_refused_with_the_form_browsers_send() -> None:
+    """Browsers send the host in punycode: `bücher.example` as written would never match, so it is refused."""
+    [problem] = problems({"CORS_ORIGINS": "https://bücher.example"})
+    assert problem.endswith("write each host as browsers send it, in ASCII (punycode: https://xn--bcher-kva.example)")
 
 
 def test_cors_origin_with_a_path_is_refused() -> None:
@@ -262,6 +271,42 @@ def test_production_refuses_a_placeholder_secret_key() -> None:
     """A long key copied from the docs is not a secret."""
     [problem] = problems({**PRODUCTION, "SECRET_KEY": "change-me-to-a-long-random-string-please"})
     assert problem.startswith("SECRET_KEY='***': looks like a documentation placeholder")
+
+
+def test_a_random_key_that_happens_to_spell_a_placeholder_is_accepted() -> None:
+    """`secrets.token_urlsafe(48)` spells `todo` about once in 20,000 keys: inside a word it is no placeholder."""
+    for key in ("Qx7TODOq" + GOOD_KEY, "Zq81-x_m3LpRt0wYexample" + GOOD_KEY):
+        assert load_settings({**PRODUCTION, "SECRET_KEY": key}).secret_key == key
+    [problem] = problems({**PRODUCTION, "SECRET_KEY": GOOD_KEY + "-todo"})
+    assert problem.startswith("SECRET_KEY='***': looks like a documentation placeholder")
+
+
+def test_a_value_that_is_not_utf_8_is_refused_not_a_traceback() -> None:
+    """The OS hands bytes that are not UTF-8 over as surrogates, which nothing downstream can encode."""
+    [problem] = problems({"APP_NAME": "caf\udce9"})
+    assert problem == "APP_NAME='café': is not UTF-8 text"
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_a_prometheus_directory_that_cannot_be_written_is_a_settings_problem(tmp_path: Path, kind: str) -> None:
+    """prometheus-client would fail on it with a traceback at start-up; said in the one message instead."""
+    shared = tmp_path / "missing"
+    if kind == "a file":
+        shared.write_text("")
+    [problem] = problems({"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    assert problem == f"PROMETHEUS_MULTIPROC_DIR='{shared}': must be an existing directory this process may write"
+    assert load_settings({"PROMETHEUS_MULTIPROC_DIR": str(shared), "ENABLE_METRICS": "false"}).enable_metrics is False
+
+
+def test_a_misspelt_variable_is_named_in_the_message_that_stops_start_up() -> None:
+    """The warning create_app would log never comes when start-up fails: the refusal names the near miss itself."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABSE_URL": "postgresql://u:pw@db/app"})
+    assert str(caught.value) == (
+        "Invalid settings (1 problem(s)):\n"
+        "  DATABASE_URL (unset): required in staging and production\n"
+        "  (DATABSE_URL is set but is not a setting: did you mean DATABASE_URL?)"
+    )
 
 
 @pytest.mark.parametrize("key", ["a" * 32, "secret" * 6, "password" * 4, "0123456" * 5])
@@ -411,6 +456,25 @@ def test_an_unreadable_dotenv_is_one_message_and_exit_3(
     )
 
 
+def test_a_prometheus_directory_in_dotenv_is_refused_as_prometheus_never_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prometheus-client reads it from the process environment only: in `.env` every worker would count alone."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"PROMETHEUS_MULTIPROC_DIR={tmp_path}\n")
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        read_environment(env_file)
+    assert exit_.value.code == CONFIGURATION_ERROR
+    assert capsys.readouterr().err.splitlines()[1] == (
+        f"  {env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads from the server's environment "
+        "alone: set it there"
+    )
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # set in the environment too: the environment's
+    assert read_environment(env_file)["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)
+
+
 def test_a_dotenv_line_that_cannot_be_parsed_stops_start_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -476,12 +540,13 @@ def test_a_misspelt_or_lower_case_variable_is_named_with_the_setting_it_resemble
     )
 
 
-def test_other_programs_variables_are_not_taken_for_misspelt_settings() -> None:
+def test_other_programs_variables_are_not_taken_for_misspelt_settings(tmp_path: Path) -> None:
     """The environment holds libpq's, Kubernetes' and the shell's variables too: none of them is a near miss."""
     others = ["PATH", "HOME", "HOSTNAME", "PGPORT", "PGHOST", "PGPASSWORD", "TEST_DATABASE_URL", "UVICORN_PORT",
               "PROMETHEUS_MULTIPROC_DIR", "KUBERNETES_PORT", "KUBERNETES_SERVICE_HOST", "LANG", "DATABASE_USER",
               "LOG_FORMATTER", "APP_ENV"]  # fmt: skip
-    assert load_settings(dict.fromkeys(others, "1")).unknown_variables == ()
+    environ = {**dict.fromkeys(others, "1"), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}  # a directory it may write
+    assert load_settings(environ).unknown_variables == ()
     assert load_settings({**PRODUCTION, "LOG_LEVEL": "debug"}).unknown_variables == ()
 
 
