@@ -136,6 +136,9 @@ class Database:
             "connection_class": _Connection,
             **({"timeout": connect_timeout} if connect_timeout is not None else {}),
             "statement_cache_size": settings.database_statement_cache_size,
+            # The client's own bound on each query: a server that stopped answering (frozen, a host
+            # gone without a reset) never ends one, where statement_timeout, the server's, cannot act.
+            "command_timeout": settings.database_command_timeout,
             "server_settings": {"application_name": settings.app_name[:63]},
         }
         self.pool_size = settings.database_pool_size
@@ -191,10 +194,12 @@ class Database:
         NOT NULL), `MalformedRequestError` (400), except a Python value of the wrong type for its
         parameter, the handler's bug (a 500); a
         concurrent transaction's refusal (class 40, 55P03), `ConflictError` saying to try again;
-        a statement timeout (57014), `OperationTimeoutError` (504); a server out of resources
-        (class 53), `DatabaseConnectionError`. The handler's own misuse of its connection (two
-        queries at once on it) or `OSError` stays a 500, its traceback logged, instead of
-        passing for a lost connection.
+        a statement timeout (57014), `OperationTimeoutError` (504), and a query unanswered for
+        `DATABASE_COMMAND_TIMEOUT` a `TimeoutError` (504, the connection closed); a server out of
+        resources (class 53) or read-only (25006: a standby), `DatabaseConnectionError`. A block
+        that ends with a transaction still open is the handler's bug: rolled back, and a 500. The
+        handler's own misuse of its connection (two queries at once on it) or `OSError` stays a
+        500, its traceback logged, instead of passing for a lost connection.
         `stateless=True` promises that the block only reads outside any transaction, leaving
         nothing in the session (no SET, LISTEN, lock or cursor): giving it back then skips the
         reset round trip (a transaction left open is still rolled back).
@@ -216,6 +221,9 @@ class Database:
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         try:
             yield conn
+            if conn.is_in_transaction():  # its reset would roll back what the client is about to be told is done
+                await conn.execute("ROLLBACK")
+                raise RuntimeError("The handler left a transaction open: it was rolled back (use conn.transaction())")
             if self._failure is not None:  # a block went through: say so once, after the failure's line
                 logger.info("Database available again (after: %s)", self._failure)
                 self._failure = None
@@ -237,6 +245,10 @@ class Database:
             raise ConflictError(f"Conflicts with a concurrent transaction ({_condition(exc)}): try again") from exc
         except asyncpg.QueryCanceledError as exc:  # 57014: statement_timeout, or cancelled by an administrator
             raise OperationTimeoutError(f"{MESSAGES[504]} (database: {_condition(exc)})") from exc
+        except asyncpg.ReadOnlySQLTransactionError as exc:  # 25006: a standby, or a primary demoted by a failover
+            _discard(conn)  # a new connection may reach the new primary
+            self._failing_because(exc)
+            raise DatabaseConnectionError(describe_failure(exc), retry_after=DATABASE_RETRY_AFTER) from exc
         except asyncpg.InsufficientResourcesError as exc:  # SQLSTATE class 53: out of memory, disk full
             self._failing_because(exc)
             message = f"Database temporarily unavailable ({_condition(exc)})"
@@ -432,6 +444,8 @@ def describe_failure(exc: BaseException) -> str:
             return "Database refused the credentials"
         case asyncpg.InvalidCatalogNameError():
             return "Database does not exist"
+        case asyncpg.ReadOnlySQLTransactionError():
+            return "Database is read-only (a standby, or a failover under way)"
         case asyncpg.CannotConnectNowError():
             return "Database is starting up or shutting down"
         case asyncpg.TooManyConnectionsError():

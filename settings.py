@@ -66,6 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
     database_pool_size: int = 10
     database_pool_timeout: float = 30.0
+    database_command_timeout: float = 30.0
     database_statement_cache_size: int = 100
     secret_key: str = msgspec.field(default_factory=lambda: secrets.token_urlsafe(48))
     secret_key_generated: bool = False
@@ -209,6 +210,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         database_url=get("DATABASE_URL", check_url, show=lambda raw: repr(mask_url(raw))),
         database_pool_size=get("DATABASE_POOL_SIZE", _bounded(int, 1, 100)),
         database_pool_timeout=get("DATABASE_POOL_TIMEOUT", _positive),
+        database_command_timeout=get("DATABASE_COMMAND_TIMEOUT", _bounded(float, 1, 3600)),
         database_statement_cache_size=get("DATABASE_STATEMENT_CACHE_SIZE", _bounded(int, 0, None)),
         secret_key=get("SECRET_KEY", str, "", show=lambda raw: "'***'"),
         log_level=get("LOG_LEVEL", _log_level),

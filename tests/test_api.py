@@ -227,6 +227,31 @@ async def write_too_late(ctx: Context) -> Seen:
     raise AssertionError("the row is locked")
 
 
+@session.post("/session/uncommitted", summary="A write in a transaction the handler never commits")
+async def write_uncommitted(ctx: Context) -> Seen:
+    async with ctx.connection() as conn:
+        await conn.execute("BEGIN; UPDATE counters SET value = value + 1")
+        return await _seen(conn)
+
+
+@pytest.mark.anyio
+async def test_a_transaction_the_handler_leaves_open_is_a_500_and_rolled_back(database_url: str) -> None:
+    """The reset would roll it back silently after the client was told it succeeded: a 500 saying why instead."""
+    await run_sql(database_url, "CREATE TABLE counters (value int NOT NULL); INSERT INTO counters VALUES (0)")
+    settings = make_settings(DATABASE_URL=database_url, DATABASE_POOL_SIZE="1", DEBUG="true")
+    async with serve(create_app(settings, endpoints=[session])) as client:
+        left_open = await client.post("/session/uncommitted")
+        after = await client.get("/session")  # the same pooled connection, clean
+    assert (left_open.status_code, left_open.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")
+    assert "The handler left a transaction open: it was rolled back" in left_open.json()["detail"]["message"]
+    assert after.status_code == 200
+    admin = await asyncpg.connect(database_url)
+    try:
+        assert await admin.fetchval("SELECT value FROM counters") == 0
+    finally:
+        await admin.close()
+
+
 @pytest.mark.anyio
 async def test_a_write_whose_request_timed_out_never_commits_later(database_url: str) -> None:
     """The client is told 504; the query it left behind on the server is ended and rolled back, not

@@ -126,6 +126,24 @@ async def test_hung_database_answers_503_within_the_timeout(cluster: Cluster, da
         await wait_until_ready(client, within=10)
 
 
+async def test_a_query_the_hung_database_never_answers_is_a_504_within_the_command_timeout(
+    cluster: Cluster, database_url: str
+) -> None:
+    """statement_timeout is the server's, and a frozen server enforces nothing: DATABASE_COMMAND_TIMEOUT,
+    the client's own bound, ends the request, drops its connection, and the next request is served."""
+    async with service(database_url, DATABASE_COMMAND_TIMEOUT="1") as client:
+        assert (await client.get("/hold?seconds=0")).status_code == 204  # a pooled connection, ready
+        cluster.hang()
+        try:
+            response, elapsed = await timed_get(client, "/hold?seconds=0")
+        finally:
+            cluster.resume()
+        assert (response.status_code, response.json()["error"]) == (504, "TIMEOUT_ERROR")
+        assert 1 - 0.1 <= elapsed < 1 + SLACK
+        await wait_until_ready(client, within=10)
+        assert (await client.get("/hold?seconds=0")).status_code == 204
+
+
 async def test_hung_database_never_hangs_new_connections_either(cluster: Cluster, database_url: str) -> None:
     """With an empty pool, connecting to a frozen server is bounded by the same timeout."""
     async with service(database_url) as client:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -307,6 +308,28 @@ async def test_404s_and_422s_leave_the_pooled_connections_in_place(migrated_url:
     assert statuses == {404, 422}
     assert before
     assert after == before
+
+
+@pytest.mark.anyio
+async def test_a_read_only_database_is_503_with_retry_after_and_writes_resume_after(migrated_url: str) -> None:
+    """A standby, or a primary a failover demoted, refuses writes (25006): the database unavailable, not a 500."""
+    database = urlsplit(migrated_url).path.removeprefix("/")
+    admin = await asyncpg.connect(migrated_url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        async with items_client(migrated_url) as client:
+            refused = await client.post("/items", json={"name": "on a standby"})
+            read = await client.get("/items")
+            await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+            # The read's connection, opened read-only, is refused and dropped in its turn; a new one writes.
+            written = [(await client.post("/items", json={"name": f"after {n}"})).status_code for n in range(2)]
+    finally:
+        await admin.close()
+    assert (refused.status_code, refused.json()["error"]) == (503, "DATABASE_CONNECTION_ERROR")
+    assert refused.json()["message"] == "Database is read-only (a standby, or a failover under way)"
+    assert refused.headers["retry-after"] == str(refused.json()["retry_after"])
+    assert read.status_code == 200
+    assert written == [503, 201]
 
 
 @pytest.mark.anyio
