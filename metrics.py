@@ -153,6 +153,8 @@ class Metrics:
     def exposition(self) -> bytes:
         if not self.multiprocess:
             return generate_latest(self.collectors)
+        assert self._file is not None  # multiprocess: the shared directory is known
+        _forget_the_dead(self._file.parent)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # not annotated upstream
         merged.register(self)
@@ -163,6 +165,30 @@ class Metrics:
         if self.multiprocess:
             self.write_counts()
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # not annotated upstream
+
+
+def _forget_the_dead(directory: Path) -> None:
+    """Take the live gauges of processes that are gone out of the sums.
+
+    A worker killed outright never says it stopped (`close`): `python -m app`'s supervisor says
+    so for it, but `uvicorn --workers N` replaces it without a word, and a server killed whole
+    leaves its files to the next one on the directory. Their pool gauges would count forever.
+    Their request counts stay: a counter never goes back.
+    """
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid))  # type: ignore[no-untyped-call]  # not annotated upstream
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def _read(path: Path) -> _Counts:

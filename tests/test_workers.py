@@ -69,6 +69,21 @@ def test_a_scrape_counts_its_own_worker_at_once_and_keeps_stopped_workers(tmp_pa
         assert value(text, "http_request_duration_seconds_count", method="GET", route="<unmatched>") == 8
 
 
+def test_a_killed_servers_pool_gauges_leave_the_sums_of_the_next_one(database_url: str, tmp_path: Path) -> None:
+    """A process killed outright leaves its live gauges (so does a worker `uvicorn --workers` replaces):
+    a scrape takes those of processes that are gone out of the sums."""
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    environ = {"DATABASE_URL": database_url, "DATABASE_POOL_SIZE": "3", "PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    with running_uvicorn(environ) as first:
+        assert value(_metrics(first.url), "db_pool_connections_max") == 3
+        first.process.kill()
+        first.process.wait()
+    assert list(shared.glob("gauge_livesum_*.db"))  # left behind
+    with running_uvicorn(environ) as second:
+        assert value(_metrics(second.url), "db_pool_connections_max") == 3  # not 6
+
+
 def test_python_m_app_workers_log_only_json_and_count_every_request(database_url: str, tmp_path: Path) -> None:
     """WEB_CONCURRENCY=2 in production: every line of every process is JSON; /metrics counts all 20 requests."""
     env = production(database_url, WEB_CONCURRENCY="2", DATABASE_POOL_SIZE="3", SHUTDOWN_DRAIN_SECONDS="0")
