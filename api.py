@@ -383,7 +383,7 @@ class Endpoint:
             replies[304] = Reply(_NOT_MODIFIED, own_headers=d.response_headers)
             if not any(p.location == "header" and p.name.lower() == "if-none-match" for p in params):
                 params += (Param("If-None-Match", "header", {"type": "string"}, required=False),)
-        errors = set(d.errors) | {503}  # any endpoint may find its database unavailable
+        errors = set(d.errors) | {503, 504}  # any endpoint may find its database unavailable, or slow
         if self.params or self.body_type is not None:
             errors |= {422}
         if self.body_type is not None:

@@ -117,10 +117,12 @@ ERROR_REPLIES = {
                {"internal": _error("INTERNAL_SERVER_ERROR", "Internal server error")}),
     503: Reply("A dependency is temporarily unavailable", ErrorBody, {"database": _error(
         "DATABASE_CONNECTION_ERROR", "Database temporarily unavailable", retry_after=5)}, ("Retry-After",)),
+    504: Reply("Took too long: a query past `statement_timeout` or DATABASE_COMMAND_TIMEOUT", ErrorBody,
+               {"timeout": _error("TIMEOUT_ERROR", "The operation timed out (database: query canceled)")}),
 }  # fmt: skip
 _NAMES = {400: "MalformedRequest", 401: "Unauthenticated", 403: "Forbidden", 404: "NotFound",
           405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
-          422: "ValidationError", 500: "InternalServerError", 503: "ServiceUnavailable"}  # fmt: skip
+          422: "ValidationError", 500: "InternalServerError", 503: "ServiceUnavailable", 504: "Timeout"}  # fmt: skip
 
 OPERATIONS = {
     "health": Operation("Liveness", "Whether this process can serve. No I/O: it never touches the database.",
@@ -210,7 +212,11 @@ def _operation(name: str, op: Operation) -> dict[str, Any]:
             responses[str(status)] = {"$ref": f"#/components/responses/{_NAMES[status]}"}
         else:  # a status of the app's own (its exception handler answers it): the envelope
             responses[str(status)] = {"description": HTTPStatus(status).phrase, "content": envelope}
-    responses["default"] = {"description": "Any other error: see the shared error responses", "content": envelope}
+    responses["default"] = {
+        "description": "Any other error: see the shared error responses",
+        "content": envelope,
+        "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
+    }
     operation: dict[str, Any] = {
         "operationId": name,
         "summary": op.summary,

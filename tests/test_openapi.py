@@ -99,7 +99,7 @@ async def test_openapi_lists_the_error_envelope_for_every_error_status(client: h
     envelope = {"$ref": "#/components/schemas/ErrorBody"}
     names = {"MalformedRequest", "Unauthenticated", "Forbidden", "NotFound", "MethodNotAllowed", "Conflict",
              "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalServerError",
-             "ServiceUnavailable"}  # fmt: skip
+             "ServiceUnavailable", "Timeout"}  # fmt: skip
     assert set(shared) == names
     assert all(shared[name]["content"]["application/json"]["schema"] == envelope for name in names)
     assert "Retry-After" in shared["ServiceUnavailable"]["headers"]
@@ -108,6 +108,9 @@ async def test_openapi_lists_the_error_envelope_for_every_error_status(client: h
     for item in spec["paths"].values():
         for operation in item.values():
             assert operation["responses"]["500"] == {"$ref": "#/components/responses/InternalServerError"}
+            assert operation["responses"]["default"]["headers"] == {
+                "X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}
+            }
 
 
 @pytest.mark.anyio
