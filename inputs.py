@@ -173,7 +173,8 @@ def _text_form(info: msgspec.inspect.Type) -> tuple[re.Pattern[str], str] | None
 
 
 _NOT_A_NUMBER = re.compile(r"(?![-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$).*", re.DOTALL)
-_INTEGER_FORM = (re.compile(r"-?[0-9]+|null"), "Expected an integer, written in digits")
+# No leading zero: msgspec refuses `05` too, but says only that it got text.
+_INTEGER_FORM = (re.compile(r"-?(?:0|[1-9][0-9]*)|null"), "Expected an integer, written in digits")
 _FORMS: dict[type, tuple[re.Pattern[str], str]] = {
     msgspec.inspect.IntType: _INTEGER_FORM,
     msgspec.inspect.DateTimeType: (

@@ -259,12 +259,15 @@ async def test_list_is_newest_first_and_limited(migrated_url: str) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("limit", ["0", "101", "ten", "-1", "2.5"])
+@pytest.mark.parametrize("limit", ["0", "101", "ten", "-1", "2.5", "05", "1e1"])
 async def test_limit_out_of_range_is_422(migrated_url: str, limit: str) -> None:
     async with items_client(migrated_url) as client:
         response = await client.get("/items", params={"limit": limit})
     assert response.status_code == 422
-    assert [e["field"] for e in response.json()["validation_errors"]] == ["limit"]
+    [error] = response.json()["validation_errors"]
+    assert error["field"] == "limit"
+    if limit in ("05", "1e1"):  # numbers, but not as the schema writes an integer: one spelling per value
+        assert error["message"] == "Expected an integer, written in digits"
 
 
 @pytest.mark.anyio
