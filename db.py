@@ -205,16 +205,24 @@ class Database:
         reset round trip (a transaction left open is still rolled back).
         The connection is the caller's only inside the block: afterwards another request may hold it.
         """
+        queued = True
         try:
             async with asyncio.timeout(self.acquire_timeout):  # one timer for the queue and the connecting
                 await self._queue.acquire()
+                queued = False
                 try:
                     conn = await self._take()
                 except BaseException:
                     self._queue.release()
                     raise
         except TimeoutError:
-            raise DatabaseConnectionError("No database connection available", retry_after=1) from None
+            if queued:  # every connection in use: one is soon free
+                raise DatabaseConnectionError("No database connection available", retry_after=1) from None
+            # A slot was free, and the database did not let us connect in time: it is the database.
+            message = f"Database did not answer within {self.acquire_timeout:g} seconds"
+            unanswered = DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER)
+            self._failing_because(unanswered)
+            raise unanswered from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._failing_because(exc)
             message = "Database temporarily unavailable"

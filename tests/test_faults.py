@@ -164,6 +164,27 @@ async def test_service_starts_while_database_is_down_and_recovers_later(cluster:
         await wait_until_ready(client, within=10)
 
 
+async def test_a_database_that_will_not_let_us_connect_is_named_not_the_pool(
+    cluster: Cluster, database_url: str
+) -> None:
+    """Connecting to a frozen server outlasts DATABASE_POOL_TIMEOUT with no connection in use: the 503 says the
+    database did not answer (and waits as long as any database failure), not that the pool ran out."""
+    async with service(database_url, DATABASE_POOL_TIMEOUT="1") as client:
+        cluster.hang()
+        try:
+            response, elapsed = await timed_get(client, "/hold?seconds=0")
+            probe = (await client.get("/health/db")).json()
+        finally:
+            cluster.resume()
+        body = response.json()
+        assert (response.status_code, body["message"]) == (503, "Database did not answer within 1 seconds")
+        assert body["retry_after"] > 1
+        assert elapsed < 1 + SLACK
+        assert probe["errors"] == ["Database did not answer within 1 seconds"]
+        assert probe["connection_pool"]["active_connections"] == 0
+        await wait_until_ready(client, within=10)
+
+
 async def test_exhausted_pool_answers_within_the_timeout_and_says_why(database_url: str) -> None:
     """Every pooled connection busy: the probe does not queue forever and names the reason."""
     async with service(database_url, DATABASE_POOL_SIZE="2") as client:
