@@ -90,7 +90,7 @@ _UNHEALTHY_DB = {"status": "unhealthy", "timestamp": _T, "database_connected": F
                  "connection_pool": {"active_connections": 0, "pool_size": 10}, "migration_status": "unknown",
                  "errors": ["Database health check timed out after 10 seconds"]}  # fmt: skip
 _LIVE = {"status": "healthy", "timestamp": _T, "version": "0.1.0", "uptime_seconds": 3600}
-_HTML = Reply("An HTML page", media_type="text/html")
+_HTML = Reply("An HTML page", headers=("Content-Security-Policy",), media_type="text/html")
 
 # Errors any route can answer: shared in `components.responses`, each one the error envelope.
 ERROR_REPLIES = {
@@ -140,7 +140,8 @@ OPERATIONS = {
                    {"unhealthy": _UNHEALTHY_DB}, ("Cache-Control",)),
     }),
     "metrics": Operation("Prometheus metrics", "Request counts and durations by route, pool and process gauges.",
-                         "operations", {200: Reply("Prometheus text format", media_type="text/plain")}),
+                         "operations", {200: Reply("Prometheus text format", headers=("Cache-Control",),
+                                                   media_type="text/plain")}),
     "openapi": Operation("This document", "The OpenAPI description of the service.", "documentation",
                          {200: Reply("OpenAPI 3.1", media_type="application/json")}),
     "docs": Operation("Swagger UI", "Interactive documentation, served without a CDN.", "documentation",
@@ -149,7 +150,11 @@ OPERATIONS = {
 }  # fmt: skip
 _HEADERS = {
     "X-Request-ID": {"description": "The request's ID, also in logs and error bodies", "schema": {"type": "string"}},
-    "Cache-Control": {"description": "`no-store`: probes are never cached", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "`no-store`: probes and metrics are never cached", "schema": {"type": "string"}},
+    "Content-Security-Policy": {
+        "description": "The page may load nothing but this service's own assets (no CDN)",
+        "schema": {"type": "string"},
+    },
     "Retry-After": {"description": "Seconds before a retry may succeed", "schema": {"type": "integer"}},
     "Allow": {"description": "The methods the path answers", "schema": {"type": "string"}},
     "Location": {"description": "The path of the resource just created", "schema": {"type": "string"}},

@@ -142,6 +142,19 @@ async def test_real_responses_match_the_documented_schemas(client: httpx.AsyncCl
 
 
 @pytest.mark.anyio
+async def test_the_headers_the_service_routes_send_are_documented(client: httpx.AsyncClient) -> None:
+    """Each header a foundation route sends, beyond the ones every response has, is in its documented 200."""
+    spec = await _spec(client)
+    for path in ("/health", "/health/db", "/metrics", "/docs", "/redoc"):
+        response = await client.get(path)
+        documented = {
+            name.lower() for name in spec["paths"][path]["get"]["responses"][str(response.status_code)]["headers"]
+        }
+        sent = set(response.headers) - {"content-type", "content-length", "vary", "x-content-type-options"}
+        assert sent <= documented, path
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("path", ["/docs", "/redoc"])
 async def test_docs_pages_reference_only_assets_the_service_serves(client: httpx.AsyncClient, path: str) -> None:
     """The pages name no other host, and each asset they load is served here."""
