@@ -468,6 +468,8 @@ def describe_failure(exc: BaseException) -> str:
             | asyncpg.InternalClientError()  # a terminated backend's goodbye, read before asyncpg noticed
         ):
             return "Database connection lost"
+        case ConnectionError() if "rejected SSL upgrade" in str(exc):  # asyncpg's words for it
+            return "Database refused SSL, which the URL's sslmode requires"
         case ConnectionRefusedError():
             return "Database is unreachable: connection refused"
         case OSError():

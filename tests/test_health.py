@@ -122,6 +122,22 @@ async def test_readiness_counts_the_probe_connection_as_active(database_url: str
     assert body["connection_pool"]["active_connections"] == 1
 
 
+async def test_readiness_names_a_server_that_refuses_the_ssl_the_url_requires(database_url: str) -> None:
+    """The server is reachable; it speaks no SSL, which `sslmode=require` insists on: said so, not "unreachable"."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        if await conn.fetchval("SHOW ssl") == "on":
+            pytest.skip("TEST_DATABASE_URL names a server that speaks SSL")
+    finally:
+        await conn.close()
+    async with serve_settings(DATABASE_URL=f"{database_url}?sslmode=require") as client:
+        response = await client.get("/health/db")
+    assert (response.status_code, response.json()["errors"]) == (
+        503,
+        ["Database refused SSL, which the URL's sslmode requires"],
+    )
+
+
 async def test_readiness_with_wrong_password_is_503_and_never_shows_it(database_url: str) -> None:
     """Refused credentials are a short, safe reason; the password appears nowhere."""
     bad_url = database_url.replace("postgresql://postgres:", "postgresql://postgres:wrong-", 1)
