@@ -223,7 +223,8 @@ class Database:
             unanswered = DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER)
             self._failing_because(unanswered)
             raise unanswered from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # InternalClientError: a backend terminated as it was opened, its goodbye read mid-handshake
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
             self._failing_because(exc)
             message = "Database temporarily unavailable"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
@@ -242,9 +243,10 @@ class Database:
             if isinstance(exc, _LOST_IF_CLOSED) and not conn.is_closed():
                 raise  # the handler's own: a 500 with its traceback, not a retry
             _discard(conn)
-            self._failing_because(exc)
-            message = "Database connection lost"
-            raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+            lost = DatabaseConnectionError("Database connection lost", retry_after=DATABASE_RETRY_AFTER)
+            # asyncpg's InterfaceError on a closed connection names no cause: the loss is the reason
+            self._failing_because(lost if isinstance(exc, asyncpg.InterfaceError) else exc)
+            raise lost from exc
         except _CONFLICTS as exc:
             if _inside_the_server(exc):
                 raise
