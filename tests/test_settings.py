@@ -441,19 +441,25 @@ def test_host_with_a_port_or_not_a_name_is_refused(host: str) -> None:
     ]
 
 
+def refused(env_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The lines start-up writes when reading `env_file` stops it, with the configuration error's status."""
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        read_environment(env_file)
+    assert exit_.value.code == CONFIGURATION_ERROR
+    return capsys.readouterr().err.splitlines()
+
+
 def test_an_unreadable_dotenv_is_one_message_and_exit_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A `.env` that is not UTF-8 is a configuration mistake, not a traceback (and uvicorn stops its workers)."""
     env_file = tmp_path / ".env"
     env_file.write_bytes(b"APP_NAME=caf\xe9\n")
-    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        read_environment(env_file)
-    assert exit_.value.code == CONFIGURATION_ERROR
-    assert (
-        capsys.readouterr().err == f"Invalid settings (1 problem(s)):\n  {env_file}: cannot be read (not UTF-8 text)\n"
-    )
+    assert refused(env_file, monkeypatch, capsys) == [
+        "Invalid settings (1 problem(s)):",
+        f"  {env_file}: cannot be read (not UTF-8 text)",
+    ]
 
 
 def test_a_prometheus_directory_in_dotenv_is_refused_as_prometheus_never_reads_it(
@@ -462,12 +468,8 @@ def test_a_prometheus_directory_in_dotenv_is_refused_as_prometheus_never_reads_i
     """prometheus-client reads it from the process environment only: in `.env` every worker would count alone."""
     env_file = tmp_path / ".env"
     env_file.write_text(f"PROMETHEUS_MULTIPROC_DIR={tmp_path}\n")
-    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        read_environment(env_file)
-    assert exit_.value.code == CONFIGURATION_ERROR
-    assert capsys.readouterr().err.splitlines()[1] == (
+    assert refused(env_file, monkeypatch, capsys)[1] == (
         f"  {env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads from the server's environment "
         "alone: set it there"
     )
@@ -481,11 +483,7 @@ def test_a_dotenv_line_that_cannot_be_parsed_stops_start_up(
     """python-dotenv would skip it and start without it: here an unclosed quote is refused, named, not shown."""
     env_file = tmp_path / ".env"
     env_file.write_text('DEBUG=false\nexport SECRET_KEY="s3cr3t-value\nENVIRONMENT=production\n')
-    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        read_environment(env_file)
-    assert exit_.value.code == CONFIGURATION_ERROR
-    assert capsys.readouterr().err.splitlines() == [  # the quote runs on to the end: one problem
+    assert refused(env_file, monkeypatch, capsys) == [  # the quote runs on to the end: one problem
         "Invalid settings (1 problem(s)):",
         f"  {env_file}, line 2 (SECRET_KEY): cannot be parsed as NAME=value (an unclosed quote?)",
     ]
