@@ -237,7 +237,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         problems.append(f"PROMETHEUS_MULTIPROC_DIR={shared!r}: must be an existing directory this process may write")
     # A variable whose value was refused is not reported a second time as missing.
     reported = {_variable(p) for p in problems}
-    problems += [p for p in _check_environment_rules(values) if _variable(p) not in reported]
+    problems += [p for p in _check_environment_rules(values, environ) if _variable(p) not in reported]
     if problems:  # a misspelt name is said here too: create_app, which warns of it, never runs
         raise SettingsError(problems, values.unknown_variables)
     if not values.secret_key:
@@ -284,20 +284,25 @@ def _exit_with(message: str) -> NoReturn:
     raise SystemExit(CONFIGURATION_ERROR)
 
 
-def _check_environment_rules(s: Settings) -> list[str]:
-    """Rules that involve more than one variable; unsafe production setups are refused here."""
+def _check_environment_rules(s: Settings, environ: Mapping[str, str]) -> list[str]:
+    """Rules that involve more than one variable; unsafe production setups are refused here.
+
+    Each names the variable with its value as it was set (`DEBUG='1'`), not as it was read.
+    """
     problems = []
     if "*" in s.cors_origins and s.cors_allow_credentials:
-        problems.append("CORS_ORIGINS='*': a wildcard origin is refused while CORS_ALLOW_CREDENTIALS is true")
+        shown = environ.get("CORS_ORIGINS", "*")
+        problems.append(f"CORS_ORIGINS={shown!r}: a wildcard origin is refused while CORS_ALLOW_CREDENTIALS is true")
     if s.environment == "development":
         return problems
     where = "in staging and production"
     if s.environment == "production" and s.debug:
-        problems.append("DEBUG='true': must be false in production")
+        problems.append(f"DEBUG={environ.get('DEBUG', 'true')!r}: must be false in production")
     if s.database_url is None:
         problems.append(f"DATABASE_URL (unset): required {where}")
     if not s.secret_key:
-        problems.append(f"SECRET_KEY (unset): required {where}")
+        state = "(unset)" if environ.get("SECRET_KEY") is None else "(empty)"
+        problems.append(f"SECRET_KEY {state}: required {where}")
     elif len(s.secret_key) < MIN_SECRET_KEY_LENGTH:
         problems.append(
             f"SECRET_KEY='***' ({len(s.secret_key)} characters): must be at least "

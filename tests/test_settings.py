@@ -273,6 +273,17 @@ def test_production_refuses_a_placeholder_secret_key() -> None:
     assert problem.startswith("SECRET_KEY='***': looks like a documentation placeholder")
 
 
+def test_a_refusal_shows_each_value_as_it_was_set() -> None:
+    """`DEBUG=1` is named as `'1'`, an empty key as empty (it was set), a list with a wildcard whole."""
+    env = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:pw@db/app", "DEBUG": "1", "SECRET_KEY": "",
+           "CORS_ORIGINS": "https://a.example, *"}  # fmt: skip
+    assert problems(env) == [
+        "CORS_ORIGINS='https://a.example, *': a wildcard origin is refused while CORS_ALLOW_CREDENTIALS is true",
+        "DEBUG='1': must be false in production",
+        "SECRET_KEY (empty): required in staging and production",
+    ]
+
+
 def test_a_random_key_that_happens_to_spell_a_placeholder_is_accepted() -> None:
     """`secrets.token_urlsafe(48)` spells `todo` about once in 20,000 keys: inside a word it is no placeholder."""
     for key in ("Qx7TODOq" + GOOD_KEY, "Zq81-x_m3LpRt0wYexample" + GOOD_KEY):
