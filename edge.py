@@ -34,7 +34,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from errors import CODES, MESSAGES, UNREADABLE_BODY, ErrorBody
 from logs import log_refusal
-from middleware import new_request_id
+from middleware import incoming_request_id, new_request_id
 from responses import ENCODER, utc_timestamp
 
 if TYPE_CHECKING:
@@ -181,7 +181,9 @@ class EdgeProtocol(HttpToolsProtocol):
         # uvicorn's own, without arming a keep-alive timer: the server's sweep closes idle connections.
         self.server_state.total_requests += 1
         if self._refused and not self.pipeline:  # the refused request came after this response
-            if self.cycle is not None and UNREADABLE_BODY in self.cycle.scope:  # this one: its app answered it
+            # This one: its app answered it; or this response closed the connection, and the refused
+            # request, never answered, gets no line of a 400 nobody was sent.
+            if self.cycle is not None and (UNREADABLE_BODY in self.cycle.scope or not self.cycle.keep_alive):
                 self.transport.close()
             else:
                 self._send_refusal()
@@ -296,7 +298,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._send_refusal()
 
     def _send_refusal(self) -> None:
-        status, request_id = self._refused, new_request_id()
+        # The refused request's own headers, as far as they were read: its caller's ID is kept, as the app keeps it.
+        status, request_id = self._refused, incoming_request_id(self.headers or []) or new_request_id()
         method = self.parser.get_method() if self.url else b""  # a method is parsed before the target
         seconds = time.monotonic() - self._refused_since
         log_refusal(method, self.url, status, seconds, self.client, request_id)

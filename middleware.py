@@ -44,7 +44,7 @@ from routing import route_for
 
 logger = logging.getLogger("service.errors")
 REQUEST_ID_HEADER = b"x-request-id"
-_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 # What the access line and the metrics say of a request whose client left before its body was
 # read (nginx's status for it): not a 500, which would page someone for a client's dropped connection.
@@ -108,7 +108,7 @@ class RequestContext:
                 continue
             # A field value's surrounding whitespace is not part of it (RFC 9110), and httptools keeps it.
             if name == REQUEST_ID_HEADER:
-                incoming = value if _VALID_REQUEST_ID.fullmatch(value := value.strip(b" \t")) else None
+                incoming = value if VALID_REQUEST_ID.fullmatch(value := value.strip(b" \t")) else None
             elif name == b"origin":
                 has_origin = True
             elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value.strip(b" \t"))):
@@ -199,6 +199,15 @@ def _being_cancelled() -> bool:
     """Whether the running task itself has been asked to stop (not merely handed a CancelledError)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The caller's `X-Request-ID` among `headers`, if well formed: what a refusal before the app reuses
+    (the request layer reads it in its own pass over the headers)."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.fullmatch(value := value.strip(b" \t")):
+            return value.decode()
+    return None
 
 
 def new_request_id() -> str:

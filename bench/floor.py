@@ -26,7 +26,7 @@ from starlette.routing import Route
 from health import Liveness
 from logs import REQUEST
 from metrics import Metrics
-from middleware import _NOSNIFF, _VALID_REQUEST_ID, REQUEST_ID_HEADER, new_request_id
+from middleware import _NOSNIFF, REQUEST_ID_HEADER, VALID_REQUEST_ID, new_request_id
 from responses import ENCODER, utc_timestamp
 
 METRICS = Metrics()
@@ -41,7 +41,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     started = time.perf_counter()
     incoming = None
     for name, value in scope["headers"]:
-        if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.fullmatch(value):
+        if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.fullmatch(value):
             incoming = value
     request_id = incoming.decode() if incoming else new_request_id()
     token = REQUEST.set((request_id, None))

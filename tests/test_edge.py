@@ -13,6 +13,7 @@ import selectors
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -636,6 +637,34 @@ def test_an_http_1_0_request_without_host_is_served(server: UvicornProcess) -> N
     answer = exchange(server.port, b"GET /health HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert b'"status":"healthy"' in answer
+
+
+def test_a_refusal_keeps_the_callers_request_id(server: UvicornProcess) -> None:
+    """As every response does: a valid `X-Request-ID` read before the refusal names it, in the header, the body and
+    the access line; an invalid one is replaced."""
+    kept = exchange(server.port, b"GET /health HTTP/1.1\r\nHost: a b\r\nX-Request-ID: my-trace-124\r\n\r\n")
+    replaced = exchange(server.port, b"GET /health HTTP/1.1\r\nHost: a b\r\nX-Request-ID: two words\r\n\r\n")
+    head, _, body = kept.partition(b"\r\n\r\n")
+    assert (head.split(b"\r\n")[0], json.loads(body)["request_id"]) == (b"HTTP/1.1 400 Bad Request", "my-trace-124")
+    assert b"\r\nx-request-id: my-trace-124\r\n" in head + b"\r\n"
+    assert [r["status"] for r in logged_with(server, "my-trace-124")] == [400]
+    assert b"two words" not in replaced
+    assert uuid.UUID(json.loads(replaced.partition(b"\r\n\r\n")[2])["request_id"]).version == 4
+
+
+def test_a_request_after_a_response_that_closes_the_connection_gets_no_line_of_an_unsent_refusal(
+    server: UvicornProcess,
+) -> None:
+    """A 405 to a chunked body nobody read closes the connection: the bad request pipelined after it is never
+    answered, so no access line or count claims it got a 400."""
+    answer = exchange(server.port, b"PUT /health HTTP/1.1\r\nHost: a\r\nX-Request-ID: first-one\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                      b"GET /health HTTP/1.1\r\nHost: x y\r\nX-Request-ID: never-answered\r\n\r\n")  # fmt: skip
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"405"]
+    assert [r["status"] for r in logged_with(server, "first-one")] == [405]
+    time.sleep(0.5)  # a line of the refusal would be written with the 405's, or right after it
+    refusals = [line for line in server.output().splitlines() if '"status":400' in line.replace(" ", "")]
+    assert refusals == []
 
 
 def test_a_host_refusal_has_its_access_line_and_is_counted_in_the_metrics(server: UvicornProcess) -> None:
