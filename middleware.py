@@ -108,7 +108,7 @@ class RequestContext:
                 continue
             # A field value's surrounding whitespace is not part of it (RFC 9110), and httptools keeps it.
             if name == REQUEST_ID_HEADER:
-                incoming = value if VALID_REQUEST_ID.fullmatch(value := value.strip(b" \t")) else None
+                incoming = valid_request_id(value)
             elif name == b"origin":
                 has_origin = True
             elif name == b"traceparent" and (trace := _TRACEPARENT.fullmatch(value.strip(b" \t"))):
@@ -201,13 +201,20 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def valid_request_id(value: bytes) -> bytes | None:
+    """An `X-Request-ID` value, if well formed: what the service reuses rather than making its own."""
+    value = value.strip(b" \t")  # a field value's surrounding whitespace is not part of it (RFC 9110)
+    return value if VALID_REQUEST_ID.fullmatch(value) else None
+
+
 def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The caller's `X-Request-ID` among `headers`, if well formed: what a refusal before the app reuses
-    (the request layer reads it in its own pass over the headers)."""
+    """The caller's `X-Request-ID` among `headers` as the request layer reads it (the last such line,
+    if well formed): what a refusal before the app reuses."""
+    incoming = None
     for name, value in headers:
-        if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.fullmatch(value := value.strip(b" \t")):
-            return value.decode()
-    return None
+        if name == REQUEST_ID_HEADER:
+            incoming = valid_request_id(value)
+    return incoming.decode() if incoming else None
 
 
 def new_request_id() -> str:
