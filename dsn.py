@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
-_QUERY_PASSWORD = re.compile(r"((?:^|[&?\s])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
+
 CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout: a black-holed host must not hang us
 # libpq's keywords that asyncpg does not know: it would send them to the server as settings, which
 # the server refuses ("unrecognized configuration parameter"), so the app could never connect.
@@ -32,6 +32,18 @@ _LIBPQ_ONLY: dict[str, frozenset[str] | None] = {
 }  # fmt: skip
 
 
+def _spelt(word: str) -> str:
+    """A pattern for `word` as a query key may spell it: any letter percent-encoded (`%70assword`),
+    which the drivers decode; with `re.IGNORECASE`, in either case."""
+    return "".join(f"(?:{c}|%{ord(c.lower()):02x}|%{ord(c.upper()):02x})" for c in word)
+
+
+# `password=` and `sslpassword=` in a query string or libpq's `key=value` form, the value quoted or not.
+_QUERY_PASSWORD = re.compile(
+    rf"((?:^|[&?\s])(?:{_spelt('ssl')})?{_spelt('password')}\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", re.IGNORECASE
+)
+
+
 def check_url(raw: str) -> str:
     """`raw` if asyncpg and libpq can connect with it as written, else ValueError with the rule it breaks."""
     scheme = raw.partition("://")[0].lower()
@@ -41,9 +53,12 @@ def check_url(raw: str) -> str:
         parts = urlsplit(raw)
     except ValueError:
         raise ValueError(f"is not a valid URL ({_ESCAPE_HINT})") from None
-    # `app:12/Secret@db`, `app:?Secret@db`: the password's rest read as the path or the query
-    if "@" in parts.path or "@" in parts.query or parts.fragment:
+    # `app:12/Secret@db`, `app:?Secret@db`: the password's rest read as the path or the query;
+    # `app:hun@ter@db`: asyncpg and libpq end the password at the first `@`, yoyo at the last
+    if "@" in parts.path or "@" in parts.query or parts.fragment or parts.netloc.count("@") > 1:
         raise ValueError(f"is not the URL it seems ({_ESCAPE_HINT})")
+    if "%00" in raw:  # libpq's connection strings end at a NUL: the rest (the host, say) would be lost
+        raise ValueError("holds %00 (a NUL byte), which no connection parameter can carry")
     # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
     for host in parts.netloc.rpartition("@")[2].split(","):
         port = host.rpartition("]")[2].partition(":")[2]

@@ -376,6 +376,14 @@ def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
     assert problem == "DATABASE_URL='postgresql://app@db:99999/prod?password=***': has an invalid port"
 
 
+@pytest.mark.parametrize("key", ["%70assword", "pass%77ord", "PASSWORD", "%53%53Lpassword"])
+def test_a_query_password_however_its_key_is_spelt_is_masked_and_kept_secret(key: str) -> None:
+    """The drivers decode a percent-encoded key (`%70assword` is `password`): it is masked all the same."""
+    url = f"postgresql://app@db:5432/prod?sslmode=require&{key}=Qu%40ry-Secret-99"
+    assert mask_url(url) == f"postgresql://app@db:5432/prod?sslmode=require&{key}=***"
+    assert {"Qu%40ry-Secret-99", "Qu@ry-Secret-99"} <= set(load_settings({"DATABASE_URL": url}).secrets)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -388,6 +396,9 @@ def test_a_password_in_the_query_string_is_masked_and_kept_secret() -> None:
         "host=db user=app password='Top Secret Pw1' dbname=app",  # quoted, with blanks
         "postgresql://app:12/Secret@db:99999/app",  # `12` read as a port, the rest as the path
         "postgresql://app:?TopSecretPw1@db.internal:5432/app",  # an unescaped `?`: the rest read as the query
+        # an unescaped `@`: asyncpg would take `Pw1@db.internal` for the host and ask DNS for it
+        "postgresql://app:TopSecret@Pw1@db.internal:5432/app",
+        "postgresql://app:TopSecret%00Pw1@db.internal:5432/app",  # libpq would lose the host after the NUL
     ],
 )
 def test_a_refused_database_url_never_shows_its_password(url: str) -> None:
