@@ -266,6 +266,19 @@ class StaticBody:
         await send_bytes(scope, send, 200, self.body, self.headers)
 
 
+class WholeFiles(StaticFiles):
+    """Starlette's StaticFiles, serving whole files only: a `Range` is ignored, as RFC 9110 allows.
+
+    Starlette answers a range it cannot serve (`bytes=abc`, `items=0-1`, `bytes=5-1`, past the
+    end) itself, in plain text: not the envelope every error of the service is, and for an
+    unknown unit not what RFC 9110 asks (ignore it). The docs' assets are small and fetched whole.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(name, value) for name, value in scope["headers"] if name not in (b"range", b"if-range")]
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
 def _page(title: str, head: str, body: str, inline_script: str = "") -> StaticBody:
     """An HTML page whose Content-Security-Policy lets it reach no host but this one."""
     script = f"<script>{inline_script}</script>\n" if inline_script else ""
@@ -307,7 +320,7 @@ def docs_routes(settings: Settings, routes: list[BaseRoute], operations: Mapping
     docs: list[BaseRoute] = [
         Route("/docs", swagger, methods=["GET"], name="docs"),
         Route("/redoc", _page(f"{title} - ReDoc", "", REDOC_BODY), methods=["GET"], name="redoc"),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        Mount("/static", WholeFiles(directory=STATIC_DIR), name="static"),
     ]
     schema = ENCODER.encode(build_openapi(settings, [*routes, _OPENAPI_ROUTE, *docs], operations))
     return [Route("/openapi.json", StaticBody(schema, "application/json"), methods=["GET"], name="openapi"), *docs]

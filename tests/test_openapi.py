@@ -176,6 +176,17 @@ async def test_docs_pages_reference_only_assets_the_service_serves(client: httpx
     assert (await client.head(path)).content == b""
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", ["bytes=abc", "items=0-1", "bytes=5-1", "bytes=99999999-", "bytes=0-9"])
+async def test_a_docs_asset_is_served_whole_whatever_range_is_asked(client: httpx.AsyncClient, value: str) -> None:
+    """A `Range` on an asset is ignored (RFC 9110 allows it): never a plain-text 400 or 416."""
+    whole = (STATIC_DIR / "swagger-ui.css").read_bytes()
+    response = await client.get("/static/swagger-ui.css", headers={"Range": value})
+    assert response.status_code == 200
+    assert response.content == whole
+    assert "content-range" not in response.headers
+
+
 def test_vendored_assets_match_their_recorded_hashes() -> None:
     """static/ holds exactly what .ci/refresh-docs-assets fetched: no hand edits."""
     lines = (STATIC_DIR / "ASSETS.sha256").read_text().splitlines()
