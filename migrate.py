@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import getpass
 import glob
 import logging
 import os
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import psycopg
     from yoyo.exceptions import BadMigration, LockTimeout, MigrationConflict
 
+    _name_the_user()
     # Our own lines say what happened; yoyo's logging would add tracebacks for a bad migration.
     logging.getLogger("yoyo").propagate = False
     logging.getLogger("yoyo").addHandler(logging.NullHandler())
@@ -194,6 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         _fail(args.name, f"stopped by {signum.name}; a migration in progress was not recorded as applied", secrets)
         return 128 + signum
+
+
+def _name_the_user() -> None:
+    """yoyo records who applied each migration (`getpass.getuser()`), which fails for a user the
+    system does not list: a container run with an arbitrary UID, as OpenShift runs them. Such a
+    user is recorded by its UID (`uid 1000680000`), rather than the migration failing."""
+    try:
+        getpass.getuser()
+    except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
+        os.environ["LOGNAME"] = f"uid {os.getuid()}"
 
 
 def _new(args: argparse.Namespace) -> int:

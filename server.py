@@ -60,7 +60,7 @@ class EdgeConfig(uvicorn.Config):
             # (rounded up: uvicorn counts whole seconds), so a probe of a hung database still
             # answers, as the contract promises; then they are cancelled, so a client that never
             # finishes sending its request cannot hold the exit back. The exit comes within
-            # SHUTDOWN_DRAIN_SECONDS + this + the pool's close (db.CLOSE_TIMEOUT, 10 s): 30 s with
+            # SHUTDOWN_DRAIN_SECONDS + this + the pool's close (db.CLOSE_TIMEOUT, 2 s): 22 s with
             # deploy/kubernetes.yaml's settings, inside its 40 s grace period, whose arithmetic
             # already counted on in-flight requests ending within this. Not a setting of its own:
             # that would be one more number to keep inside the grace period.

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -35,7 +36,14 @@ from prometheus_client import multiprocess
 from uvicorn._subprocess import get_subprocess
 from uvicorn.config import STARTUP_FAILURE
 
+from settings import CONFIGURATION_ERROR
+
 logger = logging.getLogger("service.server")
+NO_METRICS_DIR = (
+    "the workers merge their metrics in a directory of their own, and no temporary directory is "
+    "writable (TMPDIR, /tmp, /var/tmp, the working directory): mount a tmpfs or an emptyDir at "
+    "/tmp, or set PROMETHEUS_MULTIPROC_DIR to a writable directory"
+)
 
 
 def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) -> int:
@@ -48,7 +56,12 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     sockets = [config.bind_socket()]  # first: a port already taken leaves nothing behind
     private_metrics = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        private_metrics = tempfile.mkdtemp(prefix="prometheus-")
+        try:
+            private_metrics = tempfile.mkdtemp(prefix="prometheus-")
+        except OSError as exc:  # a read-only filesystem without a writable /tmp: a deployment's mistake
+            sockets[0].close()
+            print(f"WEB_CONCURRENCY={workers}: {NO_METRICS_DIR} ({exc})", file=sys.stderr, flush=True)
+            return CONFIGURATION_ERROR
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
         logger.info("Workers merge their metrics in %s (removed at exit)", private_metrics)
     # The handlers do nothing themselves: Python's own handler writes each signal's number to the

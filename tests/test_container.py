@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import httpx
 import psycopg
 import pytest
+from cluster import Cluster
 from service import ROOT, free_port
 
 TAG = "service:test"
@@ -29,6 +30,8 @@ HEALTH_INTERVAL = "1s"
 DRAIN_SECONDS = 2
 STOP_GRACE = DRAIN_SECONDS + 15  # docker stop's wait before SIGKILL
 MAX_IMAGE_BYTES = 400 * 1024 * 1024  # the stand-in base is ~240 MB; the official slim one is smaller
+ARBITRARY_USER = ("--user", "1000680000:0", "--read-only")  # as OpenShift runs an image
+DOCKER_STOP_GRACE = 10  # seconds: `docker stop`'s default wait before SIGKILL
 
 
 def _docker_answers() -> bool:
@@ -133,9 +136,43 @@ def test_docker_stop_ends_the_server_cleanly_within_the_drain(image: str) -> Non
         assert "Application shutdown complete" in container.logs()
 
 
+def test_docker_stop_default_grace_is_enough_while_the_database_hangs(
+    image: str, cluster: Cluster, database_url: str
+) -> None:
+    """With a pooled connection to a frozen database and the default drain, a plain `docker stop`
+    (10 s) sees a clean exit: closing the pool does not wait out the hung server."""
+    with running(image, f"DATABASE_URL={database_url}", "SHUTDOWN_DRAIN_SECONDS=5") as container:
+        assert httpx.get(f"{container.url}/health/db", timeout=10).status_code == 200  # a pooled connection
+        cluster.hang()
+        try:
+            started = time.monotonic()
+            stopped = docker("stop", container.name)
+            elapsed = time.monotonic() - started
+        finally:
+            cluster.resume()
+        assert stopped.returncode == 0, stopped.stderr
+        state = json.loads(container.inspect("{{json .State}}"))
+        assert state["ExitCode"] == 0, f"exit {state['ExitCode']} after {elapsed:.1f} s:\n{container.logs()}"
+        assert elapsed < DOCKER_STOP_GRACE
+
+
+def test_workers_without_a_writable_tmp_stop_with_one_line_saying_so(image: str) -> None:
+    """WEB_CONCURRENCY=2 on a read-only root without a tmpfs: exit 3 and one line naming the fix, no traceback."""
+    environment = ["HOST=127.0.0.1", f"PORT={free_port()}", "WEB_CONCURRENCY=2"]
+    done = docker("run", "--rm", "--network", "host", *ARBITRARY_USER,
+                  *(arg for value in environment for arg in ("--env", value)), image)  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "mount a tmpfs or an emptyDir at /tmp" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_migrate_runs_inside_the_image_against_a_database_on_loopback(image: str, database_url: str) -> None:
-    """`python -m db migrate` in the image migrates a database on the host's loopback; `status --check` agrees."""
-    command = ["run", "--rm", "--network", "host", "--env", f"DATABASE_URL={database_url}", image, "python", "-m", "db"]
+    """`python -m db migrate` in the image migrates a database on the host's loopback; `status --check` agrees.
+
+    As OpenShift runs images: an arbitrary UID that /etc/passwd does not list, a read-only root filesystem.
+    """
+    command = ["run", "--rm", "--network", "host", *ARBITRARY_USER, "--env", f"DATABASE_URL={database_url}", image]
+    command += ["python", "-m", "db"]
     migrated = docker(*command, "migrate")
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     checked = docker(*command, "status", "--check")
