@@ -61,7 +61,7 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # Here rather than in format(): the IDs belong on the message line, before any traceback.
-        line = super().formatMessage(record)
+        line = super().formatMessage(record).rstrip("\n")  # a warning's message ends in one: the IDs go on its line
         request_id = getattr(record, "request_id", None)
         if request_id and not self.places_request_id:
             trace_id = getattr(record, "trace_id", None)
@@ -181,8 +181,10 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
-        old.close()
-        handler.dropped += getattr(old, "dropped", 0)  # the count is the process's, not the handler's
+        if isinstance(old, BufferedHandler):
+            handler.take_over(old)  # its lines, without waiting for a stream that may not drain
+        else:
+            old.close()
     root.addHandler(handler)
     root.setLevel(settings.log_level)
     for name in ("uvicorn", "uvicorn.error"):

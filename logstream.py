@@ -16,7 +16,9 @@ import stat
 import sys
 import threading
 import weakref
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from typing import TextIO
 
 # Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
@@ -37,11 +39,11 @@ class BufferedHandler(logging.Handler):
     (called by `logging.shutdown` at exit) waits until every buffered line is written.
     """
 
-    def __init__(self, stream: TextIO, capacity: int = LOG_BUFFER_CHARS) -> None:
+    def __init__(self, stream: TextIO | None, capacity: int = LOG_BUFFER_CHARS) -> None:
         super().__init__()
         self.capacity = capacity
         self.dropped = 0  # lines dropped since the process started (log_lines_dropped_total)
-        self.stream = stream  # held: a file object that is collected closes its descriptor
+        self.stream = stream  # held: a file object that is collected closes its descriptor; None: stderr closed
         self._write = _writer(stream)
         self._ready = threading.Condition(self.lock)  # Handler.lock: an RLock, so emit may notify inside handle
         self._pending: list[str] = []
@@ -121,6 +123,21 @@ class BufferedHandler(logging.Handler):
             self._stuck = not drained
             return drained
 
+    def take_over(self, old: BufferedHandler) -> None:
+        """`old`'s buffered lines and counts, and `old` closed, without waiting for its stream: a
+        handler replaced on a stream that does not drain (logging configured again, at start-up)
+        holds nothing up. A batch `old`'s writer already holds is still its own to write."""
+        with old._ready:
+            lines, old._pending, old._pending_chars = old._pending, [], 0
+            unreported, old._unreported = old._unreported, 0
+            old._closed = True
+            old._ready.notify_all()
+        with self._ready:
+            self.dropped += old.dropped  # the count is the process's, not the handler's
+            self._unreported += unreported
+            for line in lines:
+                self._append(line)
+
     def close(self) -> None:
         self.flush()
         with self._ready:
@@ -138,18 +155,21 @@ class BufferedHandler(logging.Handler):
                 if not self._closed:
                     self._ready.wait(_LINGER)
                 batch, self._pending, self._pending_chars = self._pending, [], 0
-                lines = len(batch)
                 unreported, self._unreported = self._unreported, 0
                 if unreported:  # the stream took the write before this one: it drains again
                     batch.append(self._report(unreported))
                 closed, self._writing = self._closed, True
-            written = self._write("".join(batch)) if batch else True
+            try:
+                lost = self._write(batch) if batch else 0
+            except Exception:  # the writer must outlive any stream: a dead one would lose every later line
+                lost = len(batch)
             with self._ready:
                 self._writing = False
-                self._stuck = self._stuck and not written
-                if not written:  # a closed or broken stream: these lines are lost too
-                    self.dropped += lines
-                    self._unreported += lines + unreported
+                self._stuck = self._stuck and bool(lost)
+                if lost:  # a closed, broken or full stream: the lines not written whole are lost too
+                    report_lost = bool(unreported)  # the report is the batch's last line: lost first
+                    self.dropped += lost - report_lost
+                    self._unreported += lost - report_lost + (unreported if report_lost else 0)
                 self._ready.notify_all()
                 if closed and not self._pending:
                     return
@@ -173,42 +193,59 @@ def _restart_after_fork(handler: BufferedHandler | None) -> None:
         handler._start_writer()
 
 
-def _writer(stream: TextIO) -> Callable[[str], bool]:
-    """A function that writes text to `stream` whatever it takes, True if it all went out.
+def _writer(stream: TextIO | None) -> Callable[[list[str]], int]:
+    """A function that writes lines to `stream` whatever it takes, and returns how many it could
+    not write whole (0: all went out).
 
     A real descriptor is written with `os.write`: a thread blocked in it holds no lock of the
     interpreter's, so the process can still exit while the stream is stuck (a thread blocked
     inside `sys.stderr.write` would make the interpreter abort at exit). A stream with no
-    descriptor (pytest's capture) is written through its own methods.
+    descriptor (pytest's capture) is written through its own methods; no stream at all (stderr
+    closed when the process started) takes nothing, and every line is counted as dropped.
     """
+    if stream is None:
+        return len
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the latter
 
-        def write_text(text: str) -> bool:
+        def write_text(lines: list[str]) -> int:
             try:
-                stream.write(text)
+                stream.write("".join(lines))
                 stream.flush()
             except (OSError, ValueError):
-                return False
-            return True
+                return len(lines)
+            return 0
 
         return write_text
     stream.flush()
-    pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    mode = os.fstat(fd).st_mode
+    # Shared by every worker: a pipe, or a stream socket (systemd's journal gives one).
+    shared = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+    cut = False  # a failed write ended inside a line: the next write starts on a line of its own
 
-    def write_fd(text: str) -> bool:
-        data = text.encode("utf-8", "backslashreplace")
+    def write_fd(lines: list[str]) -> int:
+        nonlocal cut
+        prefix = b"\n" if cut else b""
+        parts = [line.encode("utf-8", "backslashreplace") for line in lines]
+        data = prefix + b"".join(parts)
+        sent = 0
         try:
-            for piece in _whole_lines(data) if pipe and len(data) > select.PIPE_BUF else (memoryview(data),):
+            for piece in _whole_lines(data) if shared and len(data) > select.PIPE_BUF else (memoryview(data),):
                 while piece:
                     try:
-                        piece = piece[os.write(fd, piece) :]
+                        written = os.write(fd, piece)
                     except BlockingIOError:  # a descriptor someone made non-blocking: wait until it takes more
                         select.select([], [fd], [], 1.0)
-        except OSError:
-            return False
-        return True
+                        continue
+                    piece, sent = piece[written:], sent + written
+        except OSError:  # a full disk may have taken part of a line: it is lost, and ends on the next write
+            ends = list(accumulate(len(part) for part in parts))
+            whole = bisect_right(ends, sent - len(prefix))
+            cut = (sent > 0 and data[sent - 1] != ord("\n")) or (cut and sent == 0)
+            return len(parts) - whole
+        cut = False
+        return 0
 
     return write_fd
 
@@ -218,8 +255,10 @@ def _whole_lines(data: bytes) -> Iterator[memoryview]:
 
     A pipe takes a write of up to `PIPE_BUF` bytes whole, never mixed with another process's
     (POSIX); a longer one may be split where the pipe is full, and the workers of `python -m
-    app` share their stderr: one's lines would land inside another's. A line longer than that
-    (a long traceback) is a piece of its own, and is still not safe from it.
+    app` share their stderr: one's lines would land inside another's. A Unix stream socket
+    (systemd's `StandardOutput=journal`) promises nothing of the kind, but Linux takes such
+    small writes whole (measured: spliced lines with 1 MiB writes, none in these pieces). A line
+    longer than that (a long traceback) is a piece of its own, and is still not safe from it.
     """
     view, start, size = memoryview(data), 0, len(data)
     while start < size:

@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -197,6 +198,7 @@ def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None =
     served = f"the app to serve, e.g. examples.items:app (default: {FOUNDATION}, the foundation)"
     parser.add_argument("app", nargs="?", default=FOUNDATION, metavar="MODULE:ATTRIBUTE", help=served)
     target: str = parser.parse_args(argv).app
+    _open_standard_descriptors()
     settings = load_settings_or_exit(read_environment())  # exits 3, before binding, when invalid
     configure_logging(settings)  # again by the app; before it, so a failure to import it is logged alike
     if settings.web_concurrency == 1:
@@ -205,6 +207,20 @@ def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None =
     # Each worker imports the app and builds it from the environment, once.
     config = EdgeConfig(target, settings)
     raise SystemExit(supervise(config, settings.web_concurrency, functools.partial(run_worker, config)))
+
+
+def _open_standard_descriptors() -> None:
+    """Descriptors 0 to 2 open, on /dev/null where they are closed (`2>&-`, a careless daemon),
+    as `2>/dev/null` would leave them: else the event loop takes one for itself, and libuv aborts
+    the process when it closes it at exit; with workers, the listening socket took it, and their
+    log lines went into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            if fd == 2 and sys.stderr is None:  # Python found it closed: the log lines' stream, for good
+                sys.stderr = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
 def run_worker(config: EdgeConfig, relay: socket.socket, sockets: list[socket.socket]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -193,7 +194,8 @@ def test_lines_of_several_processes_on_one_slowly_read_pipe_stay_whole() -> None
 def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
     """At exit `finish_logs`, then logging.shutdown's flush and close each waited FLUSH_TIMEOUT for a stuck stream."""
     read_end, write_end = os.pipe()
-    handler = BufferedHandler(os.fdopen(write_end, "w"))
+    stream = os.fdopen(write_end, "w")
+    handler = BufferedHandler(stream)
     try:
         for _ in range(2000):  # more than the pipe holds: the writer blocks
             handler.enqueue("x" * 100 + "\n")
@@ -210,7 +212,94 @@ def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
         handler.enqueue("after\n")
         assert handler.drain(FLUSH_TIMEOUT) is True
         handler.close()
-        handler.stream.close()  # the reader's end of file
+        stream.close()  # the reader's end of file
         reader.join(10)
     finally:
         os.close(read_end)
+
+
+def test_lines_of_several_processes_on_one_slowly_read_socket_stay_whole() -> None:
+    """systemd's journal gives stderr as a Unix stream socket: its writes are cut into whole lines as a pipe's are."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, f"writer-{n}"], cwd=ROOT, stderr=writer.fileno())
+        for n in range(4)
+    ]
+    writer.close()
+    data = bytearray()
+    while chunk := reader.recv(4096):  # slower than four writers: the socket's buffer stays full
+        data += chunk
+        time.sleep(0.002)
+    reader.close()
+    assert [process.wait(30) for process in writers] == [0] * 4
+    lines = bytes(data).decode().splitlines()
+    assert len(lines) == 4 * 1500
+    assert all(re.fullmatch(r"writer-\d \d+ x+", line) for line in lines)
+
+
+FULL_DISK = """
+import logging, resource, sys
+from logstream import BufferedHandler
+handler = BufferedHandler(open(sys.argv[1], "a"))
+handler.setFormatter(logging.Formatter("%(message)s"))
+log = logging.getLogger("flood")
+log.addHandler(handler)
+log.propagate = False
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))  # the file may not grow past 4000 bytes: EFBIG
+for i in range(100):
+    log.warning("line %03d %s", i, "z" * 91)
+assert handler.drain(5)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # room again
+log.warning("after")
+assert handler.drain(5)
+print(handler.dropped)
+"""
+
+
+def test_a_write_cut_short_by_a_full_disk_counts_exactly_the_lines_lost(tmp_path: Path) -> None:
+    """A write that took part of a line (a full disk, a size limit) counts as dropped only the lines not
+    written whole, and the cut line ends there, so the next line starts on a line of its own."""
+    log = tmp_path / "service.log"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(log)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    dropped = int(done.stdout)
+    lines = log.read_text().splitlines()
+    whole = [line for line in lines if re.fullmatch(r"line \d{3} z{91}", line)]
+    assert len(whole) == 39  # what 4000 bytes hold of 101-byte lines, and part of the 40th
+    assert dropped == 100 - len(whole)
+    cut = [line for line in lines if line.startswith("line ") and line not in whole]
+    assert len(cut) == 1  # the line the limit cut, alone on its line
+    assert len(cut[0]) < len("line 000 ") + 91
+    assert lines[-2:] == ["after", f"{dropped} log lines were dropped: the log stream was not draining"]
+
+
+def test_no_stream_at_all_counts_every_line_and_holds_nothing_up() -> None:
+    """With stderr closed when the process started (`sys.stderr` is None), lines are dropped and counted."""
+    handler = BufferedHandler(None)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for n in range(5):
+        handler.handle(logging.LogRecord("t", logging.WARNING, __file__, 0, "line %d", (n,), None))
+    started = time.monotonic()
+    assert handler.drain(FLUSH_TIMEOUT)
+    assert time.monotonic() - started < 1
+    assert handler.dropped == 5
+    handler.close()
+
+
+def test_python_m_app_with_stderr_closed_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    """`python -m app 2>&-`: the event loop must not take descriptor 2, which libuv aborts on closing at exit."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+    env = {**clean, "PORT": str(port), "HOST": "127.0.0.1", "SHUTDOWN_DRAIN_SECONDS": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(2)
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(30) == 0
+        assert time.monotonic() - started < FLUSH_TIMEOUT  # no wait for a stream that is not there
+    finally:
+        stop(process)

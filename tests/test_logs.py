@@ -9,6 +9,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -453,3 +454,34 @@ def test_write_access_line_goes_through_logging_when_something_else_listens(
     [record] = [r for r in caplog.records if r.name == "service.access"]
     assert record.getMessage() == "POST /x 201 1.50ms client=127.0.0.1:5"
     assert (record.__dict__["status"], record.__dict__["request_id"]) == (201, "req-2")
+
+
+def test_logging_configured_again_on_a_stuck_stream_waits_for_nothing_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lifespan configures logging again: on a stream that does not drain, the old handler's lines
+    move to the new one at once (start-up waited FLUSH_TIMEOUT for them), and reach the stream later."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:  # a stream nobody reads, already full
+            os.write(write_end, b"x" * 4096)
+    except BlockingIOError:
+        os.set_blocking(write_end, True)
+    stream = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    settings = make_settings(LOG_JSON="true", SECRET_KEY=SECRET)
+    try:
+        configure_logging(settings)
+        logging.getLogger("service.test").warning("before the second configuration")
+        started = time.monotonic()
+        configure_logging(settings)
+        assert time.monotonic() - started < 1
+        received = b""
+        while b"before the second configuration" not in received:  # the stream drains again
+            received += os.read(read_end, 1 << 16)
+    finally:
+        monkeypatch.undo()
+        configure_logging(make_settings())  # the suite's own stream again
+        stream.close()
+        os.close(read_end)
