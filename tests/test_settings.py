@@ -15,6 +15,7 @@ from settings import (
     CONFIGURATION_ERROR,
     DEFAULT_LOG_FORMAT,
     VARIABLES,
+    Redactor,
     SettingsError,
     load_settings,
     read_environment,
@@ -352,6 +353,18 @@ def test_secrets_lists_the_key_and_the_database_password() -> None:
     """Both secrets, the password also in its decoded form, are known to the log redactor."""
     s = load_settings({**PRODUCTION, "DATABASE_URL": "postgresql://u:p%40ss-word@db/app"})
     assert set(s.secrets) == {GOOD_KEY, "p%40ss-word", "p@ss-word"}
+
+
+def test_the_redactor_replaces_a_secret_only_where_it_stands_as_a_token_of_its_own() -> None:
+    """A password that is also part of a word (`postgres` in `postgresql://`) is not replaced inside
+    it: that would garble the line and tell its reader the password."""
+    redact = Redactor(["postgres", "Qu@ry-Secret-99"])
+    assert redact("cannot connect to postgresql://app:***@db/app") == "cannot connect to postgresql://app:***@db/app"
+    assert redact('password authentication failed for user "postgres"') == (
+        'password authentication failed for user "***"'
+    )
+    assert redact("dsn=postgresql://app:Qu@ry-Secret-99@db/app") == "dsn=postgresql://app:***@db/app"
+    assert redact("nothing secret here") == "nothing secret here"
 
 
 def test_mask_url_hides_only_the_password() -> None:
