@@ -227,8 +227,7 @@ def _writer(stream: TextIO | None) -> Callable[[list[str]], int]:
     def write_fd(lines: list[str]) -> int:
         nonlocal cut
         prefix = b"\n" if cut else b""
-        parts = [line.encode("utf-8", "backslashreplace") for line in lines]
-        data = prefix + b"".join(parts)
+        data = prefix + "".join(lines).encode("utf-8", "backslashreplace")
         sent = 0
         try:
             for piece in _whole_lines(data) if shared and len(data) > select.PIPE_BUF else (memoryview(data),):
@@ -240,10 +239,10 @@ def _writer(stream: TextIO | None) -> Callable[[list[str]], int]:
                         continue
                     piece, sent = piece[written:], sent + written
         except OSError:  # a full disk may have taken part of a line: it is lost, and ends on the next write
-            ends = list(accumulate(len(part) for part in parts))
+            ends = list(accumulate(len(line.encode("utf-8", "backslashreplace")) for line in lines))
             whole = bisect_right(ends, sent - len(prefix))
             cut = (sent > 0 and data[sent - 1] != ord("\n")) or (cut and sent == 0)
-            return len(parts) - whole
+            return len(lines) - whole
         cut = False
         return 0
 
