@@ -179,12 +179,9 @@ def configure_logging(settings: Settings) -> None:
     logging.logProcesses = "%(process)" in printed
     logging.logMultiprocessing = "%(processName)" in printed
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+    for old in [h for h in root.handlers if isinstance(h, BufferedHandler) and h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
-        if isinstance(old, BufferedHandler):
-            handler.take_over(old)  # its lines, without waiting for a stream that may not drain
-        else:
-            old.close()
+        handler.take_over(old)  # its lines, without waiting for a stream that may not drain
     root.addHandler(handler)
     root.setLevel(settings.log_level)
     for name in ("uvicorn", "uvicorn.error"):

@@ -39,7 +39,7 @@ from uvicorn.config import STARTUP_FAILURE
 from settings import CONFIGURATION_ERROR
 
 logger = logging.getLogger("service.server")
-NO_METRICS_DIR = (
+_NO_METRICS_DIR = (
     "the workers merge their metrics in a directory of their own, and no temporary directory is "
     "writable (TMPDIR, /tmp, /var/tmp, the working directory): mount a tmpfs or an emptyDir at "
     "/tmp, or set PROMETHEUS_MULTIPROC_DIR to a writable directory"
@@ -60,7 +60,7 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
             private_metrics = tempfile.mkdtemp(prefix="prometheus-")
         except OSError as exc:  # a read-only filesystem without a writable /tmp: a deployment's mistake
             sockets[0].close()
-            print(f"WEB_CONCURRENCY={workers}: {NO_METRICS_DIR} ({exc})", file=sys.stderr, flush=True)
+            print(f"WEB_CONCURRENCY={workers}: {_NO_METRICS_DIR} ({exc})", file=sys.stderr, flush=True)
             return CONFIGURATION_ERROR
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = private_metrics  # inherited by every worker
         logger.info("Workers merge their metrics in %s (removed at exit)", private_metrics)
