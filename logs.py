@@ -7,6 +7,7 @@ event loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -188,6 +189,7 @@ def configure_logging(settings: Settings) -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_LOGGED_ONCE)  # once: addFilter keeps one of each
     # Our access line carries the request ID and duration; uvicorn's would be a second line.
     # Without handlers anywhere up its chain, uvicorn does not even build that line's arguments.
     uvicorn_access = logging.getLogger("uvicorn.access")
@@ -203,6 +205,24 @@ def configure_logging(settings: Settings) -> None:
         threading.excepthook = _log_thread_exception
     if sys.unraisablehook is sys.__unraisablehook__:
         sys.unraisablehook = _log_unraisable
+
+
+def mark_logged(exc: BaseException) -> None:
+    """`exc` has had its line, with the request's ID, method and path: the server's own report of
+    it ("Exception in ASGI application", after a response that had started) is left out."""
+    with contextlib.suppress(AttributeError):  # an exception with __slots__ takes no mark: logged twice
+        setattr(exc, _LOGGED, True)
+
+
+class _LoggedOnce(logging.Filter):
+    """Drops a record of an exception `mark_logged` marked: the same traceback again, without the ID."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and getattr(record.exc_info[1], _LOGGED, False))
+
+
+_LOGGED = "_service_logged"
+_LOGGED_ONCE = _LoggedOnce()
 
 
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -39,7 +39,7 @@ from errors import (
     handler_for,
     server_error,
 )
-from logs import REQUEST, log_access, loggable_path
+from logs import REQUEST, log_access, loggable_path, mark_logged
 from routing import route_for
 
 logger = logging.getLogger("service.errors")
@@ -156,6 +156,7 @@ class RequestContext:
             if status:
                 if not shutdown:
                     logger.exception("Unhandled exception in %s %s", scope["method"], loggable_path(scope["path"]))
+                    mark_logged(exc)  # the server reports it too, without the request's ID
                 raise  # too late for a response of our own; the server closes the connection
             if shutdown:  # the envelope, not the server's plain-text 500: the client may retry elsewhere
                 response: ASGIApp = error_response(503, "SERVICE_UNAVAILABLE", SHUTTING_DOWN, headers=_CLOSE)

@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from test_metrics import value
 
 from api import Endpoints
@@ -763,3 +763,29 @@ def test_thousands_of_pipelined_h2c_requests_are_all_answered() -> None:
     with edge_serving(create_app(make_settings())) as port:
         answer = exchange(port, requests * 3000 + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200 ") == 3001
+
+
+def test_an_error_after_the_response_started_is_logged_once_with_the_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The request layer logs it with the request's ID, method and path; uvicorn's own "Exception in ASGI
+    application", the same traceback again without them, is left out."""
+
+    class FailsLate:
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["path"] == "/fails-late":
+                await FailsAfterStart()(scope, receive, send)
+            await self.app(scope, receive, send)
+
+    app = create_app(make_settings())
+    app.add_middleware(FailsLate)
+    with edge_serving(app) as port:
+        exchange(port, b"GET /fails-late HTTP/1.1\r\nHost: x\r\nX-Request-ID: late-1\r\n\r\n")
+        time.sleep(0.3)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["Unhandled exception in GET /fails-late"]
+    assert getattr(errors[0], "request_id", None) == "late-1"
+    assert errors[0].exc_info is not None
