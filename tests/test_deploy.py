@@ -21,6 +21,7 @@ from service import ROOT, free_port
 
 from app import create_app
 from db import CLOSE_TIMEOUT
+from logstream import FLUSH_TIMEOUT
 from settings import load_settings
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -179,7 +180,10 @@ def test_kubernetes_runs_the_production_server_and_reads_settings_from_a_secret(
     assert int(env["PORT"]) == 8000
     readiness_timeout = container["readinessProbe"]["timeoutSeconds"]
     drain = float(env["SHUTDOWN_DRAIN_SECONDS"])
-    assert drain + readiness_timeout + CLOSE_TIMEOUT < pod["terminationGracePeriodSeconds"]
+    # The in-flight bound is DATABASE_HEALTH_CHECK_TIMEOUT, under the readiness probe's timeout; a log
+    # stream that does not drain is waited for by each worker, then by the supervisor.
+    assert drain + readiness_timeout + CLOSE_TIMEOUT + 2 * FLUSH_TIMEOUT < pod["terminationGracePeriodSeconds"]
+    assert pod["automountServiceAccountToken"] is False  # the service never calls the Kubernetes API
     assert readiness_timeout > 10  # longer than DATABASE_HEALTH_CHECK_TIMEOUT's default
     assert container["envFrom"] == [{"secretRef": {"name": "service-settings"}}]
     assert container["resources"]["requests"]
