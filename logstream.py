@@ -24,7 +24,9 @@ from typing import TextIO
 # Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
 # counted. About 4,000 JSON access lines: a few seconds of a stuck log shipper at full load.
 LOG_BUFFER_CHARS = 1 << 20
-FLUSH_TIMEOUT = 5.0  # seconds a flush (shutdown included) waits for a stream that does not drain
+# Seconds a flush (shutdown included) waits for a stream that takes nothing: one that keeps taking
+# lines, however slowly (a log shipper catching up), is waited for until it has them all.
+FLUSH_TIMEOUT = 5.0
 # Seconds the writer lets lines gather after waking, so a burst costs one write and one wake-up.
 _LINGER = 0.005
 
@@ -44,7 +46,7 @@ class BufferedHandler(logging.Handler):
         self.capacity = capacity
         self.dropped = 0  # lines dropped since the process started (log_lines_dropped_total)
         self.stream = stream  # held: a file object that is collected closes its descriptor; None: stderr closed
-        self._write = _writer(stream)
+        self._write = _writer(stream, self._progressed)
         self._ready = threading.Condition(self.lock)  # Handler.lock: an RLock, so emit may notify inside handle
         self._pending: list[str] = []
         self._pending_chars = 0
@@ -52,7 +54,8 @@ class BufferedHandler(logging.Handler):
         self._writing = False  # the writer holds a batch that is not written yet
         self._idle = False  # the writer waits for a notify
         self._closed = False
-        self._stuck = False  # a drain timed out, and the stream has taken nothing since
+        self._progress = 0  # bytes (or writes) the stream has taken: a wait goes on while this grows
+        self._gave_up_at = -1  # the progress at which a drain last gave up on the stream
         self.write_through = False  # each line written before emit returns: set when the process stops
         self._start_writer()
         # A forked child has no writer thread: it starts its own, leaving the parent's lines to the parent.
@@ -103,7 +106,7 @@ class BufferedHandler(logging.Handler):
         if self.write_through:
             self._ready.notify_all()
             # A stream that stopped draining gets one wait, not one per line: exit stays bounded.
-            self.write_through = self._ready.wait_for(lambda: not (self._pending or self._writing), FLUSH_TIMEOUT)
+            self.write_through = self._wait_written(FLUSH_TIMEOUT)
         elif self._idle:  # at most one notify per batch: the writer lingers, then takes all
             self._idle = False
             self._ready.notify()
@@ -112,16 +115,30 @@ class BufferedHandler(logging.Handler):
         self.drain(FLUSH_TIMEOUT)
 
     def drain(self, timeout: float) -> bool:
-        """Wait until every buffered line is written; False if the stream did not take them in time.
+        """Wait until every buffered line is written; False if the stream took nothing for `timeout`
+        seconds. A stream that keeps taking lines, however slowly, is waited for until it has them all.
 
-        A stream that did not drain in one wait is not waited for again until it takes a write:
-        at exit, `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
+        A stream given up on is not waited for again until it takes a write: at exit,
+        `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
         """
         with self._ready:
             self._ready.notify_all()  # cut the writer's linger short
-            drained = self._ready.wait_for(lambda: not (self._pending or self._writing), 0 if self._stuck else timeout)
-            self._stuck = not drained
-            return drained
+            return self._wait_written(0 if self._progress == self._gave_up_at else timeout)
+
+    def _wait_written(self, patience: float) -> bool:
+        """With the lock held: wait for every buffered line to be written, while the stream takes
+        something every `patience` seconds."""
+        while True:
+            progress = self._progress
+            if self._ready.wait_for(lambda: not (self._pending or self._writing), patience):
+                return True
+            if self._progress == progress:
+                self._gave_up_at = progress
+                return False
+
+    def _progressed(self, amount: int) -> None:
+        """Told by the writer of every write the stream took: only its thread changes the count."""
+        self._progress += amount
 
     def take_over(self, old: BufferedHandler) -> None:
         """`old`'s buffered lines and counts, and `old` closed, without waiting for its stream: a
@@ -165,7 +182,6 @@ class BufferedHandler(logging.Handler):
                 lost = len(batch)
             with self._ready:
                 self._writing = False
-                self._stuck = self._stuck and bool(lost)
                 if lost:  # a closed, broken or full stream: the lines not written whole are lost too
                     report_lost = bool(unreported)  # the report is the batch's last line: lost first
                     self.dropped += lost - report_lost
@@ -193,9 +209,9 @@ def _restart_after_fork(handler: BufferedHandler | None) -> None:
         handler._start_writer()
 
 
-def _writer(stream: TextIO | None) -> Callable[[list[str]], int]:
+def _writer(stream: TextIO | None, progressed: Callable[[int], None]) -> Callable[[list[str]], int]:
     """A function that writes lines to `stream` whatever it takes, and returns how many it could
-    not write whole (0: all went out).
+    not write whole (0: all went out). It tells `progressed` of each write the stream takes.
 
     A real descriptor is written with `os.write`: a thread blocked in it holds no lock of the
     interpreter's, so the process can still exit while the stream is stuck (a thread blocked
@@ -215,6 +231,7 @@ def _writer(stream: TextIO | None) -> Callable[[list[str]], int]:
                 stream.flush()
             except (OSError, ValueError):
                 return len(lines)
+            progressed(len(lines))
             return 0
 
         return write_text
@@ -238,6 +255,7 @@ def _writer(stream: TextIO | None) -> Callable[[list[str]], int]:
                         select.select([], [fd], [], 1.0)
                         continue
                     piece, sent = piece[written:], sent + written
+                    progressed(written)
         except OSError:  # a full disk may have taken part of a line: it is lost, and ends on the next write
             ends = list(accumulate(len(line.encode("utf-8", "backslashreplace")) for line in lines))
             whole = bisect_right(ends, sent - len(prefix))

@@ -191,6 +191,47 @@ def test_lines_of_several_processes_on_one_slowly_read_pipe_stay_whole() -> None
     assert all(whole), lines[whole.index(False)]
 
 
+SLOW_EXIT = """
+import logging, sys, time
+import logstream
+from logstream import BufferedHandler, finish_logs
+logstream.FLUSH_TIMEOUT = 0.3  # logging.shutdown's flush and close at exit wait this long too
+handler = BufferedHandler(sys.stderr)
+logging.getLogger().addHandler(handler)
+logging.getLogger().setLevel(logging.INFO)
+for i in range(400):
+    logging.info("%d %s", i, "x" * 600)
+started = time.monotonic()
+drained = finish_logs(0.3)
+print(f"{drained} {time.monotonic() - started:.2f}", file=sys.__stdout__, flush=True)
+"""
+
+
+def test_a_stream_read_slowly_at_exit_gets_every_line() -> None:
+    """A log shipper catching up at exit, slower than the whole buffer in FLUSH_TIMEOUT: a stream that keeps
+    taking lines is waited for until it has them all; the wait used to end after FLUSH_TIMEOUT in all,
+    and the lines still buffered were lost with the process, uncounted."""
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EXIT], cwd=ROOT, stderr=write_end, stdout=subprocess.PIPE, text=True
+    )
+    os.close(write_end)
+    data = bytearray()
+    try:
+        while chunk := os.read(read_end, 4096):  # about 200 KB a second: the 240 KB take over a second
+            data += chunk
+            time.sleep(0.02)
+    finally:
+        os.close(read_end)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    drained, seconds = out.split()
+    assert drained == "True"
+    assert float(seconds) > 0.3  # longer than the wait for a stream that takes nothing
+    lines = bytes(data).decode().splitlines()
+    assert [int(line.split()[0]) for line in lines] == list(range(400))
+
+
 def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
     """At exit `finish_logs`, then logging.shutdown's flush and close each waited FLUSH_TIMEOUT for a stuck stream."""
     read_end, write_end = os.pipe()
@@ -207,7 +248,7 @@ def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
         reader = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(read_end, 65536), b"")])
         reader.start()  # the stream drains again: once it has taken a write, a drain waits for it again
         deadline = time.monotonic() + FLUSH_TIMEOUT
-        while handler._stuck and time.monotonic() < deadline:
+        while handler._progress == handler._gave_up_at and time.monotonic() < deadline:
             time.sleep(0.01)
         handler.enqueue("after\n")
         assert handler.drain(FLUSH_TIMEOUT) is True
