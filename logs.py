@@ -8,6 +8,7 @@ event loop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 import threading
@@ -59,9 +60,15 @@ class TextFormatter(logging.Formatter):
         super().__init__(fmt)
         self.redact = redact
         self.places_request_id = "%(request_id)" in fmt
+        self.placed_ids = [name for name in ("request_id", "trace_id") if f"%({name})" in fmt]
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # Here rather than in format(): the IDs belong on the message line, before any traceback.
+        if any(getattr(record, name, None) is None for name in self.placed_ids):
+            record = copy.copy(record)  # an ID the format places but the line has none of: `-`, not `None`
+            for name in self.placed_ids:
+                if getattr(record, name, None) is None:
+                    setattr(record, name, "-")
         line = super().formatMessage(record).rstrip("\n")  # a warning's message ends in one: the IDs go on its line
         request_id = getattr(record, "request_id", None)
         if request_id and not self.places_request_id:

@@ -354,6 +354,24 @@ async def test_custom_log_format_can_still_print_process_and_thread(capsys: pyte
     assert line.startswith(f"{os.getpid()} MainProcess MainThread GET /nope 404 ")
 
 
+async def test_a_log_format_placing_the_ids_prints_a_dash_where_a_line_has_none(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`%(request_id)s` in LOG_FORMAT printed `None` on every line outside a request (start-up, shutdown),
+    and `%(trace_id)s` on every line of a request without a `traceparent`."""
+    trace = "0af7651916cd43dd8448eb211c80da77"
+    await run(
+        {"LOG_FORMAT": "%(request_id)s %(trace_id)s %(name)s %(message)s", "SECRET_KEY": ""},
+        ("/nope", {b"X-Request-ID": b"given-id"}),
+        ("/nope", {b"X-Request-ID": b"traced-id", b"traceparent": f"00-{trace}-b7ad6b7169203331-01".encode()}),
+    )
+    lines = capsys.readouterr().err.splitlines()
+    assert "- - service SECRET_KEY is not set: using a random key that changes at every start" in lines
+    assert any(line.startswith("given-id - service.access GET /nope 404 ") for line in lines)
+    assert any(line.startswith(f"traced-id {trace} service.access GET /nope 404 ") for line in lines)
+    assert not [line for line in lines if "None" in line]
+
+
 @pytest.mark.parametrize("line_format", ["%(message)s", "%(message)s trace=%(trace_id)s"])
 def test_a_stream_that_stops_draining_drops_and_counts_instead_of_blocking(line_format: str) -> None:
     """Logging into a full, unread pipe returns at once; reading it again brings one line with the count.
