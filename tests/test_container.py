@@ -68,9 +68,9 @@ def image() -> str:
 
 
 class Container:
-    def __init__(self, name: str, port: int) -> None:
+    def __init__(self, name: str, port: int, host: str = "127.0.0.1") -> None:
         self.name = name
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
 
     def inspect(self, template: str) -> str:
         return docker("inspect", "--format", template, self.name).stdout.strip()
@@ -81,11 +81,11 @@ class Container:
 
 
 @contextmanager
-def running(image: str, *env: str) -> Iterator[Container]:
-    """The image's own command on 127.0.0.1:<free port>, answering /health; removed afterwards."""
+def running(image: str, *env: str, host: str = "127.0.0.1") -> Iterator[Container]:
+    """The image's own command on `host`:<free port>, answering /health; removed afterwards."""
     port = free_port()
-    container = Container(f"service-test-{uuid.uuid4().hex[:12]}", port)
-    environment = ["HOST=127.0.0.1", f"PORT={port}", f"SHUTDOWN_DRAIN_SECONDS={DRAIN_SECONDS}", *env]
+    container = Container(f"service-test-{uuid.uuid4().hex[:12]}", port, host)
+    environment = [f"HOST={host}", f"PORT={port}", f"SHUTDOWN_DRAIN_SECONDS={DRAIN_SECONDS}", *env]
     run = ["run", "--detach", "--name", container.name, "--network", "host", "--health-interval", HEALTH_INTERVAL]
     started = docker(*run, *(arg for value in environment for arg in ("--env", value)), image)
     assert started.returncode == 0, started.stderr
@@ -105,9 +105,11 @@ def running(image: str, *env: str) -> Iterator[Container]:
         docker("rm", "--force", container.name)
 
 
-def test_image_serves_health_as_a_non_root_user_and_its_health_check_passes(image: str) -> None:
-    """/health is 200 on the port from PORT, the server (PID 1) is not root, and HEALTHCHECK turns healthy."""
-    with running(image) as container:
+# 127.0.0.2 is loopback too: the check once asked 127.0.0.1 whatever HOST said, and failed there.
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2"])
+def test_image_serves_health_as_a_non_root_user_and_its_health_check_passes(image: str, host: str) -> None:
+    """/health is 200 on HOST:PORT, the server (PID 1) is not root, and HEALTHCHECK turns healthy."""
+    with running(image, host=host) as container:
         body = httpx.get(f"{container.url}/health", timeout=5).json()
         assert body["status"] == "healthy"
         status = docker("exec", container.name, "cat", "/proc/1/status").stdout

@@ -127,22 +127,25 @@ def test_dockerfile_command_and_health_check_work_from_a_clean_install(tmp_path:
     shutil.copy(ROOT / "requirements.lock", tmp_path)
     done = subprocess.run(["sh", "-c", install], cwd=tmp_path, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()
-    env.update(HOST="127.0.0.1", PORT=str(free_port()))  # as `docker run --network host -e ...` would
     command = _exec_form(_args("CMD")[-1])
     check = _exec_form(_args("HEALTHCHECK")[-1].split("CMD", 1)[1])
     env["PATH"] = f"{tmp_path / '.venv' / 'bin'}:{env['PATH']}"
-    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            if subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, timeout=10).returncode == 0:
-                break
-            assert server.poll() is None, "the container's command exited"
-            subprocess.run(["sleep", "0.1"], check=True)
-        else:
-            pytest.fail("HEALTHCHECK never passed")
-    finally:
-        server.terminate()
-        assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean stop
+    # As `docker run --network host -e HOST=...` would: the check asks where HOST says (it once asked
+    # 127.0.0.1 whatever HOST was), an IPv6 address in brackets.
+    for host in ("127.0.0.1", "127.0.0.2", "::1"):
+        env.update(HOST=host, PORT=str(free_port()))
+        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, timeout=10).returncode == 0:
+                    break
+                assert server.poll() is None, "the container's command exited"
+                subprocess.run(["sleep", "0.1"], check=True)
+            else:
+                pytest.fail(f"HEALTHCHECK never passed with HOST={host}")
+        finally:
+            server.terminate()
+            assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean stop
 
 
 @pytest.mark.anyio
