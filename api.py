@@ -291,16 +291,23 @@ class Endpoint:
         self.handler = declaration.handler
         self.guard = guard
         where = f"{declaration.method} {declaration.path} ({declaration.handler.__name__})"
+        if not inspect.iscoroutinefunction(self.handler):  # awaited at every request: each would be a 500
+            raise TypeError(f"{where}: a handler is an `async def` function")
         hints = typing.get_type_hints(self.handler)
         _, _, convertors = compile_path(declaration.path)
+        parameters = inspect.signature(self.handler).parameters
         self.binders: list[tuple[str, Binder]] = []
         self.params: list[Param] = []
         self.body_type: type[msgspec.Struct] | None = None
-        for name in inspect.signature(self.handler).parameters:
+        for name in parameters:
             kind = hints.get(name)
             if kind is None:
                 raise TypeError(f"{where}: parameter {name!r} needs a type annotation")
             self.binders.append((name, self._binder(name, kind, convertors, settings, where)))
+        if unbound := [name for name in convertors if name not in parameters]:  # the OpenAPI path would not resolve
+            raise TypeError(
+                f"{where}: the path segment {{{unbound[0]}}} needs a parameter {unbound[0]!r} of the handler"
+            )
         self.status, self.reply_type = _answer(hints.get("return"), where)
         answer = typing.get_origin(hints.get("return"))
         # A GET answering with its version's ETag: a client that holds that version gets 304.
@@ -384,8 +391,8 @@ class Endpoint:
             if not any(p.location == "header" and p.name.lower() == "if-none-match" for p in params):
                 params += (Param("If-None-Match", "header", {"type": "string"}, required=False),)
         errors = set(d.errors) | {503, 504}  # any endpoint may find its database unavailable, or slow
-        if self.params or self.body_type is not None:
-            errors |= {422}
+        if self.params or self.body_type is not None:  # a value of the client's the database refuses is a 400 too
+            errors |= {400, 422}
         if self.body_type is not None:
             errors |= {400, 413, 415}
         security = {}

@@ -195,7 +195,7 @@ class Database:
         a value no column can hold (SQLSTATE class 22: a NUL in text, a number out of range, or
         an argument asyncpg cannot encode for its parameter) or the table's rule refuses (CHECK,
         NOT NULL), `MalformedRequestError` (400), except a Python value of the wrong type for its
-        parameter, the handler's bug (a 500); a
+        parameter or a division by zero, the handler's bugs (a 500); a
         concurrent transaction's refusal (class 40, 55P03), `ConflictError` saying to try again;
         a statement timeout (57014), `OperationTimeoutError` (504), and a query unanswered for
         `DATABASE_COMMAND_TIMEOUT` a `TimeoutError` (504, the connection closed); a server out of
@@ -205,7 +205,7 @@ class Database:
         500, its traceback logged, instead of passing for a lost connection.
         `stateless=True` promises that the block only reads outside any transaction, leaving
         nothing in the session (no SET, LISTEN, lock or cursor): giving it back then skips the
-        reset round trip (a transaction left open is still rolled back).
+        reset round trip, unless the block raised or left a transaction open (then it is reset).
         The connection is the caller's only inside the block: afterwards another request may hold it.
         """
         queued = True
@@ -231,11 +231,13 @@ class Database:
             self._failing_because(exc)
             message = "Database temporarily unavailable"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+        clean = False  # a block that raised may have left anything in the session, `stateless` or not
         try:
             yield conn
             if conn.is_in_transaction():  # its reset would roll back what the client is about to be told is done
                 await conn.execute("ROLLBACK")
                 raise RuntimeError("The handler left a transaction open: it was rolled back (use conn.transaction())")
+            clean = True
             if self._failure is not None:  # a block went through: say so once, after the failure's line
                 logger.info("Database available again (after: %s)", self._failure)
                 self._failure = None
@@ -266,6 +268,8 @@ class Database:
             self._failing_because(exc)
             message = f"Database temporarily unavailable ({_condition(exc)})"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
+        except asyncpg.DivisionByZeroError:  # 22012: the handler's arithmetic, not a value to store: a 500
+            raise
         except _REFUSED_VALUE as exc:  # SQLSTATE class 22, 23502, 23514: a value sent that its column refuses
             if isinstance(exc.__cause__, TypeError | AttributeError):  # the handler's bug: a 500, its value unlogged
                 raise _wrong_parameter(exc) from None
@@ -274,7 +278,7 @@ class Database:
             raise MalformedRequestError(_refused_value_message(exc)) from exc
         finally:
             try:
-                await self._give_back(conn, stateless)
+                await self._give_back(conn, stateless and clean)
             finally:
                 self._queue.release()
 

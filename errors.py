@@ -168,7 +168,10 @@ def error_response(
 def _detail(request: Request, exc: BaseException) -> dict[str, str] | None:
     if not request.app.state.settings.debug:
         return None
-    return {"type": type(exc).__name__, "message": str(exc)}
+    detail = {"type": type(exc).__name__, "message": str(exc)}
+    if exc.__cause__ is not None:  # what the envelope's message stands for (the database's own error)
+        detail["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+    return detail
 
 
 async def handle_service_error(request: Request, exc: Exception) -> Response:

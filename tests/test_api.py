@@ -155,6 +155,7 @@ ROW_STATEMENTS: dict[str, tuple[str, Callable[[Row], tuple[Any, ...]]]] = {
     "audited": ("INSERT INTO audited (parent) VALUES ($1)", lambda row: (row.parent,)),  # its trigger fails
     "audited-once": ("INSERT INTO audited_once (parent) VALUES ($1)", lambda row: (row.parent,)),
     "dated": ("SELECT $1::date", lambda row: (row.note,)),  # a str where a date goes
+    "divided": ("SELECT 1 / ($1::int - $1::int)", lambda row: (row.parent,)),  # the handler's arithmetic
 }
 
 
@@ -408,6 +409,7 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
         checked = await client.post("/rows", json={"parent": 1, "note": "forbidden"})
         nulled = await client.post("/rows/run/without-note", json={"parent": 1})
         wrong_type = await client.post("/rows/run/enum-note", json={"parent": 1})
+        divided = await client.post("/rows/run/divided", json={"parent": 1})
         fine = await client.post("/rows", json={"parent": 1, "note": "kept"})
     assert (orphan.status_code, orphan.json()["error"]) == (409, "CONFLICT_ERROR")
     assert orphan.json()["message"] == "Conflicts with other rows (foreign key constraint children_parent_fkey)"
@@ -421,7 +423,21 @@ async def test_the_databases_refusals_of_a_row_are_the_envelope_and_its_own_mist
     )
     assert (nulled.status_code, nulled.json()["message"]) == (400, "A value the table refuses (note may not be null)")
     assert (wrong_type.status_code, wrong_type.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")  # not the client's
+    assert (divided.status_code, divided.json()["error"]) == (500, "INTERNAL_SERVER_ERROR")  # class 22, not a value
     assert fine.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_with_debug_a_refusal_shows_the_database_error_behind_it(database_url: str) -> None:
+    """DEBUG=true: the 400's `detail` names the database's own error, which the message only summarises."""
+    await run_sql(
+        database_url, "CREATE TABLE parents (id int PRIMARY KEY); CREATE TABLE children (parent int, note text)"
+    )
+    settings = make_settings(DATABASE_URL=database_url, DEBUG="true")
+    async with serve(create_app(settings, endpoints=[rows])) as client:
+        nul = await client.post("/rows", json={"parent": 1, "note": "a\u0000b"})
+    assert nul.status_code == 400
+    assert nul.json()["detail"]["cause"].startswith("CharacterNotInRepertoireError: ")
 
 
 @pytest.mark.anyio
@@ -528,6 +544,17 @@ async def test_a_204_is_documented_without_a_body() -> None:
     removed = spec["paths"]["/pets/{pet_id}"]["delete"]["responses"]["204"]
     assert "content" not in removed
     assert removed["headers"] == {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+
+
+@pytest.mark.anyio
+async def test_an_operation_with_input_documents_the_400_the_database_may_answer() -> None:
+    """A GET with a path parameter may see its value refused by the database (an int past bigint): a 400,
+    which the document listed only for operations with a body."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        spec = (await client.get("/openapi.json")).json()
+    assert spec["paths"]["/pets/{pet_id}"]["get"]["responses"]["400"] == {
+        "$ref": "#/components/responses/MalformedRequest"
+    }
 
 
 @pets.get(
@@ -688,6 +715,31 @@ def test_a_parameter_that_cannot_be_bound_stops_start_up() -> None:
         return Pet(itme, "")
 
     with pytest.raises(TypeError, match=r"GET /broken/\{item\} \(misspelt\): cannot bind parameter 'itme'"):
+        create_app(make_settings(), endpoints=[broken])
+
+
+def test_a_path_segment_no_parameter_takes_stops_start_up() -> None:
+    """`/broken/{item}` served by a handler without `item` made an OpenAPI document whose path did not resolve."""
+    broken = Endpoints(tag="broken")
+
+    @broken.get("/broken/{item}", summary="Ignores its segment")
+    async def ignores(ctx: Context) -> Pet:
+        return Pet(1, "")
+
+    with pytest.raises(TypeError, match=r"GET /broken/\{item\} \(ignores\): the path segment \{item\} needs"):
+        create_app(make_settings(), endpoints=[broken])
+
+
+def test_a_handler_that_is_not_async_stops_start_up() -> None:
+    """A plain `def` handler was served, and every request to it was a 500 (its result awaited)."""
+    broken = Endpoints(tag="broken")
+
+    def plain() -> Pet:
+        return Pet(1, "")
+
+    broken.get("/sync", summary="Not a coroutine")(plain)  # type: ignore[arg-type]  # mypy catches it; a team without mypy would not
+
+    with pytest.raises(TypeError, match=r"GET /sync \(plain\): a handler is an `async def` function"):
         create_app(make_settings(), endpoints=[broken])
 
 

@@ -67,6 +67,23 @@ async def test_stateless_release_skips_the_reset_round_trip(database_url: str) -
 
 
 @pytest.mark.anyio
+async def test_a_stateless_block_that_raises_is_reset_all_the_same(database_url: str) -> None:
+    """A block that raised may have set anything before it did: its session is reset, `stateless` or not
+    (a handler's SET then 404 used to leave its search_path to every later request on the connection)."""
+    async with _opened(database_url, pool_size=1) as database:
+
+        async def handler() -> None:
+            async with database.connection(stateless=True) as conn:
+                await conn.execute("SET statement_timeout = '1234s'")
+                raise LookupError("the handler's 404")
+
+        with pytest.raises(LookupError):
+            await handler()
+        async with database.connection() as conn:
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
+
+
+@pytest.mark.anyio
 async def test_many_concurrent_probes_share_the_pool_without_opening_more(database_url: str, cluster: Cluster) -> None:
     """Far more probes than connections all answer, and the pool never opens past its size."""
     async with _opened(database_url, pool_size=2) as database:
