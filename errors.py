@@ -14,7 +14,7 @@ from starlette.routing import Match, Route
 from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from logs import REQUEST
-from responses import ENCODER, StructResponse, send_bytes, utc_timestamp
+from responses import ENCODER, StructResponse, Timestamp, send_bytes, utc_timestamp
 
 CODES = {
     400: "VALIDATION_ERROR",
@@ -63,7 +63,7 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 
     error: str
     message: str
-    timestamp: str
+    timestamp: Timestamp
     request_id: str
     detail: dict[str, str] | None = None
     validation_errors: list[FieldError] | None = None

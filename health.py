@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from db import NOT_CONFIGURED, Database, PoolUsage
 from errors import SHUTTING_DOWN
-from responses import ENCODER, JSON_HEADERS, send_bytes, utc_timestamp
+from responses import ENCODER, JSON_HEADERS, Timestamp, send_bytes, utc_timestamp
 from settings import Settings
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
@@ -27,7 +27,7 @@ logger = logging.getLogger("service.health")
 
 class Liveness(msgspec.Struct, omit_defaults=True):
     status: HealthStatus
-    timestamp: str
+    timestamp: Timestamp
     version: str
     uptime_seconds: int
     errors: list[str] | None = None
@@ -35,7 +35,7 @@ class Liveness(msgspec.Struct, omit_defaults=True):
 
 class Readiness(msgspec.Struct, omit_defaults=True):
     status: HealthStatus
-    timestamp: str
+    timestamp: Timestamp
     database_connected: bool
     response_time_ms: int | None
     connection_pool: PoolUsage

@@ -101,7 +101,7 @@ class JsonFormatter(logging.Formatter):
         entry = {"timestamp": self.timestamp(created), "level": "INFO", "logger": access_logger.name,
                  "message": message, "request_id": request_id, **fields}  # fmt: skip
         if trace_id := REQUEST.get()[1]:
-            entry["trace_id"] = trace_id
+            entry["trace_id"] = self.redact(trace_id)  # the caller's: 32 hex digits may be a password
         return self.encode(entry)
 
     def encode(self, entry: dict[str, Any]) -> str:
@@ -122,11 +122,11 @@ class JsonFormatter(logging.Formatter):
             "message": self.redact(record.getMessage()),
         }
         request_id = getattr(record, "request_id", None)
-        if request_id:
-            entry["request_id"] = request_id
+        if request_id:  # the caller's own, when valid: it may be a secret, sent to see it logged
+            entry["request_id"] = self.redact(request_id)
         trace_id = getattr(record, "trace_id", None)
         if trace_id:
-            entry["trace_id"] = trace_id
+            entry["trace_id"] = self.redact(trace_id)
         for field in _ACCESS_FIELDS:
             if (value := record.__dict__.get(field)) is not None:
                 entry[field] = self.redact(value) if isinstance(value, str) else value
@@ -155,8 +155,9 @@ def write_access_line(method: str, path: str, status: int, duration_ms: float, c
         and handler.level <= logging.INFO
         and not (access_logger.handlers or access_logger.filters or _service_logger.handlers)
     ):
-        # The message holds nothing but these fields: masking the two a secret could be in masks all.
-        path, client = formatter.redact(path), formatter.redact(client)
+        # The message holds nothing but these fields: masking the two a secret could be in masks all,
+        # and the request ID is the caller's when valid.
+        path, client, request_id = formatter.redact(path), formatter.redact(client), formatter.redact(request_id)
         fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
         message = f"{method} {path} {status} {duration_ms:.2f}ms client={client}"
         handler.enqueue(formatter.access_line(time.time(), message, request_id, fields) + "\n")

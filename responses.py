@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from starlette.background import BackgroundTask
@@ -15,6 +15,8 @@ from starlette.types import Scope, Send
 ENCODER = msgspec.json.Encoder()
 
 JSON_HEADERS = ((b"content-type", b"application/json"),)
+# What `utc_timestamp` makes, as a Struct field: documented as RFC 3339 text (a plain `str` says any text).
+Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 # The last second formatted, and its text: one tuple, swapped whole (log lines are also
 # formatted off the event loop's thread).

@@ -40,7 +40,7 @@ class Item(msgspec.Struct):
     id: uuid.UUID
     name: str
     tags: list[str]
-    created_at: datetime
+    created_at: Annotated[datetime, msgspec.Meta(tz=True)]  # documented as `date-time`: always with its offset
 
 
 class ItemList(msgspec.Struct):

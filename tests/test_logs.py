@@ -263,6 +263,23 @@ async def test_secrets_are_redacted_from_every_field_of_a_json_access_line(capsy
     assert (access["path"], access["message"].split()[1]) == ("/***", "/***")
 
 
+async def test_a_secret_sent_as_the_request_or_trace_id_is_masked_in_json_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A valid `X-Request-ID` or `traceparent` is the caller's to choose: one that is a secret is not logged."""
+    secret = "0af7651916cd43dd8448eb211c80da77"  # a key of 32 hex digits is also a valid trace ID
+    traceparent = f"00-{secret}-b7ad6b7169203331-01"
+    await run(
+        {"SECRET_KEY": secret, "LOG_JSON": "true"},
+        ("/chatty", {b"X-Request-ID": secret.encode(), b"traceparent": traceparent.encode()}),
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "***"]
+    assert {line["logger"] for line in mine} >= {"service.access", "orders", "service.errors"}
+    assert all(line["trace_id"] == "***" for line in mine)
+    assert not [line for line in lines if secret in json.dumps(line)]
+
+
 def test_a_message_json_cannot_carry_is_escaped_and_its_line_kept() -> None:
     """A lone surrogate (a non-UTF-8 file name, decoded by `os.fsdecode`) in a message and in an
     exception: each line is still one JSON object, the character escaped; nothing is printed outside

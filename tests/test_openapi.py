@@ -114,6 +114,19 @@ async def test_openapi_lists_the_error_envelope_for_every_error_status(client: h
 
 
 @pytest.mark.anyio
+async def test_timestamps_are_documented_as_rfc_3339_date_times() -> None:
+    """The envelope's and the probes' timestamps, and the reference resource's `created_at`, say `date-time`:
+    documented as any text, a client or fuzzer generating from the document sent `""` and got a 422."""
+    from examples.items import create_items_app
+
+    async with serve(create_items_app(load_settings({}))) as client:
+        schemas = (await _spec(client))["components"]["schemas"]
+    stamps = [schemas[name]["properties"]["timestamp"] for name in ("ErrorBody", "Liveness", "Readiness")]
+    assert stamps == [{"type": "string", "format": "date-time"}] * 3
+    assert schemas["Item"]["properties"]["created_at"] == {"type": "string", "format": "date-time"}
+
+
+@pytest.mark.anyio
 async def test_openapi_examples_match_their_schemas(client: httpx.AsyncClient) -> None:
     """Every example (taken from the contract) validates against the schema it illustrates."""
     spec = await _spec(client)

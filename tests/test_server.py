@@ -72,6 +72,7 @@ def test_production_logs_are_json_lines_with_one_access_line_per_request(
         for path, request_id in [("/", "e2e-root"), ("/missing", "e2e-404"), ("/health", "e2e-probe")]:
             response = httpx.get(f"{server.url}{path}", headers={"X-Request-ID": request_id})
             assert response.headers["x-request-id"] == request_id
+        httpx.get(f"{server.url}/missing", headers={"X-Request-ID": SECRET_KEY})  # a valid ID: not to be logged
     finally:
         assert server.terminate() in GRACEFUL
     entries = [json.loads(line) for line in server.output().splitlines() if line.strip()]
@@ -79,6 +80,7 @@ def test_production_logs_are_json_lines_with_one_access_line_per_request(
     assert [(e["request_id"], e["path"], e["status"]) for e in access] == [
         ("e2e-root", "/", 200),
         ("e2e-404", "/missing", 404),
+        ("***", "/missing", 404),
     ]
     assert all(e["client"].startswith("127.0.0.1:") and e["duration_ms"] >= 0 for e in access)
     assert not [e for e in entries if e["logger"] == "uvicorn.access"]
