@@ -259,7 +259,10 @@ def _settings() -> Settings:
 
     Only DATABASE_URL: a migration job needs no SECRET_KEY or CORS settings to be valid.
     """
-    raw = read_environment().get("DATABASE_URL")
+    environ = read_environment()
+    if environ.problems:  # a `.env` that cannot be read: its DATABASE_URL may be the one meant
+        raise CommandError(environ.problems[0], status=2)
+    raw = environ.get("DATABASE_URL")
     if not raw:
         raise CommandError("DATABASE_URL is not set: it names the database to migrate", status=2)
     try:

@@ -151,7 +151,16 @@ class SettingsError(Exception):
         return f"Invalid settings ({len(self.problems)} problem(s)):\n{lines}{hints}"
 
 
-def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
+class Environ(dict[str, str]):
+    """The variables start-up reads, with what was wrong with the `.env` file they came from:
+    `load_settings` reports those problems with its own, so that one message lists them all."""
+
+    def __init__(self, values: Mapping[str, str], problems: Iterable[str] = ()) -> None:
+        super().__init__(values)
+        self.problems = list(problems)
+
+
+def read_environment(env_file: str | Path = ".env") -> Environ:
     """The process environment over the `.env` file: real variables always win.
 
     `PYTHON_DOTENV_DISABLED=1`, python-dotenv's own switch, leaves the file out (the tests set it).
@@ -159,23 +168,30 @@ def read_environment(env_file: str | Path = ".env") -> dict[str, str]:
     disabled = os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y")
     path = Path(env_file)
     values: dict[str, str] = {}
+    problems = []
     if not disabled and path.exists() and not path.is_dir():  # a file, or a pipe a secrets manager mounts
         try:
             text = path.read_text(encoding="utf-8-sig")  # python-dotenv's reading, a BOM aside
         except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8: a mistake, not a crash
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            _exit_with(str(SettingsError([f"{env_file}: cannot be read ({reason})"])))
+            problems.append(f"{env_file}: cannot be read ({reason})")
+            text = ""
         # python-dotenv skips a line it cannot parse with a warning, and start-up would go on
         # without it: an unclosed quote on `ENVIRONMENT="production` would start a development server.
-        if unparsed := [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]:
-            _exit_with(str(SettingsError([_unparsed(env_file, line.line, line.string) for line in unparsed])))
-        values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
+        unparsed = [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]
+        problems += [_unparsed(env_file, line.line, line.string) for line in unparsed]
+        dotenv_logger = logging.getLogger("dotenv.main")  # its warning of each line not parsed: said above
+        dotenv_logger.disabled, was = True, dotenv_logger.disabled
+        try:
+            values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
+        finally:
+            dotenv_logger.disabled = was
         if "PROMETHEUS_MULTIPROC_DIR" in values and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             # prometheus-client reads it from the process environment, as it is imported: never from here
-            _exit_with(str(SettingsError([f"{env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client "
-                                          "reads from the server's environment alone: set it there"])))  # fmt: skip
+            problems.append(f"{env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client "
+                            "reads from the server's environment alone: set it there")  # fmt: skip
     values.update(os.environ)
-    return values
+    return Environ(values, problems)
 
 
 def _unparsed(env_file: str | Path, number: int, text: str) -> str:
@@ -186,8 +202,9 @@ def _unparsed(env_file: str | Path, number: int, text: str) -> str:
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
-    """Parse and validate every variable; raise `SettingsError` listing all problems."""
-    problems: list[str] = []
+    """Parse and validate every variable; raise `SettingsError` listing all problems, the `.env`
+    file's among them when `environ` is `read_environment`'s."""
+    problems: list[str] = list(environ.problems) if isinstance(environ, Environ) else []
 
     def get(name: str, parse: Callable[[str], Any], default: Any = _UNSET, show: Callable[[str], str] = repr) -> Any:
         """The variable parsed by its rule; unset (or refused), the default: the field's own unless given."""

@@ -18,6 +18,7 @@ from settings import (
     Redactor,
     SettingsError,
     load_settings,
+    load_settings_or_exit,
     read_environment,
 )
 
@@ -480,7 +481,7 @@ def refused(env_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     """The lines start-up writes when reading `env_file` stops it, with the configuration error's status."""
     monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        read_environment(env_file)
+        load_settings_or_exit(read_environment(env_file))
     assert exit_.value.code == CONFIGURATION_ERROR
     return capsys.readouterr().err.splitlines()
 
@@ -518,9 +519,27 @@ def test_a_dotenv_line_that_cannot_be_parsed_stops_start_up(
     """python-dotenv would skip it and start without it: here an unclosed quote is refused, named, not shown."""
     env_file = tmp_path / ".env"
     env_file.write_text('DEBUG=false\nexport SECRET_KEY="s3cr3t-value\nENVIRONMENT=production\n')
-    assert refused(env_file, monkeypatch, capsys) == [  # the quote runs on to the end: one problem
-        "Invalid settings (1 problem(s)):",
+    assert refused(env_file, monkeypatch, capsys) == [  # the next line is read: production, and what it needs
+        "Invalid settings (3 problem(s)):",
         f"  {env_file}, line 2 (SECRET_KEY): cannot be parsed as NAME=value (an unclosed quote?)",
+        "  DATABASE_URL (unset): required in staging and production",
+        "  SECRET_KEY (unset): required in staging and production",
+    ]
+
+
+def test_a_dotenv_line_that_cannot_be_parsed_is_reported_with_every_other_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The `.env` file's problem stopped start-up alone: the variables' own came only at the next try."""
+    env_file = tmp_path / ".env"
+    env_file.write_text('APP_NAME=ok\nDEBUG="yes\n')
+    monkeypatch.setenv("PORT", "0")
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "0")
+    assert refused(env_file, monkeypatch, capsys) == [
+        "Invalid settings (3 problem(s)):",
+        f"  {env_file}, line 2 (DEBUG): cannot be parsed as NAME=value (an unclosed quote?)",
+        "  DATABASE_POOL_SIZE='0': must be an integer from 1 to 100",
+        "  PORT='0': must be an integer from 1 to 65535",
     ]
 
 
