@@ -92,7 +92,7 @@ def migrate(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
         pending = backend.to_apply(migrations)
         for migration in pending:  # before applying any: an unwritten one would be recorded as applied
             if _only_comments(Path(migration.path)):
-                raise CommandError(f"{migration.id} has no SQL yet, only comments: write the change first")
+                raise CommandError(f"{migration.id} has no SQL yet, only comments: write the change first", status=2)
             _check_undo(migration)
         for migration in pending:
             print(f"applying {migration.id}", flush=True)
@@ -462,7 +462,8 @@ def _check_undo(migration: Any) -> None:
     undo = Path(migration.path).with_suffix(".rollback.sql")
     if not undo.is_file() or _only_comments(undo):
         state = "has no SQL, only comments" if undo.is_file() else "is missing"
-        raise CommandError(f"{undo.name} {state}: write the undo first (with nothing to undo, say so: SELECT 1;)")
+        message = f"{undo.name} {state}: write the undo first (with nothing to undo, say so: SELECT 1;)"
+        raise CommandError(message, status=2)
 
 
 def _only_comments(path: Path) -> bool:

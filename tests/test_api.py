@@ -63,6 +63,24 @@ async def remove_pet(pet_id: uuid.UUID) -> None:
     return None
 
 
+class PetChanges(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    nickname: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class Changed(msgspec.Struct):
+    given: list[str]  # the fields the client sent, each with its value
+    nickname: str | None = None
+
+
+@pets.patch("/pets/{pet_id}", summary="Change some of a pet's fields")
+async def change_pet(pet_id: int, body: PetChanges) -> Changed:
+    given = [
+        f"{name}={value!r}" for name in body.__struct_fields__ if (value := getattr(body, name)) is not msgspec.UNSET
+    ]
+    return Changed(given)
+
+
 class Tagged(msgspec.Struct):
     tag: list[str] = []
     ids: Annotated[list[int], msgspec.Meta(max_length=3)] | None = None
@@ -535,6 +553,18 @@ async def test_location_is_given_the_path_prefix_the_app_is_served_under() -> No
     async with serve(create_app(make_settings(), endpoints=[pets]), root_path="/api") as client:
         created = await client.post("/api/pets", json={"name": "Rex"})
     assert (created.status_code, created.headers["location"]) == (201, "/api/pets/1")
+
+
+@pytest.mark.anyio
+async def test_a_partial_update_tells_a_field_left_out_from_one_sent_as_null() -> None:
+    """The README's PATCH: fields defaulting to `msgspec.UNSET` are absent until sent, and none is required."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        left_out = await client.patch("/pets/1", json={"name": "Rex"})
+        nulled = await client.patch("/pets/1", json={"nickname": None})
+        spec = (await client.get("/openapi.json")).json()
+    assert left_out.json()["given"] == ["name='Rex'"]
+    assert nulled.json()["given"] == ["nickname=None"]
+    assert spec["components"]["schemas"]["PetChanges"].get("required", []) == []
 
 
 @pytest.mark.anyio

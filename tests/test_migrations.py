@@ -535,9 +535,9 @@ def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: s
     forward.write_text(forward.read_text() + "CREATE TABLE scratch_orders (id int);\n")
     refusals.append(run_db(database_url, "migrate", "--source", str(tmp_path)))  # the rollback as `new` wrote it
     assert [(r.returncode, r.stderr) for r in refusals] == [
-        (1, "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n"),
-        (1, "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n"),
-        (1, "migrate: 0001.create_orders.rollback.sql has no SQL, only comments: write the undo first "
+        (2, "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n"),
+        (2, "migrate: 0001.create_orders has no SQL yet, only comments: write the change first\n"),
+        (2, "migrate: 0001.create_orders.rollback.sql has no SQL, only comments: write the undo first "
             "(with nothing to undo, say so: SELECT 1;)\n"),
     ]  # fmt: skip
     status = run_db(database_url, "status", "--source", str(tmp_path)).stdout.splitlines()
@@ -548,7 +548,7 @@ def test_a_migration_or_rollback_left_as_new_wrote_it_is_refused(database_url: s
     undo.unlink()
     missing = run_db(database_url, "rollback", "--source", str(tmp_path))
     assert (missing.returncode, missing.stderr) == (
-        1,
+        2,
         "rollback: 0001.create_orders.rollback.sql is missing: write the undo first "
         "(with nothing to undo, say so: SELECT 1;)\n",
     )
