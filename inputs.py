@@ -42,7 +42,7 @@ def path_binder(name: str, kind: Any) -> Binder:
         try:
             value = msgspec.convert(raw, kind, strict=False)
         except msgspec.ValidationError as exc:
-            raise RequestValidationError(validation_errors(exc, raw, prefix=name)) from None
+            raise RequestValidationError(_in_text_terms(validation_errors(exc, raw, prefix=name))) from None
         if not _finite(value):
             raise RequestValidationError([FieldError(name, NOT_FINITE, _shown(raw))])
         return value
@@ -151,7 +151,7 @@ def _fields_binder(kind: type[msgspec.Struct], read: Callable[[Request], dict[st
                 if type(value) is int and not _INTEGER_FORM[0].fullmatch(text)
             ]
         if errors:
-            raise RequestValidationError(errors)
+            raise RequestValidationError(_in_text_terms(errors))
         if wrong := [f.encode_name for f in floats if not _finite(getattr(decoded, f.name))]:
             raise RequestValidationError([FieldError(name, NOT_FINITE, _shown(values[name])) for name in wrong])
         return decoded
@@ -183,6 +183,20 @@ _FORMS: dict[type, tuple[re.Pattern[str], str]] = {
     ),
     msgspec.inspect.TimeDeltaType: (_NOT_A_NUMBER, "Expected an ISO 8601 duration (PT30S), not a number"),
 }
+
+
+# msgspec's words for a text value it could not read as a scalar, as a reader of a query string
+# or a header would put them: every such value is text, so "got `str`" says nothing.
+_TEXT_MESSAGES = {
+    "Expected `bool`, got `str`": "Expected true or false (or 1 or 0)",
+    "Expected `bool | null`, got `str`": "Expected true or false (or 1 or 0), or null",
+    "Expected `float`, got `str`": "Expected a number",
+    "Expected `float | null`, got `str`": "Expected a number, or null",
+}
+
+
+def _in_text_terms(errors: list[FieldError]) -> list[FieldError]:
+    return [FieldError(e.field, _TEXT_MESSAGES.get(e.message, e.message), e.value) for e in errors]
 
 
 def _int_among_others(info: msgspec.inspect.Type) -> bool:

@@ -105,6 +105,7 @@ class Color(enum.Enum):
 class ByColor(msgspec.Struct):
     color: Color = Color.RED
     ratio: float = 1.0
+    indoor: bool | None = None
 
 
 @pets.get("/pets/by-color/{shade}", summary="Enum parameters, in the path and in the query")
@@ -565,6 +566,22 @@ async def test_a_partial_update_tells_a_field_left_out_from_one_sent_as_null() -
     assert left_out.json()["given"] == ["name='Rex'"]
     assert nulled.json()["given"] == ["nickname=None"]
     assert spec["components"]["schemas"]["PetChanges"].get("required", []) == []
+
+
+@pytest.mark.anyio
+async def test_a_query_or_path_value_that_is_not_a_number_or_boolean_says_what_was_expected() -> None:
+    """Every query or path value is text: msgspec's "Expected `float`, got `str`" told the caller nothing."""
+    async with serve(create_app(make_settings(), endpoints=[pets])) as client:
+        query = await client.get("/pets/by-color/red", params={"ratio": "abc", "indoor": "yes"})
+        path = await client.get("/pets/weighing/heavy")
+        fine = await client.get("/pets/by-color/red", params={"ratio": "0.5", "indoor": "TRUE"})
+    assert query.status_code == 422
+    assert query.json()["validation_errors"] == [
+        {"field": "ratio", "message": "Expected a number", "value": "abc"},
+        {"field": "indoor", "message": "Expected true or false (or 1 or 0), or null", "value": "yes"},
+    ]
+    assert path.json()["validation_errors"] == [{"field": "grams", "message": "Expected a number", "value": "heavy"}]
+    assert fine.status_code == 200
 
 
 @pytest.mark.anyio
