@@ -37,7 +37,7 @@ from starlette.types import ASGIApp
 from edge import EdgeProtocol
 from logs import configure_logging
 from settings import Settings, load_settings_or_exit, read_environment
-from workers import supervise
+from workers import Repeats, supervise
 
 logger = logging.getLogger("service.server")
 FOUNDATION = "app:app"  # what `python -m app` serves when not told otherwise
@@ -85,6 +85,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_ends: float | None = None
         self._drain_announced = False
         self._signals = self._direct = self._relayed = 0  # acted on; received here; received by the supervisor
+        self._repeats = Repeats()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -121,13 +122,16 @@ class DrainingServer(uvicorn.Server):
         A signal sent to a worker's whole process group (Ctrl-C in a terminal, `kill -TERM -PGID`,
         systemd's `KillMode=control-group`) reaches it twice: directly, and relayed by the
         supervisor, which received it too. Each way is counted apart, and the operator sent as many
-        signals as the larger count: only a signal that raises it is acted on. The first starts the
-        drain, the next ends it, and one more SIGINT forces the exit (uvicorn's own).
+        signals as the larger count: only a signal that raises it is acted on. The same signal
+        again within `workers.REPEAT_WINDOW` is the same one delivered twice (`uv run` forwards it).
+        The first starts the drain, the next ends it, and one more SIGINT forces the exit (uvicorn's own).
         """
-        if relayed:
+        if relayed:  # the supervisor counted a signal delivered twice once (`Repeats`)
             self._relayed += 1
-        else:
+        elif self._repeats.counts(sig):
             self._direct += 1
+        else:
+            return  # `uv run` forwarded what the process group already brought here
         if max(self._direct, self._relayed) == self._signals:
             return  # this one came the other way first
         self._signals += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -27,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from types import FrameType
@@ -79,13 +81,14 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     processes = [_start_worker(config, sockets, serve, relays) for _ in range(workers)]
     serving: set[multiprocessing.process.BaseProcess] = set()  # said so on its relay (server.DrainingServer.startup)
     status, stopping = 0, False
+    repeats = Repeats()
     try:
         # Only live workers' sentinels: a dead one's is always ready, and would spin the loop.
         while running := [process for process in processes if process.exitcode is None]:
             # And a look each second: in loaded test runs a worker killed outright sometimes went
             # unnoticed here (cause not found), and was never replaced; its exit code still tells.
             wait([wakeup, *(process.sentinel for process in running)], timeout=1.0)
-            signals = _signals_received(wakeup)
+            signals = [sig for sig in _signals_received(wakeup) if repeats.counts(sig)]
             # Every worker's relay, the dead ones' too: a byte written before it died is still there.
             serving.update(process for process in processes if process not in serving and _said(relays[process]))
             for index, process in enumerate(processes):
@@ -118,6 +121,26 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
             shutil.rmtree(private_metrics, ignore_errors=True)
     logger.info("Supervisor [%d] stopped", os.getpid())
     return status
+
+
+# Seconds within which the same signal again is the same signal: `uv run` forwards a signal its
+# process group received to its child, which received it too (measured: 0.1 ms apart), and
+# the second would end the drain the first started. An operator's own second Ctrl-C comes later.
+REPEAT_WINDOW = 0.25
+
+
+class Repeats:
+    """Tells a signal the operator sent again from the same one delivered twice within `REPEAT_WINDOW`."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, float] = (0, -math.inf)  # the last signal counted, and when
+
+    def counts(self, sig: int) -> bool:
+        now = time.monotonic()
+        if sig == self.last[0] and now - self.last[1] < REPEAT_WINDOW:
+            return False
+        self.last = (sig, now)
+        return True
 
 
 def _start_worker(
