@@ -11,8 +11,9 @@ One process: each app has its own registry, with process metrics. Several (`uvic
 N`): when `PROMETHEUS_MULTIPROC_DIR` names an empty directory in the server's environment,
 each worker writes its counts to `requests_<pid>.json` there every `FLUSH_INTERVAL` seconds and
 when it stops, and `/metrics` adds up every worker's file, with the answering worker's own
-counts live. A scrape is exact for the worker that answers it and at most `FLUSH_INTERVAL`
-seconds behind for the others. The pool gauges use prometheus-client's own multiprocess mode
+counts live, written to its file first. A scrape is exact for the worker that answers it and at
+most `FLUSH_INTERVAL` seconds behind for the others, and never reads a counter lower than a scrape
+before it did, whichever workers answer or are killed. The pool gauges use prometheus-client's own multiprocess mode
 (which the library chooses by itself from the same variable); process metrics are absent, as
 prometheus-client cannot merge them.
 """
@@ -154,6 +155,9 @@ class Metrics:
         if not self.multiprocess:
             return generate_latest(self.collectors)
         assert self._file is not None  # multiprocess: the shared directory is known
+        # What this scrape reports of this worker is on disk first: killed right after, the worker
+        # would otherwise leave older counts, and every later scrape would read a counter gone back.
+        self.write_counts()
         _forget_the_dead(self._file.parent)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # not annotated upstream

@@ -83,11 +83,13 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     status, stopping = 0, False
     repeats = Repeats()
     try:
-        # Only live workers' sentinels: a dead one's is always ready, and would spin the loop.
-        while running := [process for process in processes if process.exitcode is None]:
+        # Until stopped and every worker is gone: workers all killed at once (the OOM killer) are
+        # replaced, not taken for the end.
+        while (running := [process for process in processes if process.exitcode is None]) or not stopping:
+            # Only live workers' sentinels: a dead one's is always ready, and would spin the loop.
             # And a look each second: in loaded test runs a worker killed outright sometimes went
             # unnoticed here (cause not found), and was never replaced; its exit code still tells.
-            wait([wakeup, *(process.sentinel for process in running)], timeout=1.0)
+            wait([wakeup, *(process.sentinel for process in running)], timeout=1.0 if running else 0)
             signals = [sig for sig in _signals_received(wakeup) if repeats.counts(sig)]
             # Every worker's relay, the dead ones' too: a byte written before it died is still there.
             serving.update(process for process in processes if process not in serving and _said(relays[process]))
