@@ -15,6 +15,7 @@ import select
 import stat
 import sys
 import threading
+import time
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
@@ -24,9 +25,11 @@ from typing import TextIO
 # Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
 # counted. About 4,000 JSON access lines: a few seconds of a stuck log shipper at full load.
 LOG_BUFFER_CHARS = 1 << 20
-# Seconds a flush (shutdown included) waits for a stream that takes nothing: one that keeps taking
-# lines, however slowly (a log shipper catching up), is waited for until it has them all.
+# Seconds a flush (shutdown included) waits for a stream that takes nothing; one that keeps taking
+# lines, however slowly (a log shipper catching up), is waited for until it has them all, but at
+# most DRAIN_LIMIT seconds in all: exit stays bounded.
 FLUSH_TIMEOUT = 5.0
+DRAIN_LIMIT = 2 * FLUSH_TIMEOUT
 # Seconds the writer lets lines gather after waking, so a burst costs one write and one wake-up.
 _LINGER = 0.005
 
@@ -51,9 +54,9 @@ class BufferedHandler(logging.Handler):
         self._pending: list[str] = []
         self._pending_chars = 0
         self._unreported = 0  # dropped lines no line has reported yet
-        self._writing = False  # the writer holds a batch that is not written yet
         self._idle = False  # the writer waits for a notify
         self._closed = False
+        self._appended = self._finished = 0  # lines put in the buffer; lines written (or lost) since
         self._progress = 0  # bytes (or writes) the stream has taken: a wait goes on while this grows
         self._gave_up_at = -1  # the progress at which a drain last gave up on the stream
         self.write_through = False  # each line written before emit returns: set when the process stops
@@ -103,6 +106,7 @@ class BufferedHandler(logging.Handler):
             return
         self._pending.append(line)
         self._pending_chars += len(line)
+        self._appended += 1
         if self.write_through:
             self._ready.notify_all()
             # A stream that stopped draining gets one wait, not one per line: exit stays bounded.
@@ -115,8 +119,9 @@ class BufferedHandler(logging.Handler):
         self.drain(FLUSH_TIMEOUT)
 
     def drain(self, timeout: float) -> bool:
-        """Wait until every buffered line is written; False if the stream took nothing for `timeout`
-        seconds. A stream that keeps taking lines, however slowly, is waited for until it has them all.
+        """Wait until every line buffered now is written; False if the stream took nothing for
+        `timeout` seconds. A stream that keeps taking lines, however slowly, is waited for until it
+        has them all, for at most `DRAIN_LIMIT` seconds.
 
         A stream given up on is not waited for again until it takes a write: at exit,
         `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
@@ -126,14 +131,17 @@ class BufferedHandler(logging.Handler):
             return self._wait_written(0 if self._progress == self._gave_up_at else timeout)
 
     def _wait_written(self, patience: float) -> bool:
-        """With the lock held: wait for every buffered line to be written, while the stream takes
-        something every `patience` seconds."""
+        """With the lock held: wait until the lines buffered now are written (not those logged
+        meanwhile, which could keep coming), while the stream takes something every `patience`
+        seconds, for at most `DRAIN_LIMIT` seconds."""
+        target, limit = self._appended, time.monotonic() + DRAIN_LIMIT
         while True:
             progress = self._progress
-            if self._ready.wait_for(lambda: not (self._pending or self._writing), patience):
+            wait = min(patience, max(limit - time.monotonic(), 0))
+            if self._ready.wait_for(lambda: self._finished >= target, wait):
                 return True
-            if self._progress == progress:
-                self._gave_up_at = progress
+            if self._progress == progress or time.monotonic() >= limit:
+                self._gave_up_at = self._progress
                 return False
 
     def _progressed(self, amount: int) -> None:
@@ -146,6 +154,7 @@ class BufferedHandler(logging.Handler):
         holds nothing up. A batch `old`'s writer already holds is still its own to write."""
         with old._ready:
             lines, old._pending, old._pending_chars = old._pending, [], 0
+            old._finished += len(lines)  # `self` writes them now
             unreported, old._unreported = old._unreported, 0
             old._closed = True
             old._ready.notify_all()
@@ -172,16 +181,17 @@ class BufferedHandler(logging.Handler):
                 if not self._closed:
                     self._ready.wait(_LINGER)
                 batch, self._pending, self._pending_chars = self._pending, [], 0
+                taken = len(batch)
                 unreported, self._unreported = self._unreported, 0
                 if unreported:  # the stream took the write before this one: it drains again
                     batch.append(self._report(unreported))
-                closed, self._writing = self._closed, True
+                closed = self._closed
             try:
                 lost = self._write(batch) if batch else 0
             except Exception:  # the writer must outlive any stream: a dead one would lose every later line
                 lost = len(batch)
             with self._ready:
-                self._writing = False
+                self._finished += taken
                 if lost:  # a closed, broken or full stream: the lines not written whole are lost too
                     report_lost = bool(unreported)  # the report is the batch's last line: lost first
                     self.dropped += lost - report_lost
@@ -205,7 +215,8 @@ class BufferedHandler(logging.Handler):
 
 def _restart_after_fork(handler: BufferedHandler | None) -> None:
     if handler is not None and not handler._closed:
-        handler._pending, handler._pending_chars, handler._writing, handler._idle = [], 0, False, False
+        handler._pending, handler._pending_chars, handler._idle = [], 0, False
+        handler._finished = handler._appended  # the parent's lines are the parent's to write
         handler._start_writer()
 
 
@@ -237,8 +248,11 @@ def _writer(stream: TextIO | None, progressed: Callable[[int], None]) -> Callabl
         return write_text
     stream.flush()
     mode = os.fstat(fd).st_mode
-    # Shared by every worker: a pipe, or a stream socket (systemd's journal gives one).
+    # Shared by every worker: a pipe, or a stream socket (systemd's journal gives one). Written in
+    # pieces of PIPE_BUF, as a terminal is too, so that a slow reader's progress shows piece by
+    # piece; a file takes a batch in one write.
     shared = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+    most = select.PIPE_BUF if shared or stat.S_ISCHR(mode) else 0  # 0: the batch whole
     cut = False  # a failed write ended inside a line: the next write starts on a line of its own
 
     def write_fd(lines: list[str]) -> int:
@@ -247,7 +261,7 @@ def _writer(stream: TextIO | None, progressed: Callable[[int], None]) -> Callabl
         data = prefix + "".join(lines).encode("utf-8", "backslashreplace")
         sent = 0
         try:
-            for piece in _whole_lines(data) if shared and len(data) > select.PIPE_BUF else (memoryview(data),):
+            for piece in _whole_lines(data, most) if 0 < most < len(data) else (memoryview(data),):
                 while piece:
                     try:
                         written = os.write(fd, piece)
@@ -267,8 +281,9 @@ def _writer(stream: TextIO | None, progressed: Callable[[int], None]) -> Callabl
     return write_fd
 
 
-def _whole_lines(data: bytes) -> Iterator[memoryview]:
-    """`data` in pieces of whole lines, each at most `PIPE_BUF` bytes where its lines allow.
+def _whole_lines(data: bytes, most: int) -> Iterator[memoryview]:
+    """`data` in pieces of whole lines, each at most `most` bytes where its lines allow
+    (`PIPE_BUF` on a shared descriptor).
 
     A pipe takes a write of up to `PIPE_BUF` bytes whole, never mixed with another process's
     (POSIX); a longer one may be split where the pipe is full, and the workers of `python -m
@@ -279,7 +294,7 @@ def _whole_lines(data: bytes) -> Iterator[memoryview]:
     """
     view, start, size = memoryview(data), 0, len(data)
     while start < size:
-        end = start + select.PIPE_BUF
+        end = start + most
         if end < size:
             cut = data.rfind(b"\n", start, end)
             end = cut + 1 if cut >= start else (data.find(b"\n", end) + 1 or size)  # a longer line: alone

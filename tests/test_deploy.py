@@ -21,7 +21,7 @@ from service import ROOT, free_port
 
 from app import create_app
 from db import CLOSE_TIMEOUT
-from logstream import FLUSH_TIMEOUT
+from logstream import DRAIN_LIMIT
 from settings import load_settings
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -184,8 +184,8 @@ def test_kubernetes_runs_the_production_server_and_reads_settings_from_a_secret(
     readiness_timeout = container["readinessProbe"]["timeoutSeconds"]
     drain = float(env["SHUTDOWN_DRAIN_SECONDS"])
     # The in-flight bound is DATABASE_HEALTH_CHECK_TIMEOUT, under the readiness probe's timeout; a log
-    # stream that does not drain is waited for by each worker, then by the supervisor.
-    assert drain + readiness_timeout + CLOSE_TIMEOUT + 2 * FLUSH_TIMEOUT < pod["terminationGracePeriodSeconds"]
+    # stream that drains slowly is waited for by each worker, then by the supervisor.
+    assert drain + readiness_timeout + CLOSE_TIMEOUT + 2 * DRAIN_LIMIT < pod["terminationGracePeriodSeconds"]
     assert pod["automountServiceAccountToken"] is False  # the service never calls the Kubernetes API
     assert readiness_timeout > 10  # longer than DATABASE_HEALTH_CHECK_TIMEOUT's default
     assert container["envFrom"] == [{"secretRef": {"name": "service-settings"}}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,8 @@ import pytest
 from service import _SERVICE_VARIABLES, ROOT, free_port, stop
 from test_metrics import value
 
-from logstream import FLUSH_TIMEOUT, BufferedHandler
+import logstream
+from logstream import DRAIN_LIMIT, FLUSH_TIMEOUT, BufferedHandler
 
 pytestmark = pytest.mark.slow
 PIPE_BUFFER = 65536  # Linux's default pipe capacity, in bytes
@@ -230,6 +233,97 @@ def test_a_stream_read_slowly_at_exit_gets_every_line() -> None:
     assert float(seconds) > 0.3  # longer than the wait for a stream that takes nothing
     lines = bytes(data).decode().splitlines()
     assert [int(line.split()[0]) for line in lines] == list(range(400))
+
+
+def _read_slowly(fd: int, pause: float, into: bytearray) -> threading.Thread:
+    def read() -> None:
+        with contextlib.suppress(OSError):  # a terminal's end answers EIO once the other is closed
+            while chunk := os.read(fd, 4096):
+                into.extend(chunk)
+                time.sleep(pause)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
+def _lines_into(handler: BufferedHandler, count: int, size: int) -> None:
+    for i in range(count):
+        handler.enqueue(f"{i} {'x' * size}\n")
+
+
+def test_a_drain_waits_for_the_lines_it_found_not_for_those_logged_meanwhile() -> None:
+    """Another thread logging without pause while the stream keeps up: the drain ends once the lines it found
+    are written. Waiting for an empty buffer, with the wait renewed at each write, it never ended."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")  # closed here: collected later, it would close a number reused since
+    handler = BufferedHandler(stream)
+    reader = _read_slowly(read_end, 0.001, bytearray())
+    stop = threading.Event()
+
+    def chatty() -> None:
+        while not stop.is_set():
+            handler.enqueue("tick " + "y" * 80 + "\n")
+
+    logger = threading.Thread(target=chatty)
+    logger.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert handler.drain(1.0) is True
+        assert time.monotonic() - started < DRAIN_LIMIT
+    finally:
+        stop.set()
+        logger.join()
+        handler.close()
+        handler._thread.join(10)  # its writer done with the descriptor before it is closed, and its number reused
+        stream.close()  # the reader's end of file
+        reader.join(10)
+        os.close(read_end)
+
+
+def test_a_stream_too_slow_for_the_drain_limit_is_given_up_on_at_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream taking a little every second keeps a drain going, but not past DRAIN_LIMIT: exit stays bounded."""
+    monkeypatch.setattr(logstream, "DRAIN_LIMIT", 1.0)
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    handler = BufferedHandler(stream)
+    reader = _read_slowly(read_end, 0.2, bytearray())  # 20 KB a second: the 300 KB buffered take 15 s
+    try:
+        _lines_into(handler, 3000, 100)
+        started = time.monotonic()
+        assert handler.drain(0.5) is False
+        assert 1.0 <= time.monotonic() - started < 2.0
+    finally:
+        os.close(read_end)  # the writer's next write fails: the rest is lost, and close() waits for nothing
+        reader.join(10)
+        handler.close()
+        handler._thread.join(10)
+        stream.close()
+
+
+def test_a_terminal_read_slowly_is_waited_for_while_it_takes_lines() -> None:
+    """`docker run -t`: a terminal took a whole batch in one write, so a steady reader's progress showed only at
+    its end, and the drain gave up on it after FLUSH_TIMEOUT (here 0.5 s) though it kept reading."""
+    primary, secondary = os.openpty()
+    tty.setraw(secondary)
+    stream = os.fdopen(secondary, "w")
+    handler = BufferedHandler(stream)
+    received = bytearray()
+    reader = _read_slowly(primary, 0.2, received)  # about 20 KB a second: 60 KB take 3 s
+    try:
+        _lines_into(handler, 100, 600)
+        assert handler.drain(0.5) is True
+        handler.close()
+        handler._thread.join(10)
+        deadline = time.monotonic() + 10
+        while len(received) < sum(len(f"{i} ") + 601 for i in range(100)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stream.close()
+        reader.join(10)
+        os.close(primary)
+    assert [int(line.split()[0]) for line in bytes(received).decode().splitlines()] == list(range(100))
 
 
 def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
