@@ -33,7 +33,7 @@ EXPOSE 8000
 # No curl in a slim image: the interpreter is already there. Exit 0 only on a 200 from /health,
 # asked where the server listens: HOST itself, or loopback when HOST is every address (0.0.0.0, ::).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request as u; h = os.environ['HOST']; h = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(h, h); h = '[%s]' % h if ':' in h else h; sys.exit(u.urlopen('http://%s:%s/health' % (h, os.environ['PORT']), timeout=4).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request as u; h = os.environ['HOST'].strip(); h = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(h, h); h = '[%s]' % h if ':' in h else h; sys.exit(u.urlopen('http://%s:%s/health' % (h, os.environ['PORT'].strip()), timeout=4).status != 200)"]
 # The production server (PID 1, so it gets docker's SIGTERM itself): HOST:PORT from the
 # environment, the edge limits, and the readiness drain. Its exit comes within
 # SHUTDOWN_DRAIN_SECONDS (5 s) + in-flight requests' bound (DATABASE_HEALTH_CHECK_TIMEOUT, 10 s)

@@ -291,7 +291,9 @@ class Endpoint:
         self.handler = declaration.handler
         self.guard = guard
         where = f"{declaration.method} {declaration.path} ({declaration.handler.__name__})"
-        if not inspect.iscoroutinefunction(self.handler):  # awaited at every request: each would be a 500
+        # Awaited at every request: a plain function's result would be a 500 each time. Behind a
+        # decorator (`functools.wraps`), the function it wraps says.
+        if not inspect.iscoroutinefunction(inspect.unwrap(self.handler)):
             raise TypeError(f"{where}: a handler is an `async def` function")
         hints = typing.get_type_hints(self.handler)
         _, _, convertors = compile_path(declaration.path)

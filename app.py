@@ -130,7 +130,7 @@ def create_app(
     Every route must be documented: a route without an OpenAPI operation stops start-up.
     """
     if settings is None:
-        settings = load_settings_or_exit(read_environment())
+        settings = load_settings_or_exit(*read_environment())
     configure_logging(settings)
     if settings.secret_key_generated:
         logger.warning("SECRET_KEY is not set: using a random key that changes at every start")

@@ -169,7 +169,9 @@ def _detail(request: Request, exc: BaseException) -> dict[str, str] | None:
     if not request.app.state.settings.debug:
         return None
     detail = {"type": type(exc).__name__, "message": str(exc)}
-    if exc.__cause__ is not None:  # what the envelope's message stands for (the database's own error)
+    if (
+        isinstance(exc, ServiceError) and exc.__cause__ is not None
+    ):  # what its message stands for (the database's own error)
         detail["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
     return detail
 

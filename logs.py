@@ -64,15 +64,18 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # Here rather than in format(): the IDs belong on the message line, before any traceback.
-        if any(getattr(record, name, None) is None for name in self.placed_ids):
-            record = copy.copy(record)  # an ID the format places but the line has none of: `-`, not `None`
-            for name in self.placed_ids:
-                if getattr(record, name, None) is None:
-                    setattr(record, name, "-")
-        line = super().formatMessage(record).rstrip("\n")  # a warning's message ends in one: the IDs go on its line
         request_id = getattr(record, "request_id", None)
+        trace_id = getattr(record, "trace_id", None)
+        if any(getattr(record, name, None) is None for name in self.placed_ids):
+            placed = copy.copy(record)  # an ID the format places but the line has none of: `-`, not `None`
+            for name in self.placed_ids:
+                if getattr(placed, name, None) is None:
+                    setattr(placed, name, "-")
+            line = super().formatMessage(placed)
+        else:
+            line = super().formatMessage(record)
+        line = line.rstrip("\n")  # a warning's message ends in one: the IDs go on its line
         if request_id and not self.places_request_id:
-            trace_id = getattr(record, "trace_id", None)
             trace = f" trace_id={trace_id}" if trace_id else ""
             line = f"{line} [request_id={request_id}{trace}]"
         return line

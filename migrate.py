@@ -259,9 +259,9 @@ def _settings() -> Settings:
 
     Only DATABASE_URL: a migration job needs no SECRET_KEY or CORS settings to be valid.
     """
-    environ = read_environment()
-    if environ.problems:  # a `.env` that cannot be read: its DATABASE_URL may be the one meant
-        raise CommandError(environ.problems[0], status=2)
+    environ, problems = read_environment()
+    if problems:  # a `.env` that cannot be read: its DATABASE_URL may be the one meant
+        raise CommandError("; ".join(problems), status=2)
     raw = environ.get("DATABASE_URL")
     if not raw:
         raise CommandError("DATABASE_URL is not set: it names the database to migrate", status=2)

@@ -203,7 +203,7 @@ def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None =
     parser.add_argument("app", nargs="?", default=FOUNDATION, metavar="MODULE:ATTRIBUTE", help=served)
     target: str = parser.parse_args(argv).app
     _open_standard_descriptors()
-    settings = load_settings_or_exit(read_environment())  # exits 3, before binding, when invalid
+    settings = load_settings_or_exit(*read_environment())  # exits 3, before binding, when invalid
     configure_logging(settings)  # again by the app; before it, so a failure to import it is logged alike
     if settings.web_concurrency == 1:
         DrainingServer(EdgeConfig(create_app(settings) if target == FOUNDATION else target, settings)).run()

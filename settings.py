@@ -151,17 +151,9 @@ class SettingsError(Exception):
         return f"Invalid settings ({len(self.problems)} problem(s)):\n{lines}{hints}"
 
 
-class Environ(dict[str, str]):
-    """The variables start-up reads, with what was wrong with the `.env` file they came from:
-    `load_settings` reports those problems with its own, so that one message lists them all."""
-
-    def __init__(self, values: Mapping[str, str], problems: Iterable[str] = ()) -> None:
-        super().__init__(values)
-        self.problems = list(problems)
-
-
-def read_environment(env_file: str | Path = ".env") -> Environ:
-    """The process environment over the `.env` file: real variables always win.
+def read_environment(env_file: str | Path = ".env") -> tuple[dict[str, str], list[str]]:
+    """The process environment over the `.env` file (real variables always win), and what is wrong
+    with the file: `load_settings(*read_environment())` lists those problems with the variables' own.
 
     `PYTHON_DOTENV_DISABLED=1`, python-dotenv's own switch, leaves the file out (the tests set it).
     """
@@ -191,7 +183,7 @@ def read_environment(env_file: str | Path = ".env") -> Environ:
             problems.append(f"{env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client "
                             "reads from the server's environment alone: set it there")  # fmt: skip
     values.update(os.environ)
-    return Environ(values, problems)
+    return values, problems
 
 
 def _unparsed(env_file: str | Path, number: int, text: str) -> str:
@@ -201,10 +193,10 @@ def _unparsed(env_file: str | Path, number: int, text: str) -> str:
     return f"{where}: cannot be parsed as NAME=value (an unclosed quote?)"
 
 
-def load_settings(environ: Mapping[str, str]) -> Settings:
-    """Parse and validate every variable; raise `SettingsError` listing all problems, the `.env`
-    file's among them when `environ` is `read_environment`'s."""
-    problems: list[str] = list(environ.problems) if isinstance(environ, Environ) else []
+def load_settings(environ: Mapping[str, str], file_problems: Iterable[str] = ()) -> Settings:
+    """Parse and validate every variable; raise `SettingsError` listing all problems, those of the
+    `.env` file the variables came from (`read_environment`) first."""
+    problems: list[str] = list(file_problems)
 
     def get(name: str, parse: Callable[[str], Any], default: Any = _UNSET, show: Callable[[str], str] = repr) -> Any:
         """The variable parsed by its rule; unset (or refused), the default: the field's own unless given."""
@@ -295,10 +287,10 @@ def _one_slip(given: str, meant: str) -> bool:
     return g == m or g[1:] in (m, m[1:]) or g == m[1:] or (g[:2] == m[1::-1] and g[2:] == m[2:])
 
 
-def load_settings_or_exit(environ: Mapping[str, str]) -> Settings:
+def load_settings_or_exit(environ: Mapping[str, str], file_problems: Iterable[str] = ()) -> Settings:
     """`load_settings` for start-up: a configuration mistake is a message, not a traceback."""
     try:
-        return load_settings(environ)
+        return load_settings(environ, file_problems)
     except SettingsError as exc:
         _exit_with(str(exc))
 

@@ -790,6 +790,27 @@ def test_a_handler_that_is_not_async_stops_start_up() -> None:
         create_app(make_settings(), endpoints=[broken])
 
 
+@pytest.mark.anyio
+async def test_a_handler_behind_a_decorator_that_wraps_it_is_served() -> None:
+    """A plain function returning the coroutine of the `async def` it wraps (`functools.wraps`) is awaited as before."""
+    wrapped = Endpoints(tag="wrapped")
+
+    def audited(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(handler)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return handler(*args, **kwargs)
+
+        return call
+
+    @wrapped.get("/wrapped/{pet_id}", summary="Behind a decorator")
+    @audited
+    async def get_wrapped(pet_id: int) -> Pet:
+        return Pet(pet_id, "Rex")
+
+    async with serve(create_app(make_settings(), endpoints=[wrapped])) as client:
+        assert (await client.get("/wrapped/7")).json() == {"id": 7, "name": "Rex"}
+
+
 def test_a_return_annotation_that_cannot_be_documented_stops_start_up() -> None:
     broken = Endpoints(tag="broken")
 

@@ -131,8 +131,8 @@ def test_dockerfile_command_and_health_check_work_from_a_clean_install(tmp_path:
     check = _exec_form(_args("HEALTHCHECK")[-1].split("CMD", 1)[1])
     env["PATH"] = f"{tmp_path / '.venv' / 'bin'}:{env['PATH']}"
     # As `docker run --network host -e HOST=...` would: the check asks where HOST says (it once asked
-    # 127.0.0.1 whatever HOST was), an IPv6 address in brackets.
-    for host in ("127.0.0.1", "127.0.0.2", "::1"):
+    # 127.0.0.1 whatever HOST was), an IPv6 address in brackets, spaces around it ignored as the server does.
+    for host in ("127.0.0.1", " 127.0.0.2 ", "::1"):
         env.update(HOST=host, PORT=str(free_port()))
         server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

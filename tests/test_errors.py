@@ -73,6 +73,13 @@ async def too_slow() -> Done:
     raise TimeoutError
 
 
+@raising_routes.get("/timed-out", summary="A timeout as asyncio.timeout raises it")
+async def timed_out() -> Done:
+    async with asyncio.timeout(0):
+        await asyncio.sleep(1)
+    return Done()
+
+
 @raising_routes.get("/decode-bug", summary="A handler decoding its own data wrongly")
 async def decode_bug() -> Done:
     msgspec.json.decode(b'{"quantity": "three"}', type=Order)  # e.g. a jsonb column of the wrong shape
@@ -150,6 +157,13 @@ async def test_unhandled_exception_with_debug_adds_type_message_and_traceback() 
     assert detail["message"] == "secret internals: table users has 42 rows"
     assert "Traceback" in detail["traceback"]
     assert "explode" in detail["traceback"]
+
+
+async def test_with_debug_a_timeouts_detail_names_no_cancellation_as_its_cause() -> None:
+    """`asyncio.timeout` raises its TimeoutError from the CancelledError it used: not a cause worth showing."""
+    async with client_for(DEBUG="true") as client:
+        response = await client.get("/timed-out")
+    assert assert_envelope(response, 504, "TIMEOUT_ERROR")["detail"] == {"type": "TimeoutError", "message": ""}
 
 
 async def test_500_keeps_request_id_and_cors_headers() -> None:

@@ -389,6 +389,16 @@ async def test_a_log_format_placing_the_ids_prints_a_dash_where_a_line_has_none(
     assert not [line for line in lines if "None" in line]
 
 
+async def test_a_log_format_placing_only_the_trace_id_appends_the_request_id_as_before(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The request ID still goes in brackets, without a `trace_id=-` the format's own `-` must not add."""
+    await run({"LOG_FORMAT": "%(trace_id)s %(name)s %(message)s"}, ("/nope", {b"X-Request-ID": b"req-1"}))
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "GET /nope 404" in line]
+    assert line.startswith("- service.access GET /nope 404 ")
+    assert line.endswith(" [request_id=req-1]")
+
+
 @pytest.mark.parametrize("line_format", ["%(message)s", "%(message)s trace=%(trace_id)s"])
 def test_a_stream_that_stops_draining_drops_and_counts_instead_of_blocking(line_format: str) -> None:
     """Logging into a full, unread pipe returns at once; reading it again brings one line with the count.

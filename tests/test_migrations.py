@@ -431,13 +431,14 @@ def test_missing_or_invalid_database_url_is_a_configuration_error(tmp_path: Path
 def test_a_dotenv_that_cannot_be_parsed_is_a_configuration_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its DATABASE_URL on a line with an unclosed quote: one line and status 2, like any configuration mistake."""
-    (tmp_path / ".env").write_text('DATABASE_URL="postgresql://app:secret@127.0.0.1:1/app\n')
+    """Lines python-dotenv cannot parse: one line naming each, and status 2, like any configuration mistake."""
+    (tmp_path / ".env").write_text('A B\nDATABASE_URL="postgresql://app:secret@127.0.0.1:1/app\n')
     monkeypatch.delenv("PYTHON_DOTENV_DISABLED")
     broken = run_db(None, "status", cwd=tmp_path)
     assert (broken.returncode, broken.stderr) == (
         2,
-        "status: .env, line 1 (DATABASE_URL): cannot be parsed as NAME=value (an unclosed quote?)\n",
+        "status: .env, line 1: cannot be parsed as NAME=value (an unclosed quote?); "
+        ".env, line 2 (DATABASE_URL): cannot be parsed as NAME=value (an unclosed quote?)\n",
     )
 
 

@@ -481,7 +481,7 @@ def refused(env_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     """The lines start-up writes when reading `env_file` stops it, with the configuration error's status."""
     monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        load_settings_or_exit(read_environment(env_file))
+        load_settings_or_exit(*read_environment(env_file))
     assert exit_.value.code == CONFIGURATION_ERROR
     return capsys.readouterr().err.splitlines()
 
@@ -510,7 +510,7 @@ def test_a_prometheus_directory_in_dotenv_is_refused_as_prometheus_never_reads_i
         "alone: set it there"
     )
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # set in the environment too: the environment's
-    assert read_environment(env_file)["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)
+    assert read_environment(env_file)[0]["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)
 
 
 def test_a_dotenv_line_that_cannot_be_parsed_stops_start_up(
@@ -551,7 +551,7 @@ def test_a_dotenv_mounted_as_a_pipe_is_read(tmp_path: Path, monkeypatch: pytest.
     writer.start()
     monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
     try:
-        assert read_environment(env_file)["APP_NAME"] == "from-a-pipe"
+        assert read_environment(env_file)[0]["APP_NAME"] == "from-a-pipe"
     finally:
         writer.join(5)
 
@@ -562,7 +562,7 @@ def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     env_file.write_text("APP_NAME=from-dotenv\nAPP_VERSION=9.9.9\n")
     monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)  # conftest sets it for the suite
     monkeypatch.setenv("APP_NAME", "from-environment")
-    values = read_environment(env_file)
+    values, _ = read_environment(env_file)
     assert (values["APP_NAME"], values["APP_VERSION"]) == ("from-environment", "9.9.9")
 
 
@@ -572,7 +572,7 @@ def test_python_dotenv_disabled_leaves_dotenv_out(tmp_path: Path, monkeypatch: p
     env_file.write_text("APP_NAME=from-dotenv\nAPP_VERSION=9.9.9\n")
     monkeypatch.setenv("PYTHON_DOTENV_DISABLED", "1")
     monkeypatch.setenv("APP_NAME", "from-environment")
-    values = read_environment(env_file)
+    values, _ = read_environment(env_file)
     assert values["APP_NAME"] == "from-environment"
     assert "APP_VERSION" not in values
 
