@@ -55,7 +55,11 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     `relay` is the worker's end of a socket pair on which each signal the supervisor receives
     arrives as a byte, its number.
     """
-    sockets = [config.bind_socket()]  # first: a port already taken leaves nothing behind
+    try:
+        sockets = [config.bind_socket()]  # first: a port already taken leaves nothing behind
+    except SystemExit:  # uvicorn logged the error alone ("[Errno 98] Address already in use"): say where
+        logger.error("Cannot listen on %s:%d (HOST and PORT)", config.host, config.port)
+        raise
     private_metrics = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -186,6 +187,21 @@ def test_python_m_app_serves_the_app_it_is_named(workers: str) -> None:
         assert response.status_code == 422
         assert response.json()["validation_errors"][0]["field"] == "item_id"
         assert httpx.get(f"{server.url}/openapi.json", timeout=5).json()["paths"].keys() >= {"/items/{item_id}"}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_python_m_app_on_a_port_already_taken_says_which_and_stops(tmp_path: Path, workers: str) -> None:
+    """With workers, uvicorn's line said only "[Errno 98] Address already in use": the address is named too."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = UvicornProcess({"WEB_CONCURRENCY": workers}, port=port, log_path=tmp_path / "out.log",
+                                command="python -m app")  # fmt: skip
+        status = server.process.wait(30)
+    assert status != 0
+    assert str(port) in server.output()  # uvicorn's own line names it in one process; ours, with workers
+    assert "in use" in server.output()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
