@@ -204,8 +204,9 @@ class Database:
         handler's own misuse of its connection (two queries at once on it) or `OSError` stays a
         500, its traceback logged, instead of passing for a lost connection.
         `stateless=True` promises that the block only reads outside any transaction, leaving
-        nothing in the session (no SET, LISTEN, lock or cursor): giving it back then skips the
-        reset round trip, unless the block raised or left a transaction open (then it is reset).
+        nothing in the session (no SET, LISTEN, lock or cursor), whether it ends or raises (a 404
+        is the commonest end of a lookup): giving it back then skips the reset round trip, which
+        would double a lookup's cost. A transaction left open is still rolled back.
         The connection is the caller's only inside the block: afterwards another request may hold it.
         """
         queued = True
@@ -231,13 +232,11 @@ class Database:
             self._failing_because(exc)
             message = "Database temporarily unavailable"
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
-        clean = False  # a block that raised may have left anything in the session, `stateless` or not
         try:
             yield conn
             if conn.is_in_transaction():  # its reset would roll back what the client is about to be told is done
                 await conn.execute("ROLLBACK")
                 raise RuntimeError("The handler left a transaction open: it was rolled back (use conn.transaction())")
-            clean = True
             if self._failure is not None:  # a block went through: say so once, after the failure's line
                 logger.info("Database available again (after: %s)", self._failure)
                 self._failure = None
@@ -278,7 +277,7 @@ class Database:
             raise MalformedRequestError(_refused_value_message(exc)) from exc
         finally:
             try:
-                await self._give_back(conn, stateless and clean)
+                await self._give_back(conn, stateless)
             finally:
                 self._queue.release()
 
