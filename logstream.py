@@ -58,7 +58,7 @@ class BufferedHandler(logging.Handler):
         self._closed = False
         self._appended = self._finished = 0  # lines put in the buffer; lines written (or lost) since
         self._progress = 0  # bytes (or writes) the stream has taken: a wait goes on while this grows
-        self._gave_up_at = -1  # the progress at which a drain last gave up on the stream
+        self._gave_up = False  # a drain gave up on the stream, which has not caught up since
         self.write_through = False  # each line written before emit returns: set when the process stops
         self._start_writer()
         # A forked child has no writer thread: it starts its own, leaving the parent's lines to the parent.
@@ -123,12 +123,12 @@ class BufferedHandler(logging.Handler):
         `timeout` seconds. A stream that keeps taking lines, however slowly, is waited for until it
         has them all, for at most `DRAIN_LIMIT` seconds.
 
-        A stream given up on is not waited for again until it takes a write: at exit,
-        `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
+        A stream given up on is not waited for again until it has caught up (every line written):
+        at exit, `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
         """
         with self._ready:
             self._ready.notify_all()  # cut the writer's linger short
-            return self._wait_written(0 if self._progress == self._gave_up_at else timeout)
+            return self._wait_written(0 if self._gave_up else timeout)
 
     def _wait_written(self, patience: float) -> bool:
         """With the lock held: wait until the lines buffered now are written (not those logged
@@ -141,7 +141,7 @@ class BufferedHandler(logging.Handler):
             if self._ready.wait_for(lambda: self._finished >= target, wait):
                 return True
             if self._progress == progress or time.monotonic() >= limit:
-                self._gave_up_at = self._progress
+                self._gave_up = True
                 return False
 
     def _progressed(self, amount: int) -> None:
@@ -192,6 +192,7 @@ class BufferedHandler(logging.Handler):
                 lost = len(batch)
             with self._ready:
                 self._finished += taken
+                self._gave_up = self._gave_up and self._finished < self._appended  # caught up: waited for again
                 if lost:  # a closed, broken or full stream: the lines not written whole are lost too
                     report_lost = bool(unreported)  # the report is the batch's last line: lost first
                     self.dropped += lost - report_lost
