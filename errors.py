@@ -169,9 +169,8 @@ def _detail(request: Request, exc: BaseException) -> dict[str, str] | None:
     if not request.app.state.settings.debug:
         return None
     detail = {"type": type(exc).__name__, "message": str(exc)}
-    if (
-        isinstance(exc, ServiceError) and exc.__cause__ is not None
-    ):  # what its message stands for (the database's own error)
+    # What the envelope's message stands for (the database's own error); not asyncio.timeout's CancelledError.
+    if isinstance(exc, ServiceError) and exc.__cause__ is not None:
         detail["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
     return detail
 
