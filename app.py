@@ -33,7 +33,7 @@ from middleware import CORS, RequestContext
 from migrate import MIGRATIONS_DIR, migrations_on_disk
 from openapi import OPERATIONS, Operation, docs_routes
 from routing import HotPaths
-from settings import Settings, load_settings_or_exit, read_environment
+from settings import Redactor, Settings, load_settings_or_exit, read_environment
 
 logger = logging.getLogger("service")
 
@@ -90,7 +90,7 @@ class Service(Starlette):
             cors=cors,
             max_body_bytes=settings.max_body_bytes,
             handlers=self.exception_handlers,
-            debug=settings.debug,
+            debug=Redactor(settings.secrets) if settings.debug else None,
         )
 
 

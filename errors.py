@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -15,6 +15,7 @@ from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from logs import REQUEST
 from responses import ENCODER, StructResponse, Timestamp, send_bytes, utc_timestamp
+from settings import Redactor
 
 CODES = {
     400: "VALIDATION_ERROR",
@@ -166,12 +167,14 @@ def error_response(
 
 
 def _detail(request: Request, exc: BaseException) -> dict[str, str] | None:
-    if not request.app.state.settings.debug:
+    settings = request.app.state.settings
+    if not settings.debug:
         return None
-    detail = {"type": type(exc).__name__, "message": str(exc)}
+    redact = Redactor(settings.secrets)  # as in the log: DEBUG is allowed outside production
+    detail = {"type": type(exc).__name__, "message": redact(str(exc))}
     # What the envelope's message stands for (the database's own error); not asyncio.timeout's CancelledError.
     if isinstance(exc, ServiceError) and exc.__cause__ is not None:
-        detail["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        detail["cause"] = redact(f"{type(exc.__cause__).__name__}: {exc.__cause__}")
     return detail
 
 
@@ -240,11 +243,12 @@ _NOT_FOUND = HTTPException(404)  # never raised: it is what the router would hav
 _NOT_FOUND_DETAIL = {"type": type(_NOT_FOUND).__name__, "message": str(_NOT_FOUND)}
 
 
-def server_error(exc: BaseException, *, debug: bool) -> Response:
-    """The 500 envelope for an exception nothing handles; its traceback only with DEBUG."""
+def server_error(exc: BaseException, *, debug: Callable[[str], str] | None) -> Response:
+    """The 500 envelope for an exception nothing handles; with DEBUG (`debug`: what masks the
+    secrets in its detail, as in the log), its type, message and traceback."""
     detail = None
-    if debug:
-        detail = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    if debug is not None:
+        detail = {"type": type(exc).__name__, "message": debug(str(exc)), "traceback": debug(traceback.format_exc())}
     return error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)
 
 

@@ -82,7 +82,7 @@ class RequestContext:
         cors: Callable[[ASGIApp], CORS] | None = None,
         max_body_bytes: int | None = None,
         handlers: Mapping[Any, ExceptionHandler] = EXCEPTION_HANDLERS,
-        debug: bool = False,
+        debug: Callable[[str], str] | None = None,
     ) -> None:
         self.app = app
         # Routes whose successes are not logged: in production, the probes, which succeed thousands
@@ -94,7 +94,7 @@ class RequestContext:
         self.with_origin = cors(app) if cors is not None else app  # where requests with an `Origin` go
         self.max_body_bytes = max_body_bytes
         self.handlers = handlers  # read at each error: a handler added after start-up is used
-        self.debug = debug
+        self.debug = debug  # with DEBUG: what masks the secrets in a 500's detail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -17,13 +17,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import Endpoints
+from api import Context, Endpoints
 from app import create_app
 from errors import (
     AuthenticationError,
     AuthorizationError,
     DatabaseConnectionError,
     FieldError,
+    MalformedRequestError,
     NotFoundError,
     OperationTimeoutError,
     RequestValidationError,
@@ -71,6 +72,18 @@ async def database_down() -> Done:
 @raising_routes.get("/slow", summary="A timeout")
 async def too_slow() -> Done:
     raise TimeoutError
+
+
+@raising_routes.get("/leaky", summary="A bug whose message names the secrets")
+async def leaky(ctx: Context) -> Done:
+    settings = ctx.settings
+    raise RuntimeError(f"could not use {settings.database_url} (key {settings.secret_key})")
+
+
+@raising_routes.get("/leaky-refusal", summary="A refusal caused by an error that names a secret")
+async def leaky_refusal(ctx: Context) -> Done:
+    cause = ValueError(f"key {ctx.settings.secret_key} rejected")
+    raise MalformedRequestError("Refused") from cause
 
 
 @raising_routes.get("/timed-out", summary="A timeout as asyncio.timeout raises it")
@@ -157,6 +170,23 @@ async def test_unhandled_exception_with_debug_adds_type_message_and_traceback() 
     assert detail["message"] == "secret internals: table users has 42 rows"
     assert "Traceback" in detail["traceback"]
     assert "explode" in detail["traceback"]
+
+
+async def test_with_debug_the_detail_masks_the_secrets_as_the_log_does() -> None:
+    """DEBUG is allowed in staging: a 500's message and traceback, and a refusal's cause, sent the database
+    password and SECRET_KEY to any caller, where the log line of the same request masked them."""
+    key, password = "k" * 20 + "Zq81-x_m3LpRt0wYv", "Sup3r-S3cret-Pw"
+    url = f"postgresql://app:{password}@127.0.0.1:1/app"
+    async with client_for(DEBUG="true", SECRET_KEY=key, DATABASE_URL=url) as client:
+        crashed = await client.get("/leaky")
+        refused = await client.get("/leaky-refusal")
+    assert_envelope(crashed, 500, "INTERNAL_SERVER_ERROR")
+    assert_envelope(refused, 400, "VALIDATION_ERROR")
+    assert crashed.json()["detail"]["message"] == "could not use postgresql://app:***@127.0.0.1:1/app (key ***)"
+    assert refused.json()["detail"]["cause"] == "ValueError: key *** rejected"
+    for response in (crashed, refused):
+        assert key not in response.text
+        assert password not in response.text
 
 
 async def test_with_debug_a_timeouts_detail_names_no_cancellation_as_its_cause() -> None:
