@@ -31,6 +31,7 @@ T = TypeVar("T")
 DEFAULT_LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_SECRET_KEY_LENGTH = 32
+MIN_MASKED_LENGTH = 6  # the shortest secret the log redactor masks: a shorter one would mask ordinary words
 # The exit status of invalid settings: uvicorn's for a worker that failed to start (its
 # STARTUP_FAILURE). `uvicorn --workers N`, which WEB_CONCURRENCY sets, stops on it; on any other
 # status it starts the worker again, and would do so forever.
@@ -123,8 +124,8 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        # Very short values would redact ordinary words; such a secret is refused in production.
-        self.secrets = tuple(sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True))
+        # Very short values would redact ordinary words; such a secret is refused outside development.
+        self.secrets = tuple(sorted({s for s in secrets if len(s) >= MIN_MASKED_LENGTH}, key=len, reverse=True))
         tokens = "|".join(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])" for s in self.secrets)
         self._tokens = re.compile(tokens or "(?!)")  # `(?!)` matches nothing
 
@@ -316,6 +317,11 @@ def _check_environment_rules(s: Settings, environ: Mapping[str, str]) -> list[st
         problems.append(f"DEBUG={environ.get('DEBUG', 'true')!r}: must be false in production")
     if s.database_url is None:
         problems.append(f"DATABASE_URL (unset): required {where}")
+    elif any(len(unquote(password)) < MIN_MASKED_LENGTH for password in passwords(s.database_url)):
+        problems.append(
+            f"DATABASE_URL={mask_url(environ.get('DATABASE_URL', s.database_url))!r}: a password of fewer than "
+            f"{MIN_MASKED_LENGTH} characters is refused {where}: the logs could not mask it (and it is weak)"
+        )
     if not s.secret_key:
         state = "(unset)" if environ.get("SECRET_KEY") is None else "(empty)"
         problems.append(f"SECRET_KEY {state}: required {where}")

@@ -222,7 +222,7 @@ async def test_an_invalid_traceparent_is_ignored_and_never_echoed(
 
 async def test_production_skips_successful_probes_but_logs_failed_ones(capsys: pytest.CaptureFixture[str]) -> None:
     """Probe noise is dropped in production; a failing probe is always logged."""
-    env = {"ENVIRONMENT": "production", "SECRET_KEY": SECRET, "DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/x"}
+    env = {"ENVIRONMENT": "production", "SECRET_KEY": SECRET, "DATABASE_URL": "postgresql://u:pw-123456@127.0.0.1:1/x"}
     await run(env, ("/health", {}), ("/health/db", {}), ("/nope", {}))
     access = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"service.access"' in line]
     assert [(a["path"], a["status"]) for a in access] == [("/health/db", 503), ("/nope", 404)]
@@ -230,7 +230,7 @@ async def test_production_skips_successful_probes_but_logs_failed_ones(capsys: p
 
 async def test_production_logs_a_route_that_merely_starts_like_the_probes(capsys: pytest.CaptureFixture[str]) -> None:
     """Only the probes' successes are quiet: `/healthcare` is a route like any other, and is logged."""
-    env = {"ENVIRONMENT": "production", "SECRET_KEY": SECRET, "DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/x"}
+    env = {"ENVIRONMENT": "production", "SECRET_KEY": SECRET, "DATABASE_URL": "postgresql://u:pw-123456@127.0.0.1:1/x"}
     await run(env, ("/health", {}), ("/healthcare", {}), ("/health/", {}))
     access = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"service.access"' in line]
     assert [(a["path"], a["status"]) for a in access] == [("/healthcare", 200), ("/health/", 307)]

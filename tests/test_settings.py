@@ -24,7 +24,7 @@ from settings import (
 
 ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
 GOOD_KEY = "k" * 20 + "Zq81-x_m3LpRt0wY"  # 36 characters, no placeholder
-PRODUCTION = {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
+PRODUCTION = {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw-123456@db/app"}
 
 
 def problems(env: dict[str, str]) -> list[str]:
@@ -275,9 +275,21 @@ def test_production_refuses_a_placeholder_secret_key() -> None:
     assert problem.startswith("SECRET_KEY='***': looks like a documentation placeholder")
 
 
+@pytest.mark.parametrize("url", ["postgresql://app:pw123@db/app", "postgresql://app@db/app?password=pw123"])
+def test_a_database_password_too_short_to_mask_is_refused_outside_development(url: str) -> None:
+    """The log redactor leaves secrets under 6 characters alone (it would mask ordinary words): such a
+    password was accepted in production and written unmasked in every line that named the URL."""
+    for environment in ("staging", "production"):
+        assert problems({**PRODUCTION, "ENVIRONMENT": environment, "DATABASE_URL": url}) == [
+            f"DATABASE_URL={mask_url(url)!r}: a password of fewer than 6 characters is refused in staging and "
+            "production: the logs could not mask it (and it is weak)"
+        ]
+    assert load_settings({"DATABASE_URL": url}).database_url == url  # development: a local database's
+
+
 def test_a_refusal_shows_each_value_as_it_was_set() -> None:
     """`DEBUG=1` is named as `'1'`, an empty key as empty (it was set), a list with a wildcard whole."""
-    env = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:pw@db/app", "DEBUG": "1", "SECRET_KEY": "",
+    env = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:pw-1234@db/app", "DEBUG": "1", "SECRET_KEY": "",
            "CORS_ORIGINS": "https://a.example, *"}  # fmt: skip
     assert problems(env) == [
         "CORS_ORIGINS='https://a.example, *': a wildcard origin is refused while CORS_ALLOW_CREDENTIALS is true",
@@ -314,7 +326,9 @@ def test_a_prometheus_directory_that_cannot_be_written_is_a_settings_problem(tmp
 def test_a_misspelt_variable_is_named_in_the_message_that_stops_start_up() -> None:
     """The warning create_app would log never comes when start-up fails: the refusal names the near miss itself."""
     with pytest.raises(SettingsError) as caught:
-        load_settings({"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABSE_URL": "postgresql://u:pw@db/app"})
+        load_settings(
+            {"ENVIRONMENT": "production", "SECRET_KEY": GOOD_KEY, "DATABSE_URL": "postgresql://u:pw-123456@db/app"}
+        )
     assert str(caught.value) == (
         "Invalid settings (1 problem(s)):\n"
         "  DATABASE_URL (unset): required in staging and production\n"
@@ -628,4 +642,4 @@ def test_env_example_is_valid_and_names_every_variable() -> None:
 
 
 def _safe() -> dict[str, str]:
-    return {"SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw@db/app"}
+    return {"SECRET_KEY": GOOD_KEY, "DATABASE_URL": "postgresql://u:pw-123456@db/app"}
