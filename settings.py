@@ -20,8 +20,8 @@ from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import unquote
 
 import msgspec
-from dotenv import dotenv_values
 from dotenv.parser import parse_stream
+from dotenv.variables import Variable, parse_variables
 
 from dsn import check_url, mask_url, passwords
 
@@ -47,6 +47,7 @@ MIN_SECRET_KEY_CHARACTERS = 10
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 _ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
+_SINGLE_QUOTED = re.compile(r"\s*(?:export\s+)?[^=]*=\s*'")  # a `.env` line whose value is in single quotes
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
 _ORIGIN_PARTS = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
@@ -169,22 +170,46 @@ def read_environment(env_file: str | Path = ".env") -> tuple[dict[str, str], lis
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             problems.append(f"{env_file}: cannot be read ({reason})")
             text = ""
-        # python-dotenv skips a line it cannot parse with a warning, and start-up would go on
-        # without it: an unclosed quote on `ENVIRONMENT="production` would start a development server.
-        unparsed = [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]
-        problems += [_unparsed(env_file, line.line, line.string) for line in unparsed]
-        dotenv_logger = logging.getLogger("dotenv.main")  # its warning of each line not parsed: said above
-        dotenv_logger.disabled, was = True, dotenv_logger.disabled
-        try:
-            values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
-        finally:
-            dotenv_logger.disabled = was
+        values = _dotenv_values(env_file, text, problems)
         if "PROMETHEUS_MULTIPROC_DIR" in values and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             # prometheus-client reads it from the process environment, as it is imported: never from here
             problems.append(f"{env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client "
                             "reads from the server's environment alone: set it there")  # fmt: skip
     values.update(os.environ)
     return values, problems
+
+
+def _dotenv_values(env_file: str | Path, text: str, problems: list[str]) -> dict[str, str]:
+    """The variables a `.env` file's text sets, read by python-dotenv's parser; its problems go to `problems`.
+
+    Not `dotenv_values`, for three of its ways: it skips a line it cannot parse with a warning,
+    and start-up would go on without it (an unclosed quote on `ENVIRONMENT="production` would
+    start a development server); in `${NAME}` it prefers the file's NAME to the environment's,
+    where the environment always wins here; and it expands `${NAME}` inside single quotes too,
+    which shells and Compose keep as written (a password holding `${`). Here a single-quoted
+    value is taken as written, and a `${NAME}` set nowhere, without a `:-default`, is a problem
+    rather than silently empty.
+    """
+    values: dict[str, str] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        line, key, value = binding.original, binding.key, binding.value
+        if binding.error:
+            problems.append(_unparsed(env_file, line.line, line.string))
+            continue
+        if key is None or value is None:  # a comment, a blank line, or a name alone (python-dotenv: unset)
+            continue
+        if _SINGLE_QUOTED.match(line.string):
+            values[key] = value
+            continue
+        known = {**values, **os.environ}
+        atoms = list(parse_variables(value))
+        if unset := [a.name for a in atoms if isinstance(a, Variable) and a.default is None and a.name not in known]:
+            problems.append(
+                f"{env_file}, line {line.line} ({key}): ${{{unset[0]}}} is set neither in the environment nor "
+                "above it in the file, and would read as empty: set it, or single-quote the value to keep it as written"
+            )
+        values[key] = "".join(atom.resolve(known) for atom in atoms)
+    return values
 
 
 def _unparsed(env_file: str | Path, number: int, text: str) -> str:

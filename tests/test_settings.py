@@ -557,6 +557,32 @@ def test_a_dotenv_line_that_cannot_be_parsed_is_reported_with_every_other_proble
     ]
 
 
+def test_a_dotenv_expands_names_from_the_environment_first_and_keeps_single_quoted_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`${DB_PASS}` took the file's DB_PASS though the environment set it (the environment always wins); a
+    single-quoted password holding `${` was expanded, as no shell or Compose does; a name set nowhere read
+    as empty, silently."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "DB_PASS=from-the-file\n"
+        "DATABASE_URL=postgresql://app:${DB_PASS}@db/app\n"
+        "SECRET_KEY='pa${X}yz-$$-long'\n"
+        'APP_NAME="api-${REGION:-eu}"\n'
+        "APP_VERSION=v${BUILD}\n"
+    )
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    monkeypatch.setenv("DB_PASS", "from-the-environment")
+    values, file_problems = read_environment(env_file)
+    assert values["DATABASE_URL"] == "postgresql://app:from-the-environment@db/app"
+    assert values["SECRET_KEY"] == "pa${X}yz-$$-long"
+    assert values["APP_NAME"] == "api-eu"
+    assert file_problems == [
+        f"{env_file}, line 5 (APP_VERSION): ${{BUILD}} is set neither in the environment nor above it in the "
+        "file, and would read as empty: set it, or single-quote the value to keep it as written"
+    ]
+
+
 def test_a_dotenv_mounted_as_a_pipe_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Secrets managers may mount `.env` as a named pipe: read like a file."""
     env_file = tmp_path / ".env"
