@@ -163,6 +163,8 @@ def read_environment(env_file: str | Path = ".env") -> tuple[dict[str, str], lis
     path = Path(env_file)
     values: dict[str, str] = {}
     problems = []
+    if not disabled and path.is_symlink() and not path.exists():  # a secret's mount that is not there
+        problems.append(f"{env_file}: is a link to {os.readlink(path)}, which does not exist")
     if not disabled and path.exists() and not path.is_dir():  # a file, or a pipe a secrets manager mounts
         try:
             text = path.read_text(encoding="utf-8-sig")  # python-dotenv's reading, a BOM aside
@@ -249,7 +251,10 @@ def load_settings(environ: Mapping[str, str], file_problems: Iterable[str] = ())
         app_version=get("APP_VERSION", _non_empty),
         debug=get("DEBUG", _boolean),
         environment=environment,
-        database_url=get("DATABASE_URL", check_url, show=lambda raw: repr(mask_url(raw))),
+        # Empty is unset, as for SECRET_KEY: `.env.example` copied with a value left out must not stop development.
+        database_url=get(
+            "DATABASE_URL", lambda raw: check_url(raw) if raw else None, show=lambda raw: repr(mask_url(raw))
+        ),
         database_pool_size=get("DATABASE_POOL_SIZE", _bounded(int, 1, 100)),
         database_pool_timeout=get("DATABASE_POOL_TIMEOUT", _positive),
         database_command_timeout=get("DATABASE_COMMAND_TIMEOUT", _bounded(float, 1, 3600)),
@@ -341,7 +346,8 @@ def _check_environment_rules(s: Settings, environ: Mapping[str, str]) -> list[st
     if s.environment == "production" and s.debug:
         problems.append(f"DEBUG={environ.get('DEBUG', 'true')!r}: must be false in production")
     if s.database_url is None:
-        problems.append(f"DATABASE_URL (unset): required {where}")
+        state = "(unset)" if environ.get("DATABASE_URL") is None else "(empty)"
+        problems.append(f"DATABASE_URL {state}: required {where}")
     elif any(len(unquote(password)) < MIN_MASKED_LENGTH for password in passwords(s.database_url)):
         problems.append(
             f"DATABASE_URL={mask_url(environ.get('DATABASE_URL', s.database_url))!r}: a password of fewer than "

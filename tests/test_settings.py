@@ -583,6 +583,22 @@ def test_a_dotenv_expands_names_from_the_environment_first_and_keeps_single_quot
     ]
 
 
+def test_an_empty_database_url_is_unset_as_an_empty_secret_key_is() -> None:
+    """`DATABASE_URL=` (`.env.example` copied with the value left out) stopped development start-up."""
+    assert load_settings({"DATABASE_URL": ""}).database_url is None
+    assert problems({**PRODUCTION, "DATABASE_URL": " "}) == ["DATABASE_URL (empty): required in staging and production"]
+
+
+def test_a_dotenv_that_links_to_nothing_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.env` linked to a secret that is not mounted was skipped without a word: development started on defaults."""
+    env_file = tmp_path / ".env"
+    env_file.symlink_to(tmp_path / "secrets" / "app.env")
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+    assert read_environment(env_file)[1] == [
+        f"{env_file}: is a link to {tmp_path / 'secrets' / 'app.env'}, which does not exist"
+    ]
+
+
 def test_a_dotenv_mounted_as_a_pipe_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Secrets managers may mount `.env` as a named pipe: read like a file."""
     env_file = tmp_path / ".env"
