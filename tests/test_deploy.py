@@ -32,7 +32,7 @@ OLDEST_KUBERNETES = "1.25"
 NEWEST_KUBERNETES = ".".join(kubernetes_validate.latest_version().split(".")[:2])
 PRODUCTION = {
     "ENVIRONMENT": "production",
-    "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db",
+    "DATABASE_URL": "postgresql://u:p-123456@127.0.0.1:1/db",
     "SECRET_KEY": "deploy-" + "Vq3Lx8Tz1Nw5Rb7Kc2Hm6" * 2,
 }
 
