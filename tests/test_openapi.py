@@ -213,7 +213,10 @@ def test_vendored_assets_match_their_recorded_hashes() -> None:
 @pytest.mark.parametrize("environ", [{"ENABLE_DOCS": "false"}, {"ENVIRONMENT": "production"}])
 async def test_docs_are_off_when_disabled_and_in_production(environ: dict[str, str]) -> None:
     """With ENABLE_DOCS off (the production default) the schema, pages and assets are 404s."""
-    production = {"DATABASE_URL": "postgresql://u:p-123456@127.0.0.1:1/db", "SECRET_KEY": "docs-" + "Pz4Wc9Ln2Xq7Tv5Rk1Bj" * 2}
+    production = {
+        "DATABASE_URL": "postgresql://u:p-123456@127.0.0.1:1/db",
+        "SECRET_KEY": "docs-" + "Pz4Wc9Ln2Xq7Tv5Rk1Bj" * 2,
+    }
     settings = load_settings({**environ, **production} if "ENVIRONMENT" in environ else environ)
     assert settings.enable_docs is False
     async with serve(create_app(settings)) as http:
