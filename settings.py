@@ -416,7 +416,7 @@ def _bounded(kind: Callable[[str], T], low: float, high: float | None) -> Callab
 
     def parse(raw: str) -> T:
         try:
-            value = kind(raw)
+            value = kind(_plain_number(raw))
         except ValueError:
             raise ValueError(rule) from None
         number = float(value)  # type: ignore[arg-type]
@@ -427,9 +427,17 @@ def _bounded(kind: Callable[[str], T], low: float, high: float | None) -> Callab
     return parse
 
 
+def _plain_number(raw: str) -> str:
+    """`raw` if written in ASCII digits without `_`: Python's `int` and `float` also take `8_000`
+    and other scripts' digits (`٨٠٠٠`), which no other reader of the same variables would."""
+    if not raw.isascii() or "_" in raw:
+        raise ValueError(raw)
+    return raw
+
+
 def _positive(raw: str) -> float:
     try:
-        value = float(raw)
+        value = float(_plain_number(raw))
     except ValueError:
         raise ValueError("must be a number of seconds > 0") from None
     if not 0 < value < float("inf"):

@@ -583,6 +583,15 @@ def test_a_dotenv_expands_names_from_the_environment_first_and_keeps_single_quot
     ]
 
 
+@pytest.mark.parametrize("written", ["8_000", "\u0668\u0660\u0660\u0660", "\uff18\uff10\uff10\uff10"])
+def test_a_number_is_written_in_ascii_digits(written: str) -> None:
+    """Python's `int` read `8_000`, Arabic-Indic and full-width digits as 8000: no shell or other tool would."""
+    assert problems({"PORT": written, "DATABASE_POOL_TIMEOUT": written}) == [
+        f"DATABASE_POOL_TIMEOUT={written!r}: must be a number of seconds > 0",
+        f"PORT={written!r}: must be an integer from 1 to 65535",
+    ]
+
+
 def test_an_empty_database_url_is_unset_as_an_empty_secret_key_is() -> None:
     """`DATABASE_URL=` (`.env.example` copied with the value left out) stopped development start-up."""
     assert load_settings({"DATABASE_URL": ""}).database_url is None
