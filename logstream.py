@@ -58,7 +58,10 @@ class BufferedHandler(logging.Handler):
         self._closed = False
         self._appended = self._finished = 0  # lines put in the buffer; lines written (or lost) since
         self._progress = 0  # bytes (or writes) the stream has taken: a wait goes on while this grows
-        self._gave_up = False  # a drain gave up on the stream, which has not caught up since
+        # The progress at which a drain gave up on the stream, and when the exit's one budget of
+        # DRAIN_LIMIT ends: None once the stream has caught up.
+        self._gave_up_at: int | None = None
+        self._budget_ends = 0.0
         self.write_through = False  # each line written before emit returns: set when the process stops
         self._start_writer()
         # A forked child has no writer thread: it starts its own, leaving the parent's lines to the parent.
@@ -123,25 +126,32 @@ class BufferedHandler(logging.Handler):
         `timeout` seconds. A stream that keeps taking lines, however slowly, is waited for until it
         has them all, for at most `DRAIN_LIMIT` seconds.
 
-        A stream given up on is not waited for again until it has caught up (every line written):
-        at exit, `finish_logs`, then `logging.shutdown`'s flush and close, wait once, not thrice.
+        Once given up on, the stream shares one budget of `DRAIN_LIMIT` with the drains after it
+        (at exit, `finish_logs`, then `logging.shutdown`'s flush and close: 10 s in all, not
+        thrice), and one that has taken nothing since is not waited for at all. A stream that
+        caught up starts afresh.
         """
         with self._ready:
             self._ready.notify_all()  # cut the writer's linger short
-            return self._wait_written(0 if self._gave_up else timeout)
+            if self._gave_up_at is None:
+                return self._wait_written(timeout)
+            return self._wait_written(0 if self._progress == self._gave_up_at else timeout, self._budget_ends)
 
-    def _wait_written(self, patience: float) -> bool:
+    def _wait_written(self, patience: float, limit: float | None = None) -> bool:
         """With the lock held: wait until the lines buffered now are written (not those logged
         meanwhile, which could keep coming), while the stream takes something every `patience`
-        seconds, for at most `DRAIN_LIMIT` seconds."""
-        target, limit = self._appended, time.monotonic() + DRAIN_LIMIT
+        seconds, until `limit` (a `time.monotonic()`; by default `DRAIN_LIMIT` from now)."""
+        target = self._appended
+        limit = time.monotonic() + DRAIN_LIMIT if limit is None else limit
         while True:
             progress = self._progress
             wait = min(patience, max(limit - time.monotonic(), 0))
             if self._ready.wait_for(lambda: self._finished >= target, wait):
                 return True
             if self._progress == progress or time.monotonic() >= limit:
-                self._gave_up = True
+                if self._gave_up_at is None:
+                    self._budget_ends = limit
+                self._gave_up_at = self._progress
                 return False
 
     def _progressed(self, amount: int) -> None:
@@ -192,7 +202,8 @@ class BufferedHandler(logging.Handler):
                 lost = len(batch)
             with self._ready:
                 self._finished += taken
-                self._gave_up = self._gave_up and self._finished < self._appended  # caught up: waited for again
+                if self._finished >= self._appended:  # caught up: waited for afresh
+                    self._gave_up_at = None
                 if lost:  # a closed, broken or full stream: the lines not written whole are lost too
                     report_lost = bool(unreported)  # the report is the batch's last line: lost first
                     self.dropped += lost - report_lost

@@ -189,28 +189,36 @@ def _dotenv_values(env_file: str | Path, text: str, problems: list[str]) -> dict
     start a development server); in `${NAME}` it prefers the file's NAME to the environment's,
     where the environment always wins here; and it expands `${NAME}` inside single quotes too,
     which shells and Compose keep as written (a password holding `${`). Here a single-quoted
-    value is taken as written, and a `${NAME}` set nowhere, without a `:-default`, is a problem
-    rather than silently empty.
+    value is taken as written, and in a setting the service reads from the file, a `${NAME}` set
+    neither in the environment nor above it, without a `:-default`, is a problem rather than
+    silently empty (another tool's variable in a shared file is left as python-dotenv reads it).
     """
     values: dict[str, str] = {}
+    empty: dict[str, str] = {}  # a setting's `${NAME}` set nowhere: its problem, unless a later line sets it again
     for binding in parse_stream(io.StringIO(text)):
         line, key, value = binding.original, binding.key, binding.value
         if binding.error:
             problems.append(_unparsed(env_file, line.line, line.string))
             continue
-        if key is None or value is None:  # a comment, a blank line, or a name alone (python-dotenv: unset)
+        if key is None:  # a comment or a blank line
+            continue
+        empty.pop(key, None)
+        if value is None:  # a name alone: unset, as python-dotenv has it
+            values.pop(key, None)
             continue
         if _SINGLE_QUOTED.match(line.string):
             values[key] = value
             continue
         known = {**values, **os.environ}
         atoms = list(parse_variables(value))
-        if unset := [a.name for a in atoms if isinstance(a, Variable) and a.default is None and a.name not in known]:
-            problems.append(
+        unset = [a.name for a in atoms if isinstance(a, Variable) and a.default is None and a.name not in known]
+        if unset and key in VARIABLES and key not in os.environ:  # a line the service reads
+            empty[key] = (
                 f"{env_file}, line {line.line} ({key}): ${{{unset[0]}}} is set neither in the environment nor "
                 "above it in the file, and would read as empty: set it, or single-quote the value to keep it as written"
             )
         values[key] = "".join(atom.resolve(known) for atom in atoms)
+    problems += empty.values()
     return values
 
 

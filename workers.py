@@ -58,7 +58,8 @@ def supervise(config: uvicorn.Config, workers: int, serve: Callable[..., None]) 
     try:
         sockets = [config.bind_socket()]  # first: a port already taken leaves nothing behind
     except SystemExit:  # uvicorn logged the error alone ("[Errno 98] Address already in use"): say where
-        logger.error("Cannot listen on %s:%d (HOST and PORT)", config.host, config.port)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        logger.error("Cannot listen on %s:%d (HOST and PORT)", host, config.port)
         raise
     private_metrics = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -307,6 +307,29 @@ def test_a_stream_too_slow_for_the_drain_limit_is_given_up_on_at_the_limit(monke
         stream.close()
 
 
+def test_a_stream_that_resumes_after_a_drain_gave_up_is_waited_for_within_the_same_budget() -> None:
+    """Given up on, then read again: the next drain (logging's own flush at exit) waited for nothing until the
+    stream had caught up, and the process ended with a megabyte of lines it would have taken in a second."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    handler = BufferedHandler(stream)
+    try:
+        _lines_into(handler, 9000, 100)  # about 900 KB on a pipe nobody reads yet
+        assert handler.drain(0.5) is False
+        reader = _read_slowly(read_end, 0.002, bytearray())  # 2 MB a second: half a second to catch up
+        deadline = time.monotonic() + 5
+        while handler._progress == handler._gave_up_at and time.monotonic() < deadline:
+            time.sleep(0.01)  # it has taken a write since: it drains again
+        assert handler.drain(FLUSH_TIMEOUT) is True
+        assert handler.drain(0) is True  # and caught up: nothing left to wait for
+    finally:
+        handler.close()
+        handler._thread.join(10)
+        stream.close()
+        reader.join(10)
+        os.close(read_end)
+
+
 def test_a_terminal_read_slowly_is_waited_for_while_it_takes_lines() -> None:
     """`docker run -t`: a terminal took a whole batch in one write, so a steady reader's progress showed only at
     its end, and the drain gave up on it after FLUSH_TIMEOUT (here 0.5 s) though it kept reading."""
@@ -347,7 +370,7 @@ def test_a_stream_that_did_not_drain_is_waited_for_once() -> None:
         reader = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(read_end, 65536), b"")])
         reader.start()  # the stream drains again: once it has caught up, a drain waits for it again
         deadline = time.monotonic() + FLUSH_TIMEOUT
-        while handler._gave_up and time.monotonic() < deadline:
+        while handler._gave_up_at is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         handler.enqueue("after\n")
         assert handler.drain(FLUSH_TIMEOUT) is True

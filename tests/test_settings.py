@@ -570,13 +570,21 @@ def test_a_dotenv_expands_names_from_the_environment_first_and_keeps_single_quot
         "SECRET_KEY='pa${X}yz-$$-long'\n"
         'APP_NAME="api-${REGION:-eu}"\n'
         "APP_VERSION=v${BUILD}\n"
+        "LOG_LEVEL=${LEVEL}\n"  # set again below: its first line is not read
+        "LOG_LEVEL=info\n"
+        "ENABLE_DOCS=${DOCS}\n"  # the environment's ENABLE_DOCS is read, not this line
+        "COMPOSE_PROJECT_NAME=${SUFFIX}\n"  # another tool's variable: left as python-dotenv reads it
+        "DEBUG=true\n"
+        "DEBUG\n"  # a name alone unsets it
     )
+    monkeypatch.setenv("ENABLE_DOCS", "false")
     monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
     monkeypatch.setenv("DB_PASS", "from-the-environment")
     values, file_problems = read_environment(env_file)
     assert values["DATABASE_URL"] == "postgresql://app:from-the-environment@db/app"
     assert values["SECRET_KEY"] == "pa${X}yz-$$-long"
     assert values["APP_NAME"] == "api-eu"
+    assert "DEBUG" not in values
     assert file_problems == [
         f"{env_file}, line 5 (APP_VERSION): ${{BUILD}} is set neither in the environment nor above it in the "
         "file, and would read as empty: set it, or single-quote the value to keep it as written"
