@@ -67,6 +67,7 @@ class Service(Starlette):
         super().__init__(**options)
         self.probes = probes
         self.state.settings = settings
+        self.state.redact = Redactor(settings.secrets)  # what masks secrets in an envelope's DEBUG detail
         self.state.metrics = metrics
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -90,7 +91,7 @@ class Service(Starlette):
             cors=cors,
             max_body_bytes=settings.max_body_bytes,
             handlers=self.exception_handlers,
-            debug=Redactor(settings.secrets) if settings.debug else None,
+            debug=self.state.redact if settings.debug else None,
         )
 
 

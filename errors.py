@@ -170,7 +170,7 @@ def _detail(request: Request, exc: BaseException) -> dict[str, str] | None:
     settings = request.app.state.settings
     if not settings.debug:
         return None
-    redact = Redactor(settings.secrets)  # as in the log: DEBUG is allowed outside production
+    redact: Redactor = request.app.state.redact  # as in the log: DEBUG is allowed outside production
     detail = {"type": type(exc).__name__, "message": redact(str(exc))}
     # What the envelope's message stands for (the database's own error); not asyncio.timeout's CancelledError.
     if isinstance(exc, ServiceError) and exc.__cause__ is not None:

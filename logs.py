@@ -59,7 +59,6 @@ class TextFormatter(logging.Formatter):
     def __init__(self, fmt: str, redact: Redactor) -> None:
         super().__init__(fmt)
         self.redact = redact
-        self.places_request_id = "%(request_id)" in fmt
         self.placed_ids = [name for name in ("request_id", "trace_id") if f"%({name})" in fmt]
 
     def formatMessage(self, record: logging.LogRecord) -> str:
@@ -75,7 +74,7 @@ class TextFormatter(logging.Formatter):
         else:
             line = super().formatMessage(record)
         line = line.rstrip("\n")  # a warning's message ends in one: the IDs go on its line
-        if request_id and not self.places_request_id:
+        if request_id and "request_id" not in self.placed_ids:
             trace = f" trace_id={trace_id}" if trace_id else ""
             line = f"{line} [request_id={request_id}{trace}]"
         return line

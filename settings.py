@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import sys
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
@@ -209,7 +210,7 @@ def _dotenv_values(env_file: str | Path, text: str, problems: list[str]) -> dict
         if _SINGLE_QUOTED.match(line.string):
             values[key] = value
             continue
-        known = {**values, **os.environ}
+        known = ChainMap(os.environ, values)  # the environment first, then the lines above
         atoms = list(parse_variables(value))
         unset = [a.name for a in atoms if isinstance(a, Variable) and a.default is None and a.name not in known]
         if unset and key in VARIABLES and key not in os.environ:  # a line the service reads
