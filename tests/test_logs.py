@@ -84,6 +84,23 @@ async def test_invalid_incoming_request_id_is_replaced_and_never_logged(
         assert value not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("values", "reused"),
+    [(["first", "second"], "second"), (["first", "not valid"], None), (["not valid", "second"], "second")],
+)
+async def test_of_several_request_id_lines_the_last_is_read(values: list[str], reused: str | None) -> None:
+    """A request with more than one `X-Request-ID` line is read by its last, reused only if well formed."""
+    app = create_app(make_settings())
+    async with serve(app) as client:
+        response = await client.get("/health", headers=[("X-Request-ID", value) for value in values])
+    returned = response.headers.get_list("x-request-id")
+    assert len(returned) == 1
+    if reused is None:
+        assert uuid.UUID(returned[0]).version == 4
+    else:
+        assert returned == [reused]
+
+
 async def test_missing_request_id_gets_a_fresh_uuid_each_time() -> None:
     """No header: a new UUID per request."""
     first, second = await run({}, ("/health", {}), ("/health", {}))
