@@ -116,7 +116,8 @@ class RequestContext:
             elif name == b"content-length":
                 value = value.strip(b" \t")
                 body_length = int(value) if value.isdigit() else None
-                uncounted = body_length is None  # a length we cannot read: the body is counted as it arrives
+                # A length we cannot read: the body is counted as it arrives, as is any chunked one.
+                uncounted = uncounted or body_length is None
             elif name == b"transfer-encoding":
                 uncounted = True
         request_id = incoming.decode() if incoming else new_request_id()
@@ -135,7 +136,7 @@ class RequestContext:
                     headers = message["headers"] = list(headers)
                 headers += own_headers
                 if not has_origin:  # CORS adds it to the others
-                    _vary_on_origin(message, headers)
+                    headers = _vary_on_origin(message, headers)
                 if counted is not None and not counted.complete:  # the server would read the rest, unbounded
                     headers.append(_CONNECTION_CLOSE)
             return send(message)
@@ -230,8 +231,9 @@ def new_request_id() -> str:
     return f"{raw[:4].hex()}-{raw[4:10].hex('-', 2)}-{raw[10:].hex()}"  # 8-4-4-4-12 digits: 4, 2+2+2, 6 bytes
 
 
-def _vary_on_origin(message: Message, headers: list[tuple[bytes, bytes]]) -> None:
-    """`Vary: Origin` on a response to a request without one, unless no cache may store it.
+def _vary_on_origin(message: Message, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`Vary: Origin` on a response to a request without one, unless no cache may store it; returns
+    the message's headers, a new list when an existing `Vary` was joined.
 
     `Vary` tells caches which request headers select a stored response: a cache that stored
     this answer must not hand it to a request with an `Origin`, which gets CORS headers. A
@@ -241,13 +243,14 @@ def _vary_on_origin(message: Message, headers: list[tuple[bytes, bytes]]) -> Non
     for name, value in headers:  # ASGI header names are lowercase
         # `find`, not `in`: bytes' `in` first tries its operand as an integer, at twice the cost.
         if name == b"cache-control" and value.lower().find(b"no-store") >= 0:
-            return
+            return headers
         vary = vary or name == b"vary"
     if not vary:
         headers.append(_VARY_ORIGIN)
-        return
-    joined = MutableHeaders(scope=message)  # rare: join it as Starlette does
+        return headers
+    joined = MutableHeaders(scope=message)  # rare: join it as Starlette does (into a copy of the list)
     joined["Vary"] = ", ".join([*joined.getlist("Vary"), "Origin"])
+    return joined.raw  # the list now in the message
 
 
 class CORS(CORSMiddleware):

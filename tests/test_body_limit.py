@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from test_metrics import value
 
-from api import Endpoints
+from api import Endpoints, WithHeaders
 from app import create_app
 from metrics import UNMATCHED
 
@@ -38,6 +38,11 @@ sized = Endpoints(tag="test")
 @sized.post("/blobs", summary="Test only: how large the body was")
 async def measure(body: Blob) -> Size:
     return Size(len(body.data))
+
+
+@sized.get("/varied", summary="Test only: a Vary of its own, and the body never read")
+async def varied() -> WithHeaders[Size]:
+    return WithHeaders(Size(0), {"Vary": "Accept-Encoding"})
 
 
 def limited_app() -> Starlette:
@@ -121,6 +126,38 @@ async def test_a_chunked_body_is_refused_as_soon_as_it_crosses_the_limit() -> No
         response = await client.post("/blobs", content=chunks())
     assert_413(response)
     assert pulled <= 4  # 3 chunks cross 1,000 bytes; httpx may read one ahead
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("order", ["chunked first", "length first"])
+async def test_a_chunked_body_with_a_length_too_is_counted_whichever_line_comes_first(order: str) -> None:
+    """`Transfer-Encoding: chunked` overrides `Content-Length` (RFC 9112 6.3): a small length after it
+    left the chunked body uncounted, and the handler read it whole (h11 accepts both lines)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b" " * 400
+
+    lines = [("Transfer-Encoding", "chunked"), ("Content-Length", "10")]
+    headers = lines if order == "chunked first" else lines[::-1]
+    async with serve(limited_app()) as client:
+        response = await client.post("/blobs", content=chunks(), headers=headers)
+    assert_413(response)
+
+
+@pytest.mark.anyio
+async def test_a_chunked_body_left_unread_closes_the_connection_when_the_answer_has_a_vary_of_its_own() -> None:
+    """Joining `Vary: Origin` into the answer's own `Vary` put its headers in a new list, and the
+    `Connection: close` went to the old one, unsent."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b" " * 400
+
+    async with serve(limited_app()) as client:
+        response = await client.request("GET", "/varied", content=chunks())
+    assert response.status_code == 200
+    assert response.headers["vary"] == "Accept-Encoding, Origin"
+    assert response.headers["connection"] == "close"
 
 
 @pytest.mark.slow
