@@ -415,6 +415,24 @@ async def test_a_handler_registered_for_500_answers_what_nothing_else_handles(ca
     assert logged[0].exc_info is not None
 
 
+async def test_with_debug_a_failing_500_handler_leaves_the_detail_to_the_routes_own_exception() -> None:
+    """The traceback was the one being handled when the envelope was built, the handler's, under the
+    route's exception type and message."""
+
+    def broken(request: Request, exc: Exception) -> Response:
+        raise KeyError("the handler's own bug")
+
+    app = create_app(make_settings(DEBUG="true"), endpoints=[raising_routes])
+    app.add_exception_handler(500, broken)
+    async with serve(app) as client:
+        response = await client.get("/explode")
+    detail = assert_envelope(response, 500, "INTERNAL_SERVER_ERROR")["detail"]
+    assert isinstance(detail, dict)
+    assert detail["type"] == "RuntimeError"
+    assert detail["traceback"].rstrip().endswith("RuntimeError: secret internals: table users has 42 rows")
+    assert "the handler's own bug" not in detail["traceback"]
+
+
 async def test_an_exception_handler_that_fails_is_answered_with_the_500_envelope(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
