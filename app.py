@@ -101,22 +101,23 @@ async def lifespan(app: Starlette) -> AsyncIterator[State]:
     # Again here: a server that configured logging after importing us would have undone it.
     configure_logging(settings)
     metrics: Metrics | None = app.state.metrics
-    database = await Database.open(settings) if settings.database_url else None
-    refresher = None
-    if metrics is not None and metrics.multiprocess:
-        refresher = asyncio.create_task(metrics.refresh_pool_gauges(database))
-    try:
-        yield {"database": database, "started_at": time.monotonic(), "shutting_down": False, "metrics": metrics}
-    finally:
-        if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-        if database is not None:
-            await database.close()
+    # Undone in the reverse order, each step whatever the ones before it raised.
+    async with contextlib.AsyncExitStack() as undo:
+        undo.callback(finish_logs)  # every line on the stream before the process ends, uvicorn's last ones included
         if metrics is not None:
-            metrics.close()
-        finish_logs()  # every line on the stream before the process ends, uvicorn's last ones included
+            undo.callback(metrics.close)
+        database = await Database.open(settings) if settings.database_url else None
+        if database is not None:
+            undo.push_async_callback(database.close)
+        if metrics is not None and metrics.multiprocess:
+            undo.push_async_callback(_stopped, asyncio.create_task(metrics.refresh_pool_gauges(database)))
+        yield {"database": database, "started_at": time.monotonic(), "shutting_down": False, "metrics": metrics}
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(

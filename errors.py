@@ -248,7 +248,11 @@ def server_error(exc: BaseException, *, debug: Callable[[str], str] | None) -> R
     secrets in its detail, as in the log), its type, message and traceback."""
     detail = None
     if debug is not None:
-        detail = {"type": type(exc).__name__, "message": debug(str(exc)), "traceback": debug("".join(traceback.format_exception(exc)))}
+        detail = {
+            "type": type(exc).__name__,
+            "message": debug(str(exc)),
+            "traceback": debug("".join(traceback.format_exception(exc))),
+        }
     return error_response(500, "INTERNAL_SERVER_ERROR", MESSAGES[500], debug_detail=detail)
 
 

@@ -21,6 +21,7 @@ prometheus-client cannot merge them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from db import Database
 from logstream import dropped_log_lines
 from responses import send_bytes
 
+logger = logging.getLogger("service.metrics")
 UNMATCHED = "<unmatched>"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Probes answer in well under a millisecond; the low buckets tell them apart from real work.
@@ -82,7 +84,7 @@ class Metrics:
         self._file = Path(shared, f"requests_{os.getpid()}.json") if shared is not None else None
         self._dropped_before = 0  # a previous process with our pid left its counts: they go on from there
         if self._file is not None and self._file.exists():
-            earlier = msgspec.json.decode(self._file.read_bytes(), type=_Counts)
+            earlier = _read(self._file)
             self.series = {(m, r, s): values for m, r, s, values in earlier.series}
             self._dropped_before = earlier.log_lines_dropped
         if not self.multiprocess:
@@ -133,10 +135,23 @@ class Metrics:
         self.pool_max.set(usage.pool_size if usage is not None else 0)
 
     async def refresh_pool_gauges(self, database: Database | None) -> None:
-        """Keep this worker's counts and pool gauges current for whichever worker answers a scrape."""
+        """Keep this worker's counts and pool gauges current for whichever worker answers a scrape.
+
+        A directory that cannot be written (full, removed) is logged once, and tried again each time.
+        """
+        failing = False
         while True:
             self.update_pool(database)
-            self.write_counts()
+            try:
+                self.write_counts()
+            except OSError as exc:
+                if not failing:
+                    logger.warning("Cannot write this worker's counts for other workers' scrapes: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    logger.info("This worker's counts are written again")
+                failing = False
             await asyncio.sleep(FLUSH_INTERVAL)
 
     def write_counts(self) -> None:
@@ -167,7 +182,10 @@ class Metrics:
     def close(self) -> None:
         """A stopping worker writes its last counts; its live gauges leave the sums (multiprocess mode)."""
         if self.multiprocess:
-            self.write_counts()
+            try:
+                self.write_counts()
+            except OSError as exc:  # the directory is gone or full: the stop goes on, said
+                logger.warning("Cannot write this worker's last counts for other workers' scrapes: %s", exc)
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # not annotated upstream
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from cluster import Cluster
 from prometheus_client.parser import text_string_to_metric_families
 from service import make_settings
 from starlette.applications import Starlette
@@ -20,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app import create_app
 from errors import AuthenticationError, error_response
 from logstream import dropped_log_lines
-from metrics import UNMATCHED, Metrics, MetricsEndpoint
+from metrics import FLUSH_INTERVAL, UNMATCHED, Metrics, MetricsEndpoint
 from middleware import RequestContext
 from settings import SettingsError, load_settings
 
@@ -204,3 +208,46 @@ def test_several_workers_without_a_shared_directory_are_warned_of(
     create_app(make_settings(WEB_CONCURRENCY="2"))
     create_app(make_settings())
     assert not [r for r in caplog.records if r.getMessage().startswith(warning)]
+
+
+@pytest.mark.anyio
+async def test_a_metrics_directory_that_goes_away_is_said_once_and_the_stop_still_closes_the_pool(
+    database_url: str,
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The refresher died of the first failed write, and the lifespan's end re-raised its error before
+    closing the pool or writing the buffered log lines."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    settings = make_settings(DATABASE_URL=database_url, APP_NAME="metrics-gone")
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as http:
+            assert (await http.get("/health/db")).status_code == 200
+        assert cluster.backend_count("metrics-gone") == 1
+        shutil.rmtree(shared)
+        await asyncio.sleep(2.5 * FLUSH_INTERVAL)  # two writes fail
+    failed = [r for r in caplog.records if r.getMessage().startswith("Cannot write this worker's counts")]
+    assert len(failed) == 1
+    assert [r.levelname for r in caplog.records if "last counts" in r.getMessage()] == ["WARNING"]
+    for _ in range(50):  # a closed session leaves pg_stat_activity a moment later
+        if cluster.backend_count("metrics-gone") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert cluster.backend_count("metrics-gone") == 0
+
+
+@pytest.mark.parametrize("left", [b"{}", b'{"series": [["GET", "/", 200', b"\xff"])
+def test_a_counts_file_left_under_this_pid_that_cannot_be_read_starts_the_counts_afresh(
+    left: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A file of an older shape (after an upgrade), or cut short, stopped start-up with a decode error."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    (tmp_path / f"requests_{os.getpid()}.json").write_bytes(left)
+    metrics = Metrics()
+    assert metrics.series == {}
+    metrics.close()
