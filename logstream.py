@@ -227,6 +227,9 @@ class BufferedHandler(logging.Handler):
 
 def _restart_after_fork(handler: BufferedHandler | None) -> None:
     if handler is not None and not handler._closed:
+        # A condition of its own: the old one still lists the parent's writer as waiting, and
+        # a notify would go to that thread, which the child does not have.
+        handler._ready = threading.Condition(handler.lock)
         handler._pending, handler._pending_chars, handler._idle = [], 0, False
         handler._finished = handler._appended  # the parent's lines are the parent's to write
         handler._start_writer()

@@ -466,3 +466,37 @@ def test_python_m_app_with_stderr_closed_serves_and_stops_cleanly(tmp_path: Path
         assert time.monotonic() - started < FLUSH_TIMEOUT  # no wait for a stream that is not there
     finally:
         stop(process)
+
+
+FORKED = """
+import logging, os, sys, time
+from logstream import BufferedHandler
+path = sys.argv[1]
+handler = BufferedHandler(open(path, "w"))
+handler.setFormatter(logging.Formatter("%(message)s"))
+log = logging.getLogger("forked")
+log.addHandler(handler)
+log.propagate = False
+log.setLevel(logging.INFO)
+log.info("parent")
+time.sleep(0.3)  # the parent's writer is idle, waiting
+if os.fork() == 0:
+    log.info("child")
+    deadline = time.monotonic() + 3
+    while "child" not in open(path).read() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("written" if "child" in open(path).read() else "still buffered")
+    sys.stdout.flush()
+    os._exit(0)
+os.wait()
+"""
+
+
+def test_a_forked_child_writes_its_lines_without_being_flushed(tmp_path: Path) -> None:
+    """The child kept the parent's condition, whose list of waiters named the parent's writer: the
+    child's writer was never woken, and its lines waited for a flush."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "written"
