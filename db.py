@@ -348,17 +348,22 @@ class Database:
             async with asyncio.timeout(timeout):
                 for attempt in (1, 2):
                     acquiring = True
-                    async with self.connection(stateless=True) as conn:
-                        acquiring = False
-                        try:
-                            applied = await applied_migrations(conn)
+                    try:
+                        async with self.connection(stateless=True) as conn:
+                            acquiring = False
+                            try:
+                                applied = await applied_migrations(conn)
+                            except _LOST_CONNECTION as exc:
+                                if attempt == 2:
+                                    raise
+                                # Out of the block: a block that ends normally tells the pool the
+                                # database is back, and it may not be.
+                                raise _Retry from exc
                             usage = self.usage()  # taken while ours is checked out: it counts itself
                             break
-                        except _LOST_CONNECTION:
-                            if attempt == 2:
-                                raise
-                    # A restart left the pool's idle connections dead: drop them all, try once more.
-                    self.expire_idle()
+                    except _Retry:
+                        # A restart left the pool's idle connections dead: drop them all, try once more.
+                        self.expire_idle()
         except TimeoutError:
             waited = " waiting for a pooled connection" if acquiring and self._exhausted() else ""
             return self._failed(f"Database health check timed out after {timeout:g} seconds{waited}")
@@ -372,6 +377,10 @@ class Database:
 
     def _failed(self, error: str) -> Probe:
         return Probe(False, None, self.usage(), None, error)
+
+
+class _Retry(Exception):
+    """A probe's first attempt lost its connection: the probe tries once more on a new one."""
 
 
 def _discard(conn: Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from cluster import Cluster
 
 import db
 from db import Database
+from errors import DatabaseConnectionError
 from settings import Settings
 
 APP_NAME = "probe-pool-test"
@@ -158,3 +160,47 @@ async def test_a_reset_the_server_never_answers_costs_the_connection_not_the_req
     finally:
         cluster.resume()
         await database.close()
+
+
+async def _write_read_only(database: Database) -> None:
+    async with database.connection() as conn:
+        await conn.execute("SET default_transaction_read_only = on")
+        await conn.execute("CREATE TABLE refused (x int)")
+
+
+@pytest.mark.anyio
+async def test_a_probe_that_retries_a_lost_connection_says_nothing_of_the_database_coming_back(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe's first attempt losing its connection ended its block normally, which the pool read as
+    a block that went through: it logged "Database available again" in the middle of an outage."""
+    caplog.set_level(logging.INFO, logger="service.database")
+    base, dbname = database_url.rsplit("/", 1)
+    async with (
+        _opened(database_url, pool_size=2) as database,
+        _admin(database_url) as admin,
+        _admin(f"{base}/postgres") as superuser,
+    ):
+        await admin.execute("CREATE TABLE _yoyo_migration (migration_id text)")  # what the probe reads
+        async with database.connection() as first, database.connection() as second:  # two idle ones after
+            assert first is not second
+        await superuser.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            with pytest.raises(DatabaseConnectionError):  # requests fail: a read-only database
+                await _write_read_only(database)
+            async with admin.transaction():
+                await admin.execute("LOCK TABLE _yoyo_migration IN ACCESS EXCLUSIVE MODE")
+                probe = asyncio.create_task(database.probe(10))
+                waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+                for _ in range(100):
+                    if pid := await admin.fetchval(waiting, APP_NAME):
+                        break
+                    await asyncio.sleep(0.05)
+                assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+                failed = await probe
+        finally:
+            await superuser.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        assert not failed.connected
+        assert [r.getMessage() for r in caplog.records if "available again" in r.getMessage()] == []
+        assert (await database.probe(10)).connected
+        assert [r.getMessage() for r in caplog.records if "available again" in r.getMessage()] != []
