@@ -85,6 +85,13 @@ class EdgeProtocol(HttpToolsProtocol):
     # The Host value this connection last had accepted: a keep-alive client sends the same one
     # each time, checked by one comparison rather than by the pattern. The default is no valid Host.
     _valid_host = b"\x00"
+    # For the exact measure of a head that may be over the limit (`_head_size`): the chunk being
+    # parsed, whether the head being parsed began at the start of its chunk, the last bytes of
+    # the chunk before when the head began there.
+    _data = b""
+    _head_starts_chunk = True
+    _head_whole_chunk = False
+    _tail = b""
 
     def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -121,6 +128,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._chunk = len(data)
         if self._head_bytes is not None:
             self._head_bytes += self._chunk
+        else:  # between requests unless a body is still arriving: a head beginning here begins the chunk
+            self._head_starts_chunk = self.cycle is None or not self.cycle.more_body
+        self._data = data  # for the exact measure of a head that may be over the limit (`_head_size`)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -132,8 +142,12 @@ class EdgeProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
                 return b""
             return self._not_upgraded(data[upgrade.args[0] :])
-        if self._head_bytes is not None and self._head_bytes > self.max_head_bytes:
-            self.refuse(431)
+        finally:
+            self._data = b""
+        if self._head_bytes is not None:  # a head still arriving: where it may end is in this chunk's tail
+            self._tail = data[-3:]
+            if self._head_bytes > self.max_head_bytes:
+                self.refuse(431)
         return b""
 
     # The methods below run for every request (`on_header` for every header line): they call
@@ -143,6 +157,8 @@ class EdgeProtocol(HttpToolsProtocol):
         _on_message_begin(self)
         self._head_bytes = 0
         self._head_slack = self._chunk
+        self._head_whole_chunk = self._head_starts_chunk  # from the chunk's first byte: measurable exactly
+        self._head_starts_chunk = False  # a second head in the same chunk begins after other bytes
         self._host = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -157,7 +173,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         counted = self._head_bytes or 0
         self._head_bytes = None
-        if counted + self._head_slack > self.max_head_bytes and self._head_size() > self.max_head_bytes:
+        if counted + self._head_slack > self.max_head_bytes and self._head_size(counted) > self.max_head_bytes:
             self.refuse(431)
             raise _HeadRefused  # stops the parser; data_received knows it was answered
         host = self._host
@@ -265,8 +281,26 @@ class EdgeProtocol(HttpToolsProtocol):
         self._valid_host = host
         return ""
 
-    def _head_size(self) -> int:
-        """The head's size as sent, give or take optional whitespace."""
+    def _head_size(self, counted: int) -> int:
+        """The head's size as sent, for one whose chunks could hold more than the limit (`counted`:
+        the bytes of its chunks after the first).
+
+        Exact for a head that began its chunk (with the parser, in `on_headers_complete`, the end of
+        the head is the first blank line from there). A head that came in the same read as bytes
+        before it (pipelined after another request) is measured from what the parser kept: its
+        optional whitespace around field values, which the parser drops, is not counted.
+        """
+        data = self._data
+        if self._head_whole_chunk:
+            if not counted:  # begun and ended in this chunk; the parser skips blank lines before a request
+                start = len(data) - len(data.lstrip(b"\r\n"))
+                end = data.find(b"\r\n\r\n", start)
+                if end >= 0:
+                    return end + 4 - start
+            else:  # begun at the start of an earlier chunk: its end may straddle the two
+                end = (self._tail + data).find(b"\r\n\r\n")
+                if end >= 0:
+                    return self._head_slack + counted - len(data) + end + 4 - len(self._tail)
         request_line = len(self.parser.get_method()) + len(self.url) + len(b"  HTTP/1.1\r\n")
         return request_line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
 

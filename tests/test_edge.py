@@ -158,6 +158,43 @@ def test_a_head_at_the_limit_is_served_and_one_byte_more_gets_the_431_envelope(s
     assert f"\r\nx-request-id: {envelope['request_id']}\r\n".encode() in head.lower() + b"\r\n"
 
 
+def padded_head(size: int) -> bytes:
+    """A GET /health head of exactly `size` bytes, padded with blanks before a header's value, which
+    the parser drops."""
+    start, end = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad:", b"v\r\n\r\n"
+    return start + b" " * (size - len(start) - len(end)) + end
+
+
+def exchange_in_pieces(port: int, *pieces: bytes) -> bytes:
+    """Send each piece as a read of its own (a pause between them), then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.2)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("size", [8193, 20000, 120000])
+def test_a_head_over_the_limit_in_blanks_before_a_value_gets_the_431(server: UvicornProcess, size: int) -> None:
+    """The parser drops the blanks before a field's value, and the head was measured from what it kept:
+    a head of whitespace up to a read's size (256 KiB) passed a limit of 8 KiB."""
+    assert exchange(server.port, padded_head(size)).startswith(b"HTTP/1.1 431 ")
+    assert exchange(server.port, b"\r\n" + padded_head(size)).startswith(b"HTTP/1.1 431 ")  # blank lines first
+
+
+def test_a_head_of_blanks_at_the_limit_is_served_whichever_reads_bring_it(server: UvicornProcess) -> None:
+    """Measured as sent, to the byte, also when its blank line straddles two reads."""
+    assert exchange(server.port, padded_head(8192)).startswith(b"HTTP/1.1 200 ")
+    for size, status in ((8192, b"200"), (8193, b"431")):
+        head = padded_head(size)
+        for cut in (1, 2, 3, 4, 100):
+            answer = exchange_in_pieces(server.port, head[:-cut], head[-cut:])
+            assert answer.startswith(b"HTTP/1.1 " + status + b" "), (size, cut, answer[:40])
+
+
 def logged_with(server: UvicornProcess, request_id: str) -> list[dict[str, Any]]:
     """The JSON lines naming `request_id`, once the log writer's thread has written them."""
     deadline = time.monotonic() + 5
