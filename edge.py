@@ -18,7 +18,10 @@
   `scope["headers"]`, where a trailer `X-Request-ID` or `Origin` would override the head's);
 - each refused request (400, 431) gets its access line and is counted in `/metrics`, as every
   request the app answers is;
-- a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two.
+- a response with a `Content-Length` leaves in one write (`ResponseWriter`), not two;
+- a client that leaves is told to the request being answered, not only to the newest one
+  (pipelined behind it), which went on writing to the closed connection; one that stops reading
+  its answer is found by the sweep (`unread_since`).
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ class EdgeProtocol(HttpToolsProtocol):
     # For the exact measure of a head that may be over the limit (`_head_size`): the chunk being
     # parsed, whether the head being parsed began at the start of its chunk, the last bytes of
     # the chunk before when the head began there.
+    # While the writes are paused (`unread_since`): since when nothing was read, and what was waiting.
+    _unread_since: float | None = None
+    _unread_bytes = 0
+    _unread_seen = False  # whether a sweep saw this stall: False again once the writes resume
+    _serving: RequestResponseCycle | None = None  # the request being answered
     _data = b""
     _head_starts_chunk = True
     _head_whole_chunk = False
@@ -189,8 +197,18 @@ class EdgeProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # Responses on a connection are written one after the other: one writer serves them all.
         cycle.transport = self.writer
-        self.writer.cycle = cycle
+        self.writer.cycle = self._serving = cycle
         _start_asgi_task(self, cycle, app)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only the newest request its client left. The one being answered, when others
+        # were pipelined behind it, went on writing to the closed connection: a RuntimeError from
+        # uvloop, logged as the handler's failure with a traceback.
+        serving = self._serving
+        if serving is not None and not serving.response_complete:
+            serving.disconnected = True
+            serving.message_event.set()
+        super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         self.writer.flush()  # a head still held: a response without body bytes (HEAD, 204)
@@ -248,6 +266,20 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self._body_left:
             self.on_message_complete()
         return data[len(body) :]
+
+    def unread_since(self, now: float) -> float:
+        """Since when the client has read none of what waits for it, told `now` by each sweep that
+        finds the writes paused: a sweep that finds less waiting than the last counts as progress."""
+        waiting = self.transport.get_write_buffer_size()
+        if self._unread_since is None or waiting < self._unread_bytes or not self._unread_seen:
+            self._unread_since = now
+        self._unread_bytes = waiting
+        self._unread_seen = True
+        return self._unread_since
+
+    def resume_writing(self) -> None:
+        self._unread_seen = False  # the client read down to the low-water mark: a stall starts afresh
+        _resume_writing(self)
 
     def awaits_body(self) -> bool:
         """Whether the app waits for request body bytes that only the client can send now.
@@ -415,6 +447,7 @@ class ResponseWriter(asyncio.Transport):
 
 
 _start_asgi_task = HttpToolsProtocol._start_asgi_task
+_resume_writing = HttpToolsProtocol.resume_writing
 _on_message_begin = HttpToolsProtocol.on_message_begin
 _on_headers_complete = HttpToolsProtocol.on_headers_complete
 

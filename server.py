@@ -166,11 +166,19 @@ class DrainingServer(uvicorn.Server):
         sweep that sees the wait (so up to one sweep more) in `idle_since`, which every byte
         received clears. A body trickling faster than that is not cut off, as with nginx's
         `client_body_timeout`; what bounds it is `MAX_BODY_BYTES`, and the shutdown's own bound.
+
+        Waiting for the client to read its answer (the writes paused: the buffers are full): none of
+        it read for the head timeout, as with nginx's `send_timeout`, and the connection is aborted,
+        its unsent bytes dropped; a graceful close would wait for a reader that never comes, and
+        hold the answer's memory until shutdown.
         """
         now = time.monotonic()
         head_cutoff, idle_cutoff = now - self.config.head_timeout, now - self.config.timeout_keep_alive
         for connection in list(self.server_state.connections):
             if not isinstance(connection, EdgeProtocol):
+                continue
+            if connection.flow.write_paused and connection.unread_since(now) < head_cutoff:
+                connection.transport.abort()
                 continue
             head, idle = connection.awaiting_head_since, connection.idle_since
             if head is not None:

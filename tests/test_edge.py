@@ -99,6 +99,11 @@ def receive(sock: socket.socket) -> bytes:
     return chunk
 
 
+BUNDLE_BYTES = (
+    (Path(__file__).parent.parent / "static" / "swagger-ui-bundle.js").stat().st_size
+)  # the largest static file
+
+
 def head_of_size(size: int) -> bytes:
     """A GET /health head of exactly `size` bytes, padded with one header."""
     start, end = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ", b"\r\n\r\n"
@@ -826,3 +831,56 @@ def test_an_error_after_the_response_started_is_logged_once_with_the_request_id(
     assert [r.getMessage() for r in errors] == ["Unhandled exception in GET /fails-late"]
     assert getattr(errors[0], "request_id", None) == "late-1"
     assert errors[0].exc_info is not None
+
+
+def test_a_client_that_leaves_mid_download_with_a_request_pipelined_behind_is_no_error(
+    server: UvicornProcess,
+) -> None:
+    """uvicorn told only the newest request its client had left: the one being written went on writing
+    to the closed connection, and its handler's "failure" was logged as an ERROR with a traceback."""
+    for n in range(3):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", server.port))
+            request = b"GET /static/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\nX-Request-ID: leaver-%d\r\n\r\n" % n
+            sock.sendall(request * 2)
+            time.sleep(0.5)  # the server's writes fill the buffers: the response waits for the client
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    time.sleep(0.5)  # the log writer's thread
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    assert [line for line in lines if line["level"] == "ERROR"] == []
+    assert len([line for line in lines if str(line.get("request_id", "")).startswith("leaver-")]) >= 3
+
+
+def test_a_client_that_never_reads_its_answer_is_cut_off_after_the_head_timeout(server: UvicornProcess) -> None:
+    """A connection whose answer waits in full buffers, none of it read, was held until shutdown, with the
+    answer's memory: it is aborted once nothing was read for `REQUEST_HEAD_TIMEOUT` (2 s here)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.connect(("127.0.0.1", server.port))
+        # More than the kernel's buffers hold (4 MiB at most for the sender): the rest waits in the server.
+        sock.sendall(b"GET /static/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+        time.sleep(2 + 1.5)  # the timeout, a sweep and slack
+        sock.settimeout(5)  # a connection still open would send the rest at once, then wait: a timeout
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += len(chunk)
+    assert received < 4 * BUNDLE_BYTES  # the rest was dropped
+
+
+def test_a_client_reading_its_answer_slowly_gets_all_of_it(server: UvicornProcess) -> None:
+    """Progress is what counts: a reader slower than the timeout over the whole answer is not cut off."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /static/swagger-ui.css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        started, received = time.monotonic(), b""
+        while chunk := sock.recv(8192):
+            received += chunk
+            time.sleep(0.2)  # about 40 KB a second: 188 KB take longer than the 2 s timeout
+        took = time.monotonic() - started
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert len(body) == (Path(__file__).parent.parent / "static" / "swagger-ui.css").stat().st_size
+    assert took > 2 + 0.5
