@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -198,14 +199,24 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers or {})
     if status == 405 and "Allow" in headers:
         headers["Allow"] = _allowed_methods(request) or headers["Allow"]
-    # Starlette's default detail is the status phrase; ours are the contract's messages.
+    # Starlette's default detail is the status phrase, which the contract's message replaces;
+    # a detail of the raiser's own (`HTTPException(404, "No such order")`) is the message.
+    message = exc.detail if exc.detail != _phrase(status) else MESSAGES.get(status, exc.detail)
     return error_response(
         status,
         CODES.get(status, "HTTP_ERROR"),
-        MESSAGES.get(status, exc.detail),
+        message,
         debug_detail=_detail(request, exc),
         headers=headers,
     )
+
+
+def _phrase(status: int) -> str | None:
+    """The detail Starlette gives an `HTTPException` raised without one."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status Python does not name
+        return None
 
 
 def _allowed_methods(request: Request) -> str:
