@@ -1,7 +1,7 @@
 """The database: one lazily connecting asyncpg pool, a connection per request, the readiness probe.
 
-Handlers get connections from `Database.connection`, which turns the failures of the database
-itself into the envelope's 503 and 409; `python -m db ...` runs the migration command (migrate.py).
+Handlers get connections from `Database.connection`, which turns the database's failures and
+refusals into the envelope's statuses (503, 409, 400, 504); `python -m db ...` runs the migration command (migrate.py).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ PREPARED_STATEMENT_LOST = (
     "Database lost a prepared statement (behind PgBouncer in transaction mode? set DATABASE_STATEMENT_CACHE_SIZE=0)"
 )
 
+logger = logging.getLogger("service.database")
 # Errors that mean the connection died under us (typically: the server restarted), as
 # opposed to a server that refuses or cannot be reached; a fresh connection may succeed.
-logger = logging.getLogger("service.database")
 # asyncpg's InternalClientError: a connection whose server already sent its last word (a
 # terminated backend) is handed a query before asyncpg has noticed it closed.
 _LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, asyncpg.InternalClientError)
@@ -159,7 +159,8 @@ class Database:
         return cls(settings)
 
     async def close(self) -> None:
-        """Close every connection; terminate those that do not close in time (a hung server)."""
+        """Close the idle connections, and each one in use when it is given back; if the idle ones do
+        not close within `CLOSE_TIMEOUT` (a hung server), terminate every connection, in use or not."""
         self._closing = True  # a connection still in use is closed when it is given back
         idle, self._idle = [conn for conn, _ in self._idle], []
         try:

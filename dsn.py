@@ -12,7 +12,10 @@ from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, as asyncpg reads them
 _ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
-CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout: a black-holed host must not hang us
+# Seconds the migration command (libpq, which waits forever by default) gives a connection attempt,
+# unless the URL sets connect_timeout: a black-holed host must not hang it. The app's own
+# attempts are bounded by DATABASE_POOL_TIMEOUT.
+CONNECT_TIMEOUT = 10
 # libpq's keywords that asyncpg does not know: it would send them to the server as settings, which
 # the server refuses ("unrecognized configuration parameter"), so the app could never connect.
 # `connect_timeout` becomes asyncpg's own `timeout`; the values listed are what asyncpg does anyway,

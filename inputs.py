@@ -221,7 +221,8 @@ def _read_as(texts: str | list[str] | None, values: Any) -> list[tuple[str, Any]
 
 
 def _misread(values: dict[str, Any], forms: dict[str, tuple[re.Pattern[str], str]]) -> list[FieldError]:
-    """Each query value whose text is not of its field's form (`_text_form`); a sequence's item by item (`ids[1]`)."""
+    """Each query or header value whose text is not of its field's form (`_text_form`); a sequence's
+    item by item (`ids[1]`)."""
     errors = []
     for name, (form, message) in forms.items():
         given = values.get(name)
@@ -241,7 +242,7 @@ def _finite(value: Any) -> bool:
 
 
 def _holds_float(info: msgspec.inspect.Type) -> bool:
-    """Whether a query field's type may hold a float, bounds, `| None` and sequences aside."""
+    """Whether a query or header field's type may hold a float, bounds, `| None` and sequences aside."""
     return any(
         isinstance(kind, msgspec.inspect.FloatType) or any(_holds_float(item) for item in _items(kind))
         for kind in _alternatives(info)
@@ -249,7 +250,7 @@ def _holds_float(info: msgspec.inspect.Type) -> bool:
 
 
 def _takes_many(info: msgspec.inspect.Type) -> bool:
-    """Whether a query field is a sequence (list, set, tuple), bounds and `| None` aside."""
+    """Whether a query or header field is a sequence (list, set, tuple), bounds and `| None` aside."""
     return any(isinstance(kind, _SEQUENCES) for kind in _alternatives(info))
 
 

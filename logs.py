@@ -144,7 +144,7 @@ def write_access_line(method: str, path: str, status: int, duration_ms: float, c
     record (no other handler, no filter on the access logger: pytest's log capture, for one,
     adds a handler), the line is encoded straight into the handler's buffer: no `LogRecord`,
     no handler lookup, no filter. Otherwise the record goes through `logging` like any other.
-    `path` must already be printable (the middleware escapes it).
+    `path` must already be printable (`log_access` and `log_refusal` escape it).
     """
     if not access_logger.isEnabledFor(logging.INFO):
         return

@@ -100,7 +100,8 @@ class Metrics:
                               multiprocess_mode="livesum", registry=collectors)  # fmt: skip
 
     def record(self, scope: Scope, status: int, seconds: float) -> None:
-        """One answered request, as `middleware.RequestContext` reports it.
+        """One answered request, as `middleware.RequestContext` reports it (and `python -m app`'s
+        edge its refusals, with a scope holding only the method).
 
         Labelled by the route template the router (or `routing.HotPaths`) left in the scope,
         so a path parameter never becomes a label; unrouted paths share one label.

@@ -139,7 +139,8 @@ def status(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
 
 
 def unlock(backend: Backend, migrations: Any, args: argparse.Namespace) -> int:
-    """Remove the lock row a killed `migrate` left behind; only when none is running."""
+    """Remove the lock row a killed `migrate` left behind. It cannot tell a live holder from a dead
+    one: run it only when no `migrate` is running."""
     holders = backend.execute(LOCK_HOLDER_SQL).fetchall()
     backend.break_lock()
     for pid, since in holders:

@@ -49,10 +49,10 @@ class Reply(msgspec.Struct, frozen=True):
 
 
 class Param(msgspec.Struct, frozen=True):
-    """A path or query parameter, with the JSON schema of its type."""
+    """A path, query or header parameter, with the JSON schema of its type."""
 
     name: str
-    location: str  # "path" or "query"
+    location: str  # "path", "query" or "header"
     schema: dict[str, Any]
     required: bool
     components: dict[str, Any] = {}  # the schemas `schema` refers to (an Enum's, a Struct's)

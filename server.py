@@ -62,7 +62,8 @@ class EdgeConfig(uvicorn.Config):
             # answers, as the contract promises; then they are cancelled, so a client that never
             # finishes sending its request cannot hold the exit back. The exit comes within
             # SHUTDOWN_DRAIN_SECONDS + this + the pool's close (db.CLOSE_TIMEOUT, 2 s): 22 s with
-            # deploy/kubernetes.yaml's settings, inside its 40 s grace period, whose arithmetic
+            # deploy/kubernetes.yaml's settings (and the log stream's wait at exit, README's
+            # Shutdown), inside its 45 s grace period, whose arithmetic
             # already counted on in-flight requests ending within this. Not a setting of its own:
             # that would be one more number to keep inside the grace period.
             timeout_graceful_shutdown=math.ceil(settings.database_health_check_timeout),
@@ -198,9 +199,10 @@ class DrainingServer(uvicorn.Server):
 def main(create_app: Callable[[Settings], ASGIApp], argv: Sequence[str] | None = None) -> None:
     """`python -m app [MODULE:ATTRIBUTE]`: serve the foundation, or an app built on it, in production.
 
-    Without an argument, `create_app` builds the foundation in a single process. With one, the
-    server imports that app (e.g. `examples.items:app`, or a module of your own), as
-    `uvicorn MODULE:ATTRIBUTE` would. With `WEB_CONCURRENCY` > 1, each worker imports it.
+    Without an argument, `create_app` builds the foundation (in a single process; workers
+    import `app:app`, the same foundation). With one, the server imports that app (e.g.
+    `examples.items:app`, or a module of your own), as `uvicorn MODULE:ATTRIBUTE` would. With
+    `WEB_CONCURRENCY` > 1, each worker imports it.
     """
     parser = argparse.ArgumentParser(
         prog="python -m app",

@@ -1,7 +1,8 @@
 """Settings: read once from the environment (with `.env` as fallback) into a frozen Struct.
 
 Every variable is parsed on its own so that one start-up error can list every offending
-variable at once; cross-variable rules live in `_check_environment_rules`.
+variable at once; cross-variable rules live in `_check_environment_rules` (the metrics
+directory's, which reads a variable that is not a setting, in `load_settings`).
 """
 
 from __future__ import annotations
