@@ -63,7 +63,7 @@ def check_url(raw: str) -> str:
         raise ValueError("holds %00 (a NUL byte), which no connection parameter can carry")
     # libpq's failover form names several hosts: `host1:5432,host2:5433`, IPv6 ones in brackets.
     for host in parts.netloc.rpartition("@")[2].split(","):
-        port = host.rpartition("]")[2].partition(":")[2]
+        port = _host_and_port(host)[1]
         if port and not (port.isascii() and port.isdigit()):  # `app:pass/word@db`: the password's `:` as the port's
             raise ValueError(f"has an invalid port ({_ESCAPE_HINT})")
         if port and not 0 < int(port) < 65536:

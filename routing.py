@@ -66,13 +66,14 @@ class HotPaths:
         when the router may answer otherwise (a route of another kind). `path` is the route path,
         without the app's `root_path`."""
         routes = router.routes
-        if len(routes) != self._routes_seen:  # read from the live router: a route added late is seen
+        # Read from the live router: a route added (or removed) late is seen; one replaced in place,
+        # the count unchanged, is not (add routes rather than swapping them).
+        if len(routes) != self._routes_seen:
             self._routes_seen = len(routes)
             self._any_route = _any_of(routes)
         if self._any_route is None or self._any_route.match(path) is not None:
             return None
-        other = path[:-1] if path.endswith("/") else path + "/"
-        if self._any_route.match(other) is None:
+        if self._any_route.match(_other_spelling(path)) is None:
             return 404
         return 307 if router.redirect_slashes and path != "/" else None
 
@@ -104,13 +105,17 @@ def _redirect(scope: Scope, send: Send) -> Awaitable[None]:
     host (`Host: evil.example`) was sent there; a path on its own keeps the client where it is.
     The path is the whole one (`root_path` included), as the client must ask for it.
     """
-    path: str = scope["path"]
-    other = path[:-1] if path.endswith("/") else path + "/"
+    other = _other_spelling(scope["path"])
     # `//host/...` on its own would name a host; `/.//host/...` is the same path, relative.
     location = quote("/." + other if other.startswith("//") else other, safe="/:@!$&'()*+,;=~").encode()
     if query := scope.get("query_string"):
         location += b"?" + query
     return send_bytes(scope, send, 307, b"", ((b"location", location),))
+
+
+def _other_spelling(path: str) -> str:
+    """`path` without its trailing slash, or with one: what the router's redirect tries."""
+    return path[:-1] if path.endswith("/") else path + "/"
 
 
 def _any_of(routes: list[BaseRoute]) -> re.Pattern[str] | None:
