@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 
 from api import Context, Endpoints, State
 from db import Database
+from docs import docs_routes
 from errors import EXCEPTION_HANDLERS, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import configure_logging
@@ -31,7 +32,7 @@ from logstream import finish_logs
 from metrics import Metrics, MetricsEndpoint
 from middleware import CORS, RequestContext
 from migrate import MIGRATIONS_DIR, migrations_on_disk
-from openapi import OPERATIONS, Operation, docs_routes
+from openapi import OPERATIONS, Operation
 from routing import HotPaths
 from settings import Redactor, Settings, load_settings_or_exit, read_environment
 

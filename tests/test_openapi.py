@@ -17,7 +17,7 @@ from service import serve
 from starlette.routing import Route
 
 from app import create_app
-from openapi import STATIC_DIR
+from docs import STATIC_DIR
 from settings import load_settings
 
 
