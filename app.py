@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 from api import Context, Endpoints, State
 from db import Database
 from docs import docs_routes
+from envfile import read_environment
 from errors import EXCEPTION_HANDLERS, not_found
 from health import LivenessEndpoint, ReadinessEndpoint
 from logs import configure_logging
@@ -34,7 +35,7 @@ from middleware import CORS, RequestContext
 from migrate import MIGRATIONS_DIR, migrations_on_disk
 from openapi import OPERATIONS, Operation
 from routing import HotPaths
-from settings import Redactor, Settings, load_settings_or_exit, read_environment
+from settings import Redactor, Settings, load_settings_or_exit
 
 logger = logging.getLogger("service")
 

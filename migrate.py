@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from dsn import mask_url, yoyo_url
-from settings import Redactor, Settings, SettingsError, load_settings, read_environment
+from envfile import read_environment
+from settings import Redactor, Settings, SettingsError, load_settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"[a-z0-9_]{1,60}")

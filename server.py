@@ -35,8 +35,9 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from edge import EdgeProtocol
+from envfile import read_environment
 from logs import configure_logging
-from settings import Settings, load_settings_or_exit, read_environment
+from settings import Settings, load_settings_or_exit
 from workers import Repeats, supervise
 
 logger = logging.getLogger("service.server")

@@ -1,4 +1,4 @@
-"""Settings: read once from the environment (with `.env` as fallback) into a frozen Struct.
+"""Settings: read once from the environment (with `.env` as fallback: envfile.py) into a frozen Struct.
 
 Every variable is parsed on its own so that one start-up error can list every offending
 variable at once; cross-variable rules live in `_check_environment_rules` (the metrics
@@ -7,7 +7,6 @@ directory's, which reads a variable that is not a setting, in `load_settings`).
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import json
 import logging
@@ -15,15 +14,11 @@ import os
 import re
 import secrets
 import sys
-from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import unquote
 
 import msgspec
-from dotenv.parser import parse_stream
-from dotenv.variables import Variable, parse_variables
 
 from dsn import check_url, mask_url, passwords
 
@@ -48,8 +43,6 @@ _PLACEHOLDER = re.compile(rf"(?<![a-z0-9])(?:{'|'.join(map(re.escape, SECRET_KEY
 MIN_SECRET_KEY_CHARACTERS = 10
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one part of a host name (RFC 1123)
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
-_ENV_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*=")
-_SINGLE_QUOTED = re.compile(r"\s*(?:export\s+)?[^=]*=\s*'")  # a `.env` line whose value is in single quotes
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#@*]+$")  # no user part, no wildcard: never sent
 _ORIGIN_PARTS = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
@@ -155,85 +148,9 @@ class SettingsError(Exception):
         return f"Invalid settings ({len(self.problems)} problem(s)):\n{lines}{hints}"
 
 
-def read_environment(env_file: str | Path = ".env") -> tuple[dict[str, str], list[str]]:
-    """The process environment over the `.env` file (real variables always win), and what is wrong
-    with the file: `load_settings(*read_environment())` lists those problems with the variables' own.
-
-    `PYTHON_DOTENV_DISABLED=1`, python-dotenv's own switch, leaves the file out (the tests set it).
-    """
-    disabled = os.environ.get("PYTHON_DOTENV_DISABLED", "").casefold() in ("1", "true", "t", "yes", "y")
-    path = Path(env_file)
-    values: dict[str, str] = {}
-    problems = []
-    if not disabled and path.is_symlink() and not path.exists():  # a secret's mount that is not there
-        problems.append(f"{env_file}: is a link to {os.readlink(path)}, which does not exist")
-    if not disabled and path.exists() and not path.is_dir():  # a file, or a pipe a secrets manager mounts
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # python-dotenv's reading, a BOM aside
-        except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8: a mistake, not a crash
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            problems.append(f"{env_file}: cannot be read ({reason})")
-            text = ""
-        values = _dotenv_values(env_file, text, problems)
-        if "PROMETHEUS_MULTIPROC_DIR" in values and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            # prometheus-client reads it from the process environment, as it is imported: never from here
-            problems.append(f"{env_file}: sets PROMETHEUS_MULTIPROC_DIR, which prometheus-client "
-                            "reads from the server's environment alone: set it there")  # fmt: skip
-    values.update(os.environ)
-    return values, problems
-
-
-def _dotenv_values(env_file: str | Path, text: str, problems: list[str]) -> dict[str, str]:
-    """The variables a `.env` file's text sets, read by python-dotenv's parser; its problems go to `problems`.
-
-    Not `dotenv_values`, for three of its ways: it skips a line it cannot parse with a warning,
-    and start-up would go on without it (an unclosed quote on `ENVIRONMENT="production` would
-    start a development server); in `${NAME}` it prefers the file's NAME to the environment's,
-    where the environment always wins here; and it expands `${NAME}` inside single quotes too,
-    which shells and Compose keep as written (a password holding `${`). Here a single-quoted
-    value is taken as written, and in a setting the service reads from the file, a `${NAME}` set
-    neither in the environment nor above it, without a `:-default`, is a problem rather than
-    silently empty (another tool's variable in a shared file is left as python-dotenv reads it).
-    """
-    values: dict[str, str] = {}
-    empty: dict[str, str] = {}  # a setting's `${NAME}` set nowhere: its problem, unless a later line sets it again
-    for binding in parse_stream(io.StringIO(text)):
-        line, key, value = binding.original, binding.key, binding.value
-        if binding.error:
-            problems.append(_unparsed(env_file, line.line, line.string))
-            continue
-        if key is None:  # a comment or a blank line
-            continue
-        empty.pop(key, None)
-        if value is None:  # a name alone: unset, as python-dotenv has it
-            values.pop(key, None)
-            continue
-        if _SINGLE_QUOTED.match(line.string):
-            values[key] = value
-            continue
-        known = ChainMap(os.environ, values)  # the environment first, then the lines above
-        atoms = list(parse_variables(value))
-        unset = [a.name for a in atoms if isinstance(a, Variable) and a.default is None and a.name not in known]
-        if unset and key in VARIABLES and key not in os.environ:  # a line the service reads
-            empty[key] = (
-                f"{env_file}, line {line.line} ({key}): ${{{unset[0]}}} is set neither in the environment nor "
-                "above it in the file, and would read as empty: set it, or single-quote the value to keep it as written"
-            )
-        values[key] = "".join(atom.resolve(known) for atom in atoms)
-    problems += empty.values()
-    return values
-
-
-def _unparsed(env_file: str | Path, number: int, text: str) -> str:
-    """A `.env` line python-dotenv cannot parse, named by its variable, never its value (it may be a secret)."""
-    name = _ENV_NAME.match(text)
-    where = f"{env_file}, line {number}" + (f" ({name[1]})" if name else "")
-    return f"{where}: cannot be parsed as NAME=value (an unclosed quote?)"
-
-
 def load_settings(environ: Mapping[str, str], file_problems: Iterable[str] = ()) -> Settings:
     """Parse and validate every variable; raise `SettingsError` listing all problems, those of the
-    `.env` file the variables came from (`read_environment`) first."""
+    `.env` file the variables came from (`envfile.read_environment`) first."""
     problems: list[str] = list(file_problems)
 
     def get(name: str, parse: Callable[[str], Any], default: Any = _UNSET, show: Callable[[str], str] = repr) -> Any:

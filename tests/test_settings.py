@@ -11,6 +11,7 @@ from dotenv import dotenv_values
 
 from app import create_app
 from dsn import mask_url
+from envfile import read_environment
 from settings import (
     CONFIGURATION_ERROR,
     DEFAULT_LOG_FORMAT,
@@ -19,7 +20,6 @@ from settings import (
     SettingsError,
     load_settings,
     load_settings_or_exit,
-    read_environment,
 )
 
 ESCAPE_HINT = "a password holding one of / ? # @ [ ] : must be percent-encoded"
