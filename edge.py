@@ -35,8 +35,8 @@ import httptools
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from access import log_refusal
 from errors import CODES, MESSAGES, UNREADABLE_BODY, ErrorBody
-from logs import log_refusal
 from middleware import incoming_request_id, new_request_id
 from responses import ENCODER, utc_timestamp
 

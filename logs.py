@@ -1,4 +1,4 @@
-"""Logging: text or JSON lines, the request ID on each, and the access line written per request.
+"""Logging: text or JSON lines with the request ID on each (the access line itself: access.py).
 
 Every line goes through one handler, `logstream.BufferedHandler`: formatted on the caller's
 thread, written by a thread of its own, so a log stream that stops draining never stalls the
@@ -12,14 +12,11 @@ import copy
 import logging
 import sys
 import threading
-import time
 import traceback
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import unquote
 
 import msgspec
-from starlette.types import Scope
 
 from logstream import BufferedHandler
 from responses import utc_second
@@ -29,13 +26,6 @@ from settings import Redactor, Settings
 # sent a valid one (logs join its traces). One variable: set and reset once per request.
 REQUEST: ContextVar[tuple[str | None, str | None]] = ContextVar("request", default=(None, None))
 _HANDLER_NAME = "service"
-# Bytes (UTF-8) of a path in a log line, and of a client address: an access line, which holds
-# each twice (its message and its fields, where JSON may double a backslash), stays under
-# PIPE_BUF (4 KiB), which `python -m app`'s workers need to keep their lines whole on a shared
-# pipe, whatever the client sends (a 431's URL can be 70 KB; `X-Forwarded-For` names the client).
-PATH_BYTES = 512
-CLIENT_BYTES = 128
-CUT = "…"  # ends a path or address cut short
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client", "log_lines_dropped")
 access_logger = logging.getLogger("service.access")
 _service_logger = logging.getLogger("service")
@@ -137,41 +127,6 @@ class JsonFormatter(logging.Formatter):
         return self.encode(entry)
 
 
-def write_access_line(method: str, path: str, status: int, duration_ms: float, client: str, request_id: str) -> None:
-    """The access line of one request, as `access_logger.info` would write it, at less cost.
-
-    When the service's handler writes JSON lines (production) and nothing else could see the
-    record (no other handler, no filter on the access logger: pytest's log capture, for one,
-    adds a handler), the line is encoded straight into the handler's buffer: no `LogRecord`,
-    no handler lookup, no filter. Otherwise the record goes through `logging` like any other.
-    `path` must already be printable (`log_access` and `log_refusal` escape it).
-    """
-    if not access_logger.isEnabledFor(logging.INFO):
-        return
-    handlers = logging.root.handlers
-    handler = handlers[0] if len(handlers) == 1 else None
-    formatter = handler.formatter if handler is not None else None
-    if (
-        isinstance(handler, BufferedHandler)
-        and isinstance(formatter, JsonFormatter)
-        and handler.level <= logging.INFO
-        and not (access_logger.handlers or access_logger.filters or _service_logger.handlers)
-    ):
-        # The message holds nothing but these fields: masking the two a secret could be in masks all,
-        # and the request ID is the caller's when valid.
-        path, client, request_id = formatter.redact(path), formatter.redact(client), formatter.redact(request_id)
-        fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
-        message = f"{method} {path} {status} {duration_ms:.2f}ms client={client}"
-        handler.enqueue(formatter.access_line(time.time(), message, request_id, fields) + "\n")
-        return
-    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
-    record = access_logger.makeRecord(
-        access_logger.name, logging.INFO, __file__, 0, "%s %s %d %.2fms client=%s",
-        (method, path, status, duration_ms, client), None, "write_access_line", {**fields, "request_id": request_id},
-    )  # fmt: skip
-    access_logger.handle(record)
-
-
 def configure_logging(settings: Settings) -> None:
     """Route every log line, uvicorn's included, through one handler in the chosen format.
 
@@ -248,58 +203,3 @@ def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     error = unraisable.exc_value
     exc_info = (type(error), error, unraisable.exc_traceback) if error is not None else None
     _service_logger.error("%s: %r", message, unraisable.object, exc_info=exc_info)
-
-
-def log_refusal(
-    method: bytes, target: bytes, status: int, seconds: float, client: tuple[str, int] | None, request_id: str
-) -> None:
-    """The access line of a request the server refused itself (400, 431): the app never saw it.
-
-    `target` is the request target as far as the parser read it, and `method` its method; both
-    are "-" when the parser never reached a target (it knows no method either then). The path is
-    written as in every access line (no query, percent-decoded, `loggable_path`).
-    """
-    if target:
-        path = unquote(target[: PATH_BYTES * 3].partition(b"?")[0].decode("latin-1"))
-        method_text, path = method.decode("ascii"), loggable_path(path)
-    else:
-        method_text = path = "-"
-    write_access_line(method_text, path, status, round(seconds * 1000, 2), client_text(client), request_id)
-
-
-def printable(text: str) -> str:
-    """A path safe for a log line: control characters (CR, LF, ESC) escaped, so no line can forge
-    another, and spaces as `%20`, so it cannot forge the fields after it (`/x 200 client=6.6.6.6`)."""
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text.replace(" ", "%20") if " " in text else text
-
-
-def loggable_path(path: str) -> str:
-    """`path` as log lines write it: `printable`, and cut to `PATH_BYTES` (ending `CUT`)."""
-    return _cut(printable(path), PATH_BYTES)
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` as it is if its UTF-8 takes at most `limit` bytes, else that much of it and `CUT`."""
-    if len(text) <= limit and text.isascii():
-        return text
-    data = text.encode()
-    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore") + CUT
-
-
-def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:
-    """The request's one access line: method, path, status, duration, client and request ID."""
-    client = client_text(scope.get("client"))
-    write_access_line(
-        scope["method"], loggable_path(scope["path"]), status, round(seconds * 1000, 2), client, request_id
-    )
-
-
-def client_text(client: tuple[str, int] | None) -> str:
-    """An access line's client address, `host:port`, or `-` when the server knows none.
-
-    The host is whatever the server took it from, `X-Forwarded-For` included (uvicorn trusts it
-    from 127.0.0.1): written `printable` and cut to `CLIENT_BYTES`, as a path is.
-    """
-    return f"{_cut(printable(str(client[0])), CLIENT_BYTES)}:{client[1]}" if client else "-"

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
+from access import log_access, loggable_path
 from errors import (
     EXCEPTION_HANDLERS,
     MESSAGES,
@@ -39,7 +40,7 @@ from errors import (
     handler_for,
     server_error,
 )
-from logs import REQUEST, log_access, loggable_path, mark_logged
+from logs import REQUEST, mark_logged
 from routing import route_for
 
 logger = logging.getLogger("service.errors")

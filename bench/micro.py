@@ -7,7 +7,7 @@
   both with the production JSON formatter, writing to a pipe that `cat` drains to /dev/null
   and to a file. "thread" is CPU time of the logging thread per line (what the event loop
   pays); "wall" is elapsed time per line until every line is written (the writer included).
-- write_access_line: the same line through `logs.write_access_line` (no LogRecord), the
+- write_access_line: the same line through `access.write_access_line` (no LogRecord), the
   buffered handler being the root's only one, as in production.
 - metrics: one request recorded with prometheus-client's labelled Counter and Histogram
   children (before) and with `metrics.Metrics.record` (after).
@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402 - after the path is set
 
-from logs import JsonFormatter, write_access_line  # noqa: E402
+from access import write_access_line  # noqa: E402
+from logs import JsonFormatter  # noqa: E402
 from logstream import BufferedHandler  # noqa: E402
 from metrics import BUCKETS, Metrics  # noqa: E402
 from settings import Redactor  # noqa: E402
@@ -67,7 +68,7 @@ def log_lines(handler: logging.Handler, count: int) -> tuple[float, float]:
 
 
 def direct_lines(handler: logging.Handler, count: int) -> tuple[float, float]:
-    """As `log_lines`, through `logs.write_access_line` with `handler` the root's only handler."""
+    """As `log_lines`, through `access.write_access_line` with `handler` the root's only handler."""
     root = logging.getLogger()
     saved = root.handlers[:]
     root.handlers[:] = [handler]

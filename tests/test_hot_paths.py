@@ -216,7 +216,7 @@ async def test_access_line_in_text_format_names_its_real_source(capsys: pytest.C
     async with serve(create_app(settings)) as client:
         await client.get("/no-such-route")
     err = capsys.readouterr().err
-    assert "logs.write_access_line GET /no-such-route 404" in err
+    assert "access.write_access_line GET /no-such-route 404" in err
 
 
 @pytest.mark.anyio

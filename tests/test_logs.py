@@ -17,9 +17,10 @@ import msgspec
 import pytest
 from service import ROOT, make_settings, serve
 
+from access import client_text, write_access_line
 from api import Endpoints
 from app import create_app
-from logs import access_logger, client_text, configure_logging, write_access_line
+from logs import access_logger, configure_logging
 from logstream import BufferedHandler
 
 pytestmark = pytest.mark.anyio
