@@ -13,9 +13,10 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import asyncpg
+import asyncpg.transaction
 import msgspec
 
 from dsn import asyncpg_dsn
@@ -87,6 +88,15 @@ class _Connection(asyncpg.Connection):
     _service_reset: str | None = None
     checks_client = False  # whether the server took `CLIENT_CHECK` when the connection opened
 
+    def transaction(
+        self,
+        *,
+        isolation: Literal["read_committed", "read_uncommitted", "serializable", "repeatable_read"] | None = None,
+        readonly: bool = False,
+        deferrable: bool = False,
+    ) -> asyncpg.transaction.Transaction:
+        return _Transaction(self, isolation, readonly, deferrable)
+
     def get_reset_query(self) -> str:
         if self._service_reset is None:
             reset: str = super().get_reset_query()
@@ -95,6 +105,24 @@ class _Connection(asyncpg.Connection):
                 reset = f"SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n{reset}\nDISCARD TEMP;{check}"
             self._service_reset = reset
         return self._service_reset
+
+
+class _Transaction(asyncpg.transaction.Transaction):
+    """asyncpg's transaction, except that a block ended by a timeout or a cancellation closes the
+    connection rather than send `ROLLBACK` on it (the server rolls back a closed connection's
+    transaction itself). The connection may be mid-query on a server that stopped answering:
+    asyncpg's `ROLLBACK` waited `DATABASE_COMMAND_TIMEOUT` again, and the request's 504 came after
+    twice its bound. `Database.connection` drops such a connection anyway."""
+
+    def __init__(self, connection: _Connection, *options: Any) -> None:
+        super().__init__(connection, *options)
+        self.owner = connection
+
+    async def __aexit__(self, extype: object, ex: object, tb: object) -> None:
+        if isinstance(ex, TimeoutError | asyncio.CancelledError):
+            _discard(self.owner)
+            return
+        await super().__aexit__(extype, ex, tb)
 
 
 # A connection closed mid-query (a request cancelled or timed out: the connection is dropped at
@@ -146,6 +174,7 @@ class Database:
         }
         self.pool_size = settings.database_pool_size
         self.acquire_timeout = settings.database_pool_timeout
+        self.command_timeout = settings.database_command_timeout
         self._queue = asyncio.Semaphore(settings.database_pool_size)  # FIFO: waiters are served in order
         self._idle: list[tuple[Connection, float]] = []  # (connection, monotonic time given back), oldest first
         self._connections: set[Connection] = set()  # every open one, idle or in use
@@ -210,18 +239,20 @@ class Database:
         would double a lookup's cost. A transaction left open is still rolled back.
         The connection is the caller's only inside the block: afterwards another request may hold it.
         """
-        queued = True
+        connecting_since = None  # monotonic, once out of the queue
         try:
             async with asyncio.timeout(self.acquire_timeout):  # one timer for the queue and the connecting
                 await self._queue.acquire()
-                queued = False
+                connecting_since = time.monotonic()
                 try:
                     conn = await self._take()
                 except BaseException:
                     self._queue.release()
                     raise
         except TimeoutError:
-            if queued:  # every connection in use: one is soon free
+            # Every connection in use until too late to open one: one is soon free. A slot that
+            # came with little of the time left proves nothing against the database either.
+            if connecting_since is None or time.monotonic() - connecting_since < min(1, self.acquire_timeout / 2):
                 raise DatabaseConnectionError("No database connection available", retry_after=1) from None
             # A slot was free, and the database did not let us connect in time: it is the database.
             message = f"Database did not answer within {self.acquire_timeout:g} seconds"
@@ -235,14 +266,21 @@ class Database:
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         try:
             yield conn
-            if conn.is_in_transaction():  # its reset would roll back what the client is about to be told is done
+            # (A connection the block closed itself has no transaction, and asyncpg cannot say so.)
+            if (
+                not conn.is_closed() and conn.is_in_transaction()
+            ):  # its reset would roll back what the client is about to be told is done
                 await conn.execute("ROLLBACK")
                 raise RuntimeError("The handler left a transaction open: it was rolled back (use conn.transaction())")
             if self._failure is not None:  # a block went through: say so once, after the failure's line
                 logger.info("Database available again (after: %s)", self._failure)
                 self._failure = None
-        except (asyncio.CancelledError, TimeoutError):
+        except (asyncio.CancelledError, TimeoutError) as exc:
             _discard(conn)  # mid-query: a clean release could wait on the server
+            if isinstance(exc, TimeoutError) and _raised_by_asyncpg(exc):  # not a timeout of the handler's own
+                seconds = f"{self.command_timeout:g} seconds"
+                self._failing_because(OperationTimeoutError(f"Database did not answer a query within {seconds}"))
+                raise OperationTimeoutError(f"{MESSAGES[504]} (database: no answer within {seconds})") from exc
             raise
         except (*_LOST_CONNECTION, asyncpg.InterfaceError) as exc:
             if isinstance(exc, _LOST_IF_CLOSED) and not conn.is_closed():
@@ -384,6 +422,17 @@ class _Retry(Exception):
     """A probe's first attempt lost its connection: the probe tries once more on a new one."""
 
 
+def _raised_by_asyncpg(exc: BaseException) -> bool:
+    """Whether asyncpg raised `exc` itself: a query its server left unanswered for the command
+    timeout. A timeout of the handler's own (`asyncio.timeout` around a query) is raised outside."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_globals.get("__name__", "").startswith("asyncpg."):
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def _discard(conn: Connection) -> None:
     """Close the connection now; one the server already closed has left the pool by itself."""
     with contextlib.suppress(asyncpg.InterfaceError):
@@ -466,6 +515,8 @@ def describe_failure(exc: BaseException) -> str:
     match exc:
         case DatabaseConnectionError():
             return describe_failure(exc.__cause__) if exc.__cause__ else exc.message
+        case OperationTimeoutError():  # written by `connection` itself: no secret in it
+            return exc.message
         case asyncpg.InvalidAuthorizationSpecificationError():
             return "Database refused the credentials"
         case asyncpg.InvalidCatalogNameError():

@@ -302,6 +302,16 @@ class Cluster:
         _signal(children, signal.SIGSTOP)
         self._stopped_pids = list(dict.fromkeys([*self._stopped_pids, pid, *children]))
 
+    def hang_listener(self) -> None:
+        """Freeze the postmaster alone (SIGSTOP): the sessions already open keep answering, while a new
+        connection completes its TCP handshake and then gets no answer. Undone by :meth:`resume`."""
+        self._require_control()
+        pid = self._postmaster_pid()
+        if pid is None:
+            raise ClusterError("cannot hang a cluster that is not running")
+        _signal([pid], signal.SIGSTOP)
+        self._stopped_pids = list(dict.fromkeys([*self._stopped_pids, pid]))
+
     def resume(self) -> None:
         """Undo :meth:`hang`; guarantees no cluster process is left stopped."""
         self._require_control()

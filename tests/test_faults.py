@@ -35,6 +35,19 @@ async def hold_connection(ctx: Context, query: Hold) -> None:
         await conn.execute("SELECT pg_sleep($1)", query.seconds)
 
 
+@hold_routes.get("/work-in-transaction", summary="Test only: a transaction, `seconds` of work, then a query")
+async def work_in_transaction(ctx: Context, query: Hold) -> None:
+    async with ctx.connection() as conn, conn.transaction():
+        await asyncio.sleep(query.seconds)
+        await conn.execute("SELECT 1")
+
+
+@hold_routes.get("/impatient", summary="Test only: a query under a timeout of the handler's own")
+async def impatient(ctx: Context, query: Hold) -> None:
+    async with ctx.connection() as conn, asyncio.timeout(query.seconds):
+        await conn.execute("SELECT pg_sleep(5)")
+
+
 @asynccontextmanager
 async def service(database_url: str, **env: str) -> AsyncIterator[httpx.AsyncClient]:
     defaults = {"DATABASE_URL": database_url, "DATABASE_HEALTH_CHECK_TIMEOUT": str(TIMEOUT), "APP_NAME": "faults-test"}
@@ -142,6 +155,38 @@ async def test_a_query_the_hung_database_never_answers_is_a_504_within_the_comma
         assert 1 - 0.1 <= elapsed < 1 + SLACK
         await wait_until_ready(client, within=10)
         assert (await client.get("/hold?seconds=0")).status_code == 204
+
+
+async def test_a_query_in_a_transaction_the_hung_database_never_answers_is_a_504_within_the_command_timeout(
+    cluster: Cluster, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg's transaction sent ROLLBACK on the connection whose query had timed out, and waited the
+    command timeout again: the 504 came after twice its bound. And the log says why, once."""
+    async with service(database_url, DATABASE_COMMAND_TIMEOUT="2") as client:
+        request = asyncio.ensure_future(timed_get(client, "/work-in-transaction?seconds=1"))
+        await asyncio.sleep(0.5)  # the transaction has begun: the server freezes during the work
+        cluster.hang()
+        try:
+            response, elapsed = await request
+        finally:
+            cluster.resume()
+        assert (response.status_code, response.json()["error"]) == (504, "TIMEOUT_ERROR")
+        assert 1 + 2 - 0.1 <= elapsed < 1 + 2 + SLACK
+        assert response.json()["message"] == "The operation timed out (database: no answer within 2 seconds)"
+        await wait_until_ready(client, within=10)
+        assert (await client.get("/work-in-transaction?seconds=0")).status_code == 204
+    logged = [r.getMessage() for r in caplog.records if r.name == "service.database" and r.levelname == "WARNING"]
+    assert logged == ["Database unavailable to requests: Database did not answer a query within 2 seconds"]
+
+
+async def test_a_timeout_of_the_handlers_own_around_a_query_is_no_database_outage(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 504 of a handler's `asyncio.timeout` says nothing of the database, in the answer or the log."""
+    async with service(database_url) as client:
+        response = await client.get("/impatient?seconds=0.3")
+    assert (response.status_code, response.json()["message"]) == (504, "The operation timed out")
+    assert [r for r in caplog.records if r.name == "service.database" and r.levelname == "WARNING"] == []
 
 
 async def test_hung_database_never_hangs_new_connections_either(cluster: Cluster, database_url: str) -> None:

@@ -204,3 +204,37 @@ async def test_a_probe_that_retries_a_lost_connection_says_nothing_of_the_databa
         assert [r.getMessage() for r in caplog.records if "available again" in r.getMessage()] == []
         assert (await database.probe(10)).connected
         assert [r.getMessage() for r in caplog.records if "available again" in r.getMessage()] != []
+
+
+@pytest.mark.anyio
+async def test_a_slot_freed_too_late_to_connect_is_the_pools_fault_not_the_databases(
+    database_url: str, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that queued for most of `DATABASE_POOL_TIMEOUT` and got a slot with too little of it
+    left to open a connection was told, and the log said, that the database did not answer."""
+    if not cluster.controllable:
+        pytest.skip("freezes the server's postmaster")
+    caplog.set_level(logging.INFO, logger="service.database")
+    database = await _open(database_url, pool_size=1, pool_timeout=2)
+    try:
+        async with database.connection() as conn:
+            cluster.hang_listener()  # no new connection opens from now on; this session still answers
+            queued = asyncio.create_task(_use(database))
+            await asyncio.sleep(1.95)
+            assert await conn.fetchval("SELECT 1") == 1
+            conn.terminate()  # the slot is freed with a new connection to open, and 50 ms to open it
+        with pytest.raises(DatabaseConnectionError, match=r"^No database connection available$"):
+            await queued
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+        with pytest.raises(DatabaseConnectionError, match=r"^Database did not answer within 2 seconds$"):
+            await _use(database)  # the whole timeout to connect: the database's
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warned == ["Database unavailable to requests: Database did not answer within 2 seconds"]
+    finally:
+        cluster.resume()
+        await database.close()
+
+
+async def _use(database: Database) -> None:
+    async with database.connection() as conn:
+        await conn.fetchval("SELECT 1")
