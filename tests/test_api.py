@@ -24,10 +24,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import db
-from api import Context, Created, Endpoints, Guard, WithHeaders, database_of
+from api import Context, Created, Endpoints, WithHeaders, database_of
 from app import create_app
 from db import Connection
 from errors import AuthenticationError, AuthorizationError
+from guard import Guard
 from settings import CONFIGURATION_ERROR
 
 
