@@ -134,6 +134,11 @@ class OperationTimeoutError(ServiceError):
     status_code, code = 504, "TIMEOUT_ERROR"
 
 
+class QueryTimeoutError(OperationTimeoutError, TimeoutError):
+    """A query the database left unanswered for `DATABASE_COMMAND_TIMEOUT` (`db.Database.connection`):
+    the 504 saying so, and still the `TimeoutError` asyncpg raised, for a handler that catches one."""
+
+
 class RequestValidationError(ServiceError):
     status_code, code = 422, "VALIDATION_ERROR"
 
@@ -199,9 +204,12 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers or {})
     if status == 405 and "Allow" in headers:
         headers["Allow"] = _allowed_methods(request) or headers["Allow"]
-    # Starlette's default detail is the status phrase, which the contract's message replaces;
-    # a detail of the raiser's own (`HTTPException(404, "No such order")`) is the message.
-    message = exc.detail if exc.detail != _phrase(status) else MESSAGES.get(status, exc.detail)
+    # Starlette's default detail is the status phrase, which the contract's message replaces; a
+    # text of the raiser's own (`HTTPException(404, "No such order")`) is the message, except on a
+    # 5xx, whose message never tells internals (`HTTPException(500, str(exc))`).
+    detail = exc.detail
+    own = isinstance(detail, str) and detail != _phrase(status) and status < 500
+    message = detail if own else MESSAGES.get(status, str(detail))
     return error_response(
         status,
         CODES.get(status, "HTTP_ERROR"),

@@ -324,6 +324,7 @@ async def test_allowed_cors_preflight_and_request() -> None:
         (NotFoundError("No such order"), 404, "NOT_FOUND_ERROR"),
         (HTTPException(413), 413, "PAYLOAD_TOO_LARGE"),
         (HTTPException(404, "No such order"), 404, "NOT_FOUND_ERROR"),
+        (HTTPException(500, "password authentication failed for user app"), 500, "INTERNAL_SERVER_ERROR"),
         (ServiceUnavailableError(retry_after=3), 503, "SERVICE_UNAVAILABLE"),
         (OperationTimeoutError(), 504, "TIMEOUT_ERROR"),
     ],
@@ -344,6 +345,8 @@ async def test_every_status_of_the_contract_table_has_its_code(raised: Exception
         assert body["message"] == "No such order"  # the raiser's own words, Starlette's exception too
     if isinstance(raised, HTTPException) and raised.status_code == 413:
         assert body["message"] == "Request body too large"  # no words of its own: the contract's
+    if isinstance(raised, HTTPException) and raised.status_code == 500:
+        assert body["message"] == "Internal server error"  # a 5xx's own words may tell internals
     if isinstance(raised, ServiceUnavailableError):
         assert response.headers["retry-after"] == "3"
 
