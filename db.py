@@ -27,6 +27,7 @@ from errors import (
     DatabaseConnectionError,
     MalformedRequestError,
     OperationTimeoutError,
+    QueryTimeoutError,
 )
 from settings import Settings
 
@@ -108,21 +109,22 @@ class _Connection(asyncpg.Connection):
 
 
 class _Transaction(asyncpg.transaction.Transaction):
-    """asyncpg's transaction, except that a block ended by a timeout or a cancellation closes the
-    connection rather than send `ROLLBACK` on it (the server rolls back a closed connection's
-    transaction itself). The connection may be mid-query on a server that stopped answering:
-    asyncpg's `ROLLBACK` waited `DATABASE_COMMAND_TIMEOUT` again, and the request's 504 came after
-    twice its bound. `Database.connection` drops such a connection anyway."""
+    """asyncpg's transaction, except that a block ended by a query the server left unanswered, or
+    by its task's cancellation, closes the connection rather than send `ROLLBACK` on it (the server
+    rolls back a closed connection's transaction itself): asyncpg's `ROLLBACK` waited
+    `DATABASE_COMMAND_TIMEOUT` again on a server that stopped answering, and the request's 504
+    came after twice its bound. `Database.connection` drops such a connection anyway."""
 
     def __init__(self, connection: _Connection, *options: Any) -> None:
         super().__init__(connection, *options)
         self.owner = connection
 
     async def __aexit__(self, extype: object, ex: object, tb: object) -> None:
-        if isinstance(ex, TimeoutError | asyncio.CancelledError):
+        task = asyncio.current_task()
+        if isinstance(ex, BaseException) and (_unanswered(ex) or (task is not None and task.cancelling() > 0)):
             _discard(self.owner)
             return
-        await super().__aexit__(extype, ex, tb)
+        await super().__aexit__(extype, ex, tb)  # a timeout of the handler's own rolls back, as ever
 
 
 # A connection closed mid-query (a request cancelled or timed out: the connection is dropped at
@@ -228,7 +230,9 @@ class Database:
         parameter or a division by zero, the handler's bugs (a 500); a
         concurrent transaction's refusal (class 40, 55P03), `ConflictError` saying to try again;
         a statement timeout (57014), `OperationTimeoutError` (504), and a query unanswered for
-        `DATABASE_COMMAND_TIMEOUT` a `TimeoutError` (504, the connection closed); a server out of
+        `DATABASE_COMMAND_TIMEOUT` a `QueryTimeoutError` (504 saying so, logged once, the connection
+        closed; a `TimeoutError` too, and a write it carried may be applied when the server answers
+        again); a server out of
         resources (class 53) or read-only (25006: a standby), `DatabaseConnectionError`. A block
         that ends with a transaction still open is the handler's bug: rolled back, and a 500. The
         handler's own misuse of its connection (two queries at once on it) or `OSError` stays a
@@ -266,10 +270,9 @@ class Database:
             raise DatabaseConnectionError(message, retry_after=DATABASE_RETRY_AFTER) from exc
         try:
             yield conn
-            # (A connection the block closed itself has no transaction, and asyncpg cannot say so.)
-            if (
-                not conn.is_closed() and conn.is_in_transaction()
-            ):  # its reset would roll back what the client is about to be told is done
+            # Its reset would roll back what the client is about to be told is done. (A connection the
+            # block closed itself has no transaction, and asyncpg cannot say so.)
+            if not conn.is_closed() and conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
                 raise RuntimeError("The handler left a transaction open: it was rolled back (use conn.transaction())")
             if self._failure is not None:  # a block went through: say so once, after the failure's line
@@ -277,10 +280,10 @@ class Database:
                 self._failure = None
         except (asyncio.CancelledError, TimeoutError) as exc:
             _discard(conn)  # mid-query: a clean release could wait on the server
-            if isinstance(exc, TimeoutError) and _raised_by_asyncpg(exc):  # not a timeout of the handler's own
+            if _unanswered(exc):  # not a timeout of the handler's own
                 seconds = f"{self.command_timeout:g} seconds"
-                self._failing_because(OperationTimeoutError(f"Database did not answer a query within {seconds}"))
-                raise OperationTimeoutError(f"{MESSAGES[504]} (database: no answer within {seconds})") from exc
+                self._failing_because(QueryTimeoutError(f"Database did not answer a query within {seconds}"))
+                raise QueryTimeoutError(f"{MESSAGES[504]} (database: no answer within {seconds})") from exc
             raise
         except (*_LOST_CONNECTION, asyncpg.InterfaceError) as exc:
             if isinstance(exc, _LOST_IF_CLOSED) and not conn.is_closed():
@@ -422,15 +425,21 @@ class _Retry(Exception):
     """A probe's first attempt lost its connection: the probe tries once more on a new one."""
 
 
-def _raised_by_asyncpg(exc: BaseException) -> bool:
-    """Whether asyncpg raised `exc` itself: a query its server left unanswered for the command
-    timeout. A timeout of the handler's own (`asyncio.timeout` around a query) is raised outside."""
+def _unanswered(exc: BaseException) -> bool:
+    """Whether `exc` is asyncpg's `TimeoutError` for a query its server left unanswered for the
+    command timeout. One of the handler's own, `asyncio.timeout` around a query, is raised outside
+    asyncpg; asyncpg's for a call's own `timeout=` has that number among its frames' arguments."""
+    if not isinstance(exc, TimeoutError):
+        return False
+    raised = False
     frame = exc.__traceback__
     while frame is not None:
         if frame.tb_frame.f_globals.get("__name__", "").startswith("asyncpg."):
-            return True
+            raised = True
+            if frame.tb_frame.f_locals.get("timeout") is not None:  # the call's own bound, not ours
+                return False
         frame = frame.tb_next
-    return False
+    return raised
 
 
 def _discard(conn: Connection) -> None:

@@ -48,6 +48,23 @@ async def impatient(ctx: Context, query: Hold) -> None:
         await conn.execute("SELECT pg_sleep(5)")
 
 
+@hold_routes.get("/savepoint", summary="Test only: a slow step under its own timeout, in a savepoint")
+async def savepoint(ctx: Context) -> None:
+    async with ctx.connection() as conn, conn.transaction():
+        try:
+            async with conn.transaction(), asyncio.timeout(0.3):
+                await conn.execute("SELECT pg_sleep(5)")
+        except TimeoutError:
+            pass  # the optional step is given up, the transaction goes on
+        await conn.execute("SELECT 1")
+
+
+@hold_routes.get("/own-bound", summary="Test only: a query under asyncpg's per-call timeout")
+async def own_bound(ctx: Context) -> None:
+    async with ctx.connection() as conn:
+        await conn.execute("SELECT pg_sleep(5)", timeout=0.3)
+
+
 @asynccontextmanager
 async def service(database_url: str, **env: str) -> AsyncIterator[httpx.AsyncClient]:
     defaults = {"DATABASE_URL": database_url, "DATABASE_HEALTH_CHECK_TIMEOUT": str(TIMEOUT), "APP_NAME": "faults-test"}
@@ -182,10 +199,22 @@ async def test_a_query_in_a_transaction_the_hung_database_never_answers_is_a_504
 async def test_a_timeout_of_the_handlers_own_around_a_query_is_no_database_outage(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The 504 of a handler's `asyncio.timeout` says nothing of the database, in the answer or the log."""
+    """The 504 of a handler's `asyncio.timeout`, or of a query's own `timeout=`, says nothing of the
+    database, in the answer or the log."""
     async with service(database_url) as client:
-        response = await client.get("/impatient?seconds=0.3")
-    assert (response.status_code, response.json()["message"]) == (504, "The operation timed out")
+        answers = [await client.get(path) for path in ("/impatient?seconds=0.3", "/own-bound")]
+    assert [(r.status_code, r.json()["message"]) for r in answers] == [(504, "The operation timed out")] * 2
+    assert [r for r in caplog.records if r.name == "service.database" and r.levelname == "WARNING"] == []
+
+
+async def test_a_timeout_caught_inside_a_transaction_rolls_back_to_its_savepoint_and_the_transaction_goes_on(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A timeout of the handler's own that it catches is not a server that stopped answering: the
+    savepoint is rolled back, as asyncpg does, rather than the connection closed under the handler."""
+    async with service(database_url) as client:
+        response = await client.get("/savepoint")
+    assert response.status_code == 204
     assert [r for r in caplog.records if r.name == "service.database" and r.levelname == "WARNING"] == []
 
 
