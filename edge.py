@@ -56,6 +56,7 @@ HOST_INVALID = "Malformed request: the Host header is not a valid host[:port]"
 VALID_HOST = re.compile(
     rb"(?:\[[0-9A-Za-z._~%!$&'()*+,;=:-]+\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
 )
+_BLANK = frozenset(b"\r\n")  # the bytes of the blank lines a parser skips before a request
 # `_host` after a second Host line: no valid Host equals it (a NUL), so no cached one passes it.
 _SEVERAL = b"\x00several"
 # A held head and a body up to this size are joined into one buffer; a larger body is handed
@@ -89,17 +90,17 @@ class EdgeProtocol(HttpToolsProtocol):
     # each time, checked by one comparison rather than by the pattern. The default is no valid Host.
     _valid_host = b"\x00"
     # For the exact measure of a head that may be over the limit (`_head_size`): the chunk being
-    # parsed, whether the head being parsed began at the start of its chunk, the last bytes of
-    # the chunk before when the head began there.
+    # parsed, whether a head beginning now would begin its chunk, whether the head being parsed
+    # did, and the last bytes of the head's chunks before this one.
+    _data = b""
+    _head_starts_chunk = True
+    _head_whole_chunk = False
+    _tail = b""
     # While the writes are paused (`unread_since`): since when nothing was read, and what was waiting.
     _unread_since: float | None = None
     _unread_bytes = 0
     _unread_seen = False  # whether a sweep saw this stall: False again once the writes resume
     _serving: RequestResponseCycle | None = None  # the request being answered
-    _data = b""
-    _head_starts_chunk = True
-    _head_whole_chunk = False
-    _tail = b""
 
     def __init__(self, config: EdgeConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -152,8 +153,8 @@ class EdgeProtocol(HttpToolsProtocol):
             return self._not_upgraded(data[upgrade.args[0] :])
         finally:
             self._data = b""
-        if self._head_bytes is not None:  # a head still arriving: where it may end is in this chunk's tail
-            self._tail = data[-3:]
+        if self._head_bytes is not None:  # a head still arriving: its blank line may begin in this chunk
+            self._tail = (self._tail + data[-3:])[-3:]
             if self._head_bytes > self.max_head_bytes:
                 self.refuse(431)
         return b""
@@ -165,8 +166,11 @@ class EdgeProtocol(HttpToolsProtocol):
         _on_message_begin(self)
         self._head_bytes = 0
         self._head_slack = self._chunk
-        self._head_whole_chunk = self._head_starts_chunk  # from the chunk's first byte: measurable exactly
+        self._head_whole_chunk = whole = self._head_starts_chunk  # from the chunk's start: measurable exactly
+        if whole and self._data[0] in _BLANK:  # blank lines before the request line, which the parser skips
+            self._head_slack -= len(self._data) - len(self._data.lstrip(b"\r\n"))
         self._head_starts_chunk = False  # a second head in the same chunk begins after other bytes
+        self._tail = b""
         self._host = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
