@@ -162,10 +162,11 @@ async def test_a_reset_the_server_never_answers_costs_the_connection_not_the_req
         await database.close()
 
 
-async def _write_read_only(database: Database) -> None:
+async def _run(database: Database, *statements: str) -> None:
+    """`statements`, one after the other, on a connection of `database`'s."""
     async with database.connection() as conn:
-        await conn.execute("SET default_transaction_read_only = on")
-        await conn.execute("CREATE TABLE refused (x int)")
+        for statement in statements:
+            await conn.execute(statement)
 
 
 @pytest.mark.anyio
@@ -187,7 +188,7 @@ async def test_a_probe_that_retries_a_lost_connection_says_nothing_of_the_databa
         await superuser.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         try:
             with pytest.raises(DatabaseConnectionError):  # requests fail: a read-only database
-                await _write_read_only(database)
+                await _run(database, "SET default_transaction_read_only = on", "CREATE TABLE refused (x int)")
             async with admin.transaction():
                 await admin.execute("LOCK TABLE _yoyo_migration IN ACCESS EXCLUSIVE MODE")
                 probe = asyncio.create_task(database.probe(10))
@@ -219,7 +220,7 @@ async def test_a_slot_freed_too_late_to_connect_is_the_pools_fault_not_the_datab
     try:
         async with database.connection() as conn:
             cluster.hang_listener()  # no new connection opens from now on; this session still answers
-            queued = asyncio.create_task(_use(database))
+            queued = asyncio.create_task(_run(database, "SELECT 1"))
             await asyncio.sleep(1.95)
             assert await conn.fetchval("SELECT 1") == 1
             conn.terminate()  # the slot is freed with a new connection to open, and 50 ms to open it
@@ -227,14 +228,9 @@ async def test_a_slot_freed_too_late_to_connect_is_the_pools_fault_not_the_datab
             await queued
         assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
         with pytest.raises(DatabaseConnectionError, match=r"^Database did not answer within 2 seconds$"):
-            await _use(database)  # the whole timeout to connect: the database's
+            await _run(database, "SELECT 1")  # the whole timeout to connect: the database's
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert warned == ["Database unavailable to requests: Database did not answer within 2 seconds"]
     finally:
         cluster.resume()
         await database.close()
-
-
-async def _use(database: Database) -> None:
-    async with database.connection() as conn:
-        await conn.fetchval("SELECT 1")
