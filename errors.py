@@ -209,7 +209,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     # 5xx, whose message never tells internals (`HTTPException(500, str(exc))`).
     detail = exc.detail
     own = isinstance(detail, str) and detail != _phrase(status) and status < 500
-    message = detail if own else MESSAGES.get(status, str(detail))
+    message = detail if own else MESSAGES.get(status) or _phrase(status) or "Error"
     return error_response(
         status,
         CODES.get(status, "HTTP_ERROR"),

@@ -403,6 +403,30 @@ async def test_middleware_the_app_adds_runs_inside_the_request_layer() -> None:
     assert seen[1] == refused.headers["x-request-id"]
 
 
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (HTTPException(502, "upstream 10.0.0.5 refused: password authentication failed"), "Bad Gateway"),
+        (HTTPException(418, {"field": "x"}), "I'm a Teapot"),  # type: ignore[arg-type]  # not text: a handler's bug
+    ],
+)
+async def test_an_http_exception_without_a_message_of_the_contracts_is_answered_with_its_status_phrase(
+    raised: HTTPException, message: str
+) -> None:
+    """A 5xx's own words may tell internals, and a detail that is not text is no message: both read as
+    the status's phrase where the contract has no message for the status."""
+    group = Endpoints(tag="test")
+
+    @group.get("/raise", summary="Raises the exception under test")
+    async def raising() -> Done:
+        raise raised
+
+    async with serve(create_app(make_settings(), endpoints=[group])) as client:
+        response = await client.get("/raise")
+    assert response.status_code == raised.status_code
+    assert response.json()["message"] == message
+
+
 async def test_a_handler_registered_for_500_answers_what_nothing_else_handles(caplog: pytest.LogCaptureFixture) -> None:
     """As in Starlette, `add_exception_handler(500, ...)` answers unhandled exceptions; they are still logged."""
 
