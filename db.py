@@ -109,22 +109,31 @@ class _Connection(asyncpg.Connection):
 
 
 class _Transaction(asyncpg.transaction.Transaction):
-    """asyncpg's transaction, except that a block ended by a query the server left unanswered, or
-    by its task's cancellation, closes the connection rather than send `ROLLBACK` on it (the server
-    rolls back a closed connection's transaction itself): asyncpg's `ROLLBACK` waited
-    `DATABASE_COMMAND_TIMEOUT` again on a server that stopped answering, and the request's 504
-    came after twice its bound. `Database.connection` drops such a connection anyway."""
+    """asyncpg's transaction, except that a block ended by a query the server left unanswered
+    closes the connection rather than send `ROLLBACK` on it (the server rolls back a closed
+    connection's transaction itself): asyncpg's `ROLLBACK` waited `DATABASE_COMMAND_TIMEOUT` again
+    on a server that stopped answering, and the request's 504 came after twice its bound. A block
+    ended by another timeout or a cancellation is rolled back within `CLOSE_TIMEOUT`, else closed.
+    `Database.connection` drops such a connection anyway."""
 
     def __init__(self, connection: _Connection, *options: Any) -> None:
         super().__init__(connection, *options)
         self.owner = connection
 
     async def __aexit__(self, extype: object, ex: object, tb: object) -> None:
-        task = asyncio.current_task()
-        if isinstance(ex, BaseException) and (_unanswered(ex) or (task is not None and task.cancelling() > 0)):
+        if isinstance(ex, BaseException) and _unanswered(ex):
             _discard(self.owner)
             return
-        await super().__aexit__(extype, ex, tb)  # a timeout of the handler's own rolls back, as ever
+        if not isinstance(ex, TimeoutError | asyncio.CancelledError):
+            await super().__aexit__(extype, ex, tb)
+            return
+        # Cut short, perhaps mid-query: a timeout of the handler's own (which it may catch and go on
+        # with the connection) or a cancellation. Rolled back as asyncpg does, within a bound.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await super().__aexit__(extype, ex, tb)
+        except Exception:  # the rollback failed or took too long: closing the connection rolls back
+            _discard(self.owner)
 
 
 # A connection closed mid-query (a request cancelled or timed out: the connection is dropped at
@@ -280,6 +289,8 @@ class Database:
                 self._failure = None
         except (asyncio.CancelledError, TimeoutError) as exc:
             _discard(conn)  # mid-query: a clean release could wait on the server
+            if isinstance(exc, QueryTimeoutError):  # an inner block's: said and logged already
+                raise
             if _unanswered(exc):  # not a timeout of the handler's own
                 seconds = f"{self.command_timeout:g} seconds"
                 self._failing_because(QueryTimeoutError(f"Database did not answer a query within {seconds}"))
@@ -396,7 +407,7 @@ class Database:
                             try:
                                 applied = await applied_migrations(conn)
                             except _LOST_CONNECTION as exc:
-                                if attempt == 2:
+                                if attempt == 2 or isinstance(exc, TimeoutError):  # (an OSError too)
                                     raise
                                 # Out of the block: a block that ends normally tells the pool the
                                 # database is back, and it may not be.
@@ -406,6 +417,8 @@ class Database:
                     except _Retry:
                         # A restart left the pool's idle connections dead: drop them all, try once more.
                         self.expire_idle()
+        except QueryTimeoutError:  # the command timeout, shorter than the probe's
+            return self._failed(f"Database did not answer a query within {self.command_timeout:g} seconds")
         except TimeoutError:
             waited = " waiting for a pooled connection" if acquiring and self._exhausted() else ""
             return self._failed(f"Database health check timed out after {timeout:g} seconds{waited}")
@@ -426,20 +439,23 @@ class _Retry(Exception):
 
 
 def _unanswered(exc: BaseException) -> bool:
-    """Whether `exc` is asyncpg's `TimeoutError` for a query its server left unanswered for the
-    command timeout. One of the handler's own, `asyncio.timeout` around a query, is raised outside
-    asyncpg; asyncpg's for a call's own `timeout=` has that number among its frames' arguments."""
+    """Whether `exc` says the server left a query unanswered for the command timeout: asyncpg's
+    `TimeoutError` for a call without a `timeout=` of its own, or the `QueryTimeoutError` an inner
+    block made of one. A timeout of the handler's own (`asyncio.timeout` around a query) is raised
+    outside asyncpg. The call's own `timeout=` is read from the first asyncpg frame that has one:
+    the method the handler called (`fetchrow(..., timeout=None)`); asyncpg puts the command
+    timeout in the `timeout` of the frames below it.
+    """
+    if isinstance(exc, QueryTimeoutError):
+        return True
     if not isinstance(exc, TimeoutError):
         return False
-    raised = False
     frame = exc.__traceback__
     while frame is not None:
-        if frame.tb_frame.f_globals.get("__name__", "").startswith("asyncpg."):
-            raised = True
-            if frame.tb_frame.f_locals.get("timeout") is not None:  # the call's own bound, not ours
-                return False
+        if frame.tb_frame.f_globals.get("__name__", "").startswith("asyncpg.") and "timeout" in frame.tb_frame.f_locals:
+            return frame.tb_frame.f_locals["timeout"] is None
         frame = frame.tb_next
-    return raised
+    return False
 
 
 def _discard(conn: Connection) -> None:

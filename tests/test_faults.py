@@ -39,7 +39,7 @@ async def hold_connection(ctx: Context, query: Hold) -> None:
 async def work_in_transaction(ctx: Context, query: Hold) -> None:
     async with ctx.connection() as conn, conn.transaction():
         await asyncio.sleep(query.seconds)
-        await conn.execute("SELECT 1")
+        await conn.fetchval("SELECT $1::int", 1)  # with an argument: asyncpg's other path to the server
 
 
 @hold_routes.get("/impatient", summary="Test only: a query under a timeout of the handler's own")
@@ -56,6 +56,17 @@ async def savepoint(ctx: Context) -> None:
                 await conn.execute("SELECT pg_sleep(5)")
         except TimeoutError:
             pass  # the optional step is given up, the transaction goes on
+        await conn.execute("SELECT 1")
+
+
+@hold_routes.get("/timeout-around-transaction", summary="Test only: a timed-out transaction, caught")
+async def timeout_around_transaction(ctx: Context) -> None:
+    async with ctx.connection() as conn:
+        try:
+            async with asyncio.timeout(0.3), conn.transaction():
+                await conn.execute("SELECT pg_sleep(5)")
+        except TimeoutError:
+            pass  # given up; the connection goes on
         await conn.execute("SELECT 1")
 
 
@@ -169,6 +180,7 @@ async def test_a_query_the_hung_database_never_answers_is_a_504_within_the_comma
         finally:
             cluster.resume()
         assert (response.status_code, response.json()["error"]) == (504, "TIMEOUT_ERROR")
+        assert response.json()["message"] == "The operation timed out (database: no answer within 1 seconds)"
         assert 1 - 0.1 <= elapsed < 1 + SLACK
         await wait_until_ready(client, within=10)
         assert (await client.get("/hold?seconds=0")).status_code == 204
@@ -213,9 +225,25 @@ async def test_a_timeout_caught_inside_a_transaction_rolls_back_to_its_savepoint
     """A timeout of the handler's own that it catches is not a server that stopped answering: the
     savepoint is rolled back, as asyncpg does, rather than the connection closed under the handler."""
     async with service(database_url) as client:
-        response = await client.get("/savepoint")
-    assert response.status_code == 204
+        answers = [(await client.get(path)).status_code for path in ("/savepoint", "/timeout-around-transaction")]
+    assert answers == [204, 204]
     assert [r for r in caplog.records if r.name == "service.database" and r.levelname == "WARNING"] == []
+
+
+async def test_a_probe_whose_query_the_hung_database_never_answers_says_so(cluster: Cluster, database_url: str) -> None:
+    """With DATABASE_COMMAND_TIMEOUT under the probe's own timeout, the probe's query ends first: its
+    503 says the query went unanswered, not that the probe's timer ran out, which it did not."""
+    async with service(database_url, DATABASE_COMMAND_TIMEOUT="1") as client:
+        assert (await client.get("/health/db")).status_code == 200  # a pooled connection, ready
+        cluster.hang()
+        try:
+            response, elapsed = await timed_get(client, "/health/db")
+        finally:
+            cluster.resume()
+        assert response.status_code == 503
+        assert response.json()["errors"] == ["Database did not answer a query within 1 seconds"]
+        assert 1 - 0.1 <= elapsed < 1 + SLACK
+        await wait_until_ready(client, within=10)
 
 
 async def test_hung_database_never_hangs_new_connections_either(cluster: Cluster, database_url: str) -> None:
