@@ -119,6 +119,18 @@ async def client_for(**env: str) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def answer_to(raised: Exception) -> httpx.Response:
+    """The service's answer to a request whose handler raises `raised`."""
+    group = Endpoints(tag="test")
+
+    @group.get("/raise", summary="Raises the exception under test")
+    async def raising() -> Done:
+        raise raised
+
+    async with serve(create_app(make_settings(), endpoints=[group])) as client:
+        return await client.get("/raise")
+
+
 def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, object]:
     body: dict[str, object] = response.json()
     assert response.status_code == status
@@ -331,15 +343,7 @@ async def test_allowed_cors_preflight_and_request() -> None:
 )
 async def test_every_status_of_the_contract_table_has_its_code(raised: Exception, status: int, code: str) -> None:
     """Each row of the contract's error table: the status and `error` code a handler's raise gives."""
-
-    group = Endpoints(tag="test")
-
-    @group.get("/raise", summary="Raises the exception under test")
-    async def raising() -> Done:
-        raise raised
-
-    async with serve(create_app(make_settings(), endpoints=[group])) as client:
-        response = await client.get("/raise")
+    response = await answer_to(raised)
     body = assert_envelope(response, status, code)
     if isinstance(raised, NotFoundError) or getattr(raised, "detail", None) == "No such order":
         assert body["message"] == "No such order"  # the raiser's own words, Starlette's exception too
@@ -415,14 +419,7 @@ async def test_an_http_exception_without_a_message_of_the_contracts_is_answered_
 ) -> None:
     """A 5xx's own words may tell internals, and a detail that is not text is no message: both read as
     the status's phrase where the contract has no message for the status."""
-    group = Endpoints(tag="test")
-
-    @group.get("/raise", summary="Raises the exception under test")
-    async def raising() -> Done:
-        raise raised
-
-    async with serve(create_app(make_settings(), endpoints=[group])) as client:
-        response = await client.get("/raise")
+    response = await answer_to(raised)
     assert response.status_code == raised.status_code
     assert response.json()["message"] == message
 

@@ -90,6 +90,15 @@ async def timed_get(client: httpx.AsyncClient, path: str) -> tuple[httpx.Respons
     return response, time.monotonic() - started
 
 
+async def timed_get_while_hung(cluster: Cluster, client: httpx.AsyncClient, path: str) -> tuple[httpx.Response, float]:
+    """`timed_get` with the server frozen, and running again afterwards whatever happened."""
+    cluster.hang()
+    try:
+        return await timed_get(client, path)
+    finally:
+        cluster.resume()
+
+
 async def wait_until_ready(client: httpx.AsyncClient, within: float) -> int:
     """Poll `/health/db` until 200; returns how many probes failed first."""
     deadline, failures = time.monotonic() + within, 0
@@ -174,11 +183,7 @@ async def test_a_query_the_hung_database_never_answers_is_a_504_within_the_comma
     the client's own bound, ends the request, drops its connection, and the next request is served."""
     async with service(database_url, DATABASE_COMMAND_TIMEOUT="1") as client:
         assert (await client.get("/hold?seconds=0")).status_code == 204  # a pooled connection, ready
-        cluster.hang()
-        try:
-            response, elapsed = await timed_get(client, "/hold?seconds=0")
-        finally:
-            cluster.resume()
+        response, elapsed = await timed_get_while_hung(cluster, client, "/hold?seconds=0")
         assert (response.status_code, response.json()["error"]) == (504, "TIMEOUT_ERROR")
         assert response.json()["message"] == "The operation timed out (database: no answer within 1 seconds)"
         assert 1 - 0.1 <= elapsed < 1 + SLACK
@@ -235,11 +240,7 @@ async def test_a_probe_whose_query_the_hung_database_never_answers_says_so(clust
     503 says the query went unanswered, not that the probe's timer ran out, which it did not."""
     async with service(database_url, DATABASE_COMMAND_TIMEOUT="1") as client:
         assert (await client.get("/health/db")).status_code == 200  # a pooled connection, ready
-        cluster.hang()
-        try:
-            response, elapsed = await timed_get(client, "/health/db")
-        finally:
-            cluster.resume()
+        response, elapsed = await timed_get_while_hung(cluster, client, "/health/db")
         assert response.status_code == 503
         assert response.json()["errors"] == ["Database did not answer a query within 1 seconds"]
         assert 1 - 0.1 <= elapsed < 1 + SLACK
