@@ -2,8 +2,9 @@
 
 Written by the request layer for every request the app answers (`log_access`) and by `python -m
 app`'s edge for the ones it refuses itself (`log_refusal`). Paths and client addresses are
-escaped and cut, so a line can neither forge another nor outgrow `PIPE_BUF`. In production the
-line is encoded straight into the log buffer (`write_access_line`), the shortcut whose gain
+escaped and cut, so a line can neither forge another nor outgrow `PIPE_BUF`. In production no
+`LogRecord` is made: the request's fields go to the log buffer as they are, and the log writer
+thread makes the line (`write_access_line`, `access_line`), the shortcut whose gain
 bench/README.md measures.
 """
 
@@ -15,7 +16,7 @@ from urllib.parse import unquote
 
 from starlette.types import Scope
 
-from logs import JsonFormatter, access_logger
+from logs import REQUEST, JsonFormatter, access_logger
 from logstream import BufferedHandler
 
 # Bytes (UTF-8) of a path in a log line, and of a client address: an access line, which holds
@@ -25,17 +26,23 @@ from logstream import BufferedHandler
 PATH_BYTES = 512
 CLIENT_BYTES = 128
 CUT = "…"  # ends a path or address cut short
+# Characters an access line counts for in the log buffer besides its path (twice): the rest of a
+# typical line, near enough (the buffer's bound is one of memory, not an exact count of lines).
+_LINE_CHARS = 280
 _service_logger = logging.getLogger("service")
 
 
-def write_access_line(method: str, path: str, status: int, duration_ms: float, client: str, request_id: str) -> None:
+def write_access_line(
+    method: str, path: str, status: int, seconds: float, client: tuple[str, int] | None, request_id: str
+) -> None:
     """The access line of one request, as `access_logger.info` would write it, at less cost.
 
+    `path` and `client` as the server has them (`log_access`): the line escapes and cuts them.
     When the service's handler writes JSON lines (production) and nothing else could see the
     record (no other handler, no filter on the access logger: pytest's log capture, for one,
-    adds a handler), the line is encoded straight into the handler's buffer: no `LogRecord`,
-    no handler lookup, no filter. Otherwise the record goes through `logging` like any other.
-    `path` must already be printable (`log_access` and `log_refusal` escape it).
+    adds a handler), no `LogRecord` is made: the fields go to the handler's buffer as they are,
+    and its writer thread makes the line (`access_line`). Otherwise the record goes through
+    `logging` like any other, made here.
     """
     if not access_logger.isEnabledFor(logging.INFO):
         return
@@ -48,19 +55,44 @@ def write_access_line(method: str, path: str, status: int, duration_ms: float, c
         and handler.level <= logging.INFO
         and not (access_logger.handlers or access_logger.filters or _service_logger.handlers)
     ):
-        # The message holds nothing but these fields: masking the two a secret could be in masks all,
-        # and the request ID is the caller's when valid.
-        path, client, request_id = formatter.redact(path), formatter.redact(client), formatter.redact(request_id)
-        fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
-        message = f"{method} {path} {status} {duration_ms:.2f}ms client={client}"
-        handler.enqueue(formatter.access_line(time.time(), message, request_id, fields) + "\n")
+        # What the line needs from this moment and this thread: the time, and the request's trace ID.
+        now = (formatter, time.time(), method, path, status, seconds, client, request_id, REQUEST.get()[1])
+        handler.enqueue_deferred(access_line, now, _LINE_CHARS + 2 * min(len(path), PATH_BYTES))
         return
-    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client}
+    path, client_address, duration_ms = loggable_path(path), client_text(client), round(seconds * 1000, 2)
+    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client_address}
     record = access_logger.makeRecord(
         access_logger.name, logging.INFO, __file__, 0, "%s %s %d %.2fms client=%s",
-        (method, path, status, duration_ms, client), None, "write_access_line", {**fields, "request_id": request_id},
+        (method, path, status, duration_ms, client_address), None, "write_access_line",
+        {**fields, "request_id": request_id},
     )  # fmt: skip
     access_logger.handle(record)
+
+
+def access_line(
+    formatter: JsonFormatter,
+    created: float,
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    client: tuple[str, int] | None,
+    request_id: str,
+    trace_id: str | None,
+) -> str:
+    """The JSON access line, newline included, as `formatter` writes the record `write_access_line`
+    would make: made by the log writer thread, so it reads nothing of the request's context."""
+    # The message holds nothing but these fields: masking the two a secret could be in masks all,
+    # and the request ID is the caller's when valid.
+    path, client_address = formatter.redact(loggable_path(path)), formatter.redact(client_text(client))
+    duration_ms = round(seconds * 1000, 2)
+    entry = {"timestamp": formatter.timestamp(created), "level": "INFO", "logger": access_logger.name,
+             "message": f"{method} {path} {status} {duration_ms:.2f}ms client={client_address}",
+             "request_id": formatter.redact(request_id), "method": method, "path": path, "status": status,
+             "duration_ms": duration_ms, "client": client_address}  # fmt: skip
+    if trace_id:
+        entry["trace_id"] = formatter.redact(trace_id)  # the caller's: 32 hex digits may be a password
+    return formatter.encode(entry) + "\n"
 
 
 def log_refusal(
@@ -74,10 +106,10 @@ def log_refusal(
     """
     if target:
         path = unquote(target[: PATH_BYTES * 3].partition(b"?")[0].decode("latin-1"))
-        method_text, path = method.decode("ascii"), loggable_path(path)
+        method_text = method.decode("ascii")
     else:
         method_text = path = "-"
-    write_access_line(method_text, path, status, round(seconds * 1000, 2), client_text(client), request_id)
+    write_access_line(method_text, path, status, seconds, client, request_id)
 
 
 def printable(text: str) -> str:
@@ -103,10 +135,7 @@ def _cut(text: str, limit: int) -> str:
 
 def log_access(scope: Scope, status: int, seconds: float, request_id: str) -> None:
     """The request's one access line: method, path, status, duration, client and request ID."""
-    client = client_text(scope.get("client"))
-    write_access_line(
-        scope["method"], loggable_path(scope["path"]), status, round(seconds * 1000, 2), client, request_id
-    )
+    write_access_line(scope["method"], scope["path"], status, seconds, scope.get("client"), request_id)
 
 
 def client_text(client: tuple[str, int] | None) -> str:

@@ -1,8 +1,8 @@
 """Logging: text or JSON lines with the request ID on each (the access line itself: access.py).
 
 Every line goes through one handler, `logstream.BufferedHandler`: formatted on the caller's
-thread, written by a thread of its own, so a log stream that stops draining never stalls the
-event loop.
+thread (the access line aside, made by the writer), written by a thread of its own, so a log
+stream that stops draining never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -86,15 +86,6 @@ class JsonFormatter(logging.Formatter):
         """RFC 3339 UTC to the millisecond, as `logging` counts them (`LogRecord.msecs`)."""
         seconds = int(created)
         return f"{utc_second(seconds)}.{int((created - seconds) * 1000):03d}Z"
-
-    def access_line(self, created: float, message: str, request_id: str, fields: dict[str, Any]) -> str:
-        """The line `format` gives an access record with these fields, without the record. The
-        caller redacts: `fields` and `message` are written as they are."""
-        entry = {"timestamp": self.timestamp(created), "level": "INFO", "logger": access_logger.name,
-                 "message": message, "request_id": request_id, **fields}  # fmt: skip
-        if trace_id := REQUEST.get()[1]:
-            entry["trace_id"] = self.redact(trace_id)  # the caller's: 32 hex digits may be a password
-        return self.encode(entry)
 
     def encode(self, entry: dict[str, Any]) -> str:
         """`entry` as one line of JSON. Text JSON cannot carry (a lone surrogate, from a file name

@@ -2,9 +2,11 @@
 
 Lines are formatted on the caller's thread (the event loop's, mostly) and written by a thread of
 their own, so a stream that stops draining (a stuck log shipper on a pipe) never blocks a
-request. While the stream keeps up nothing is dropped; when the buffer is full, new lines are
-dropped and counted (`log_lines_dropped_total`), and reported in one line once the stream
-drains; a stopping process writes every pending line (`finish_logs`).
+request. The access line, the one line of nearly every request, is handed over unformatted and
+made by the writer, a batch at a time (`enqueue_deferred`). While the stream keeps up nothing is
+dropped; when the buffer is full, new lines are dropped and counted (`log_lines_dropped_total`),
+and reported in one line once the stream drains; a stopping process writes every pending line
+(`finish_logs`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from itertools import accumulate
-from typing import TextIO
+from typing import Any, TextIO
 
-# Characters of formatted lines that may wait for the stream; past this, new lines are dropped and
-# counted. About 4,000 JSON access lines: a few seconds of a stuck log shipper at full load.
+# Characters of lines that may wait for the stream (a deferred line counts as its caller's estimate);
+# past this, new lines are dropped and counted. About 3,500 JSON access lines: a few seconds of a
+# stuck log shipper at full load.
 LOG_BUFFER_CHARS = 1 << 20
 # Seconds a flush (shutdown included) waits for a stream that takes nothing; one that keeps taking
 # lines, however slowly (a log shipper catching up), is waited for until it has them all, but at
@@ -32,10 +35,13 @@ FLUSH_TIMEOUT = 5.0
 DRAIN_LIMIT = 2 * FLUSH_TIMEOUT
 # Seconds the writer lets lines gather after waking, so a burst costs one write and one wake-up.
 _LINGER = 0.005
+# A line the writer makes itself: `render(*args)`, and the characters it counts for in the buffer.
+Deferred = tuple[Callable[..., str], tuple[Any, ...], int]
 
 
 class BufferedHandler(logging.Handler):
-    """Formats on the caller's thread; a writer thread of its own does the writes, which may block.
+    """Formats on the caller's thread (a deferred line aside); a writer thread of its own does the
+    writes, which may block.
 
     `emit` never waits for the stream: it appends the line to a buffer of at most `capacity`
     characters, or, when the buffer is full because the stream stopped draining, drops the
@@ -51,7 +57,7 @@ class BufferedHandler(logging.Handler):
         self.stream = stream  # held: a file object that is collected closes its descriptor; None: stderr closed
         self._write = _writer(stream, self._progressed)
         self._ready = threading.Condition(self.lock)  # Handler.lock: an RLock, so emit may notify inside handle
-        self._pending: list[str] = []
+        self._pending: list[str | Deferred] = []
         self._pending_chars = 0
         self._unreported = 0  # dropped lines no line has reported yet
         self._idle = False  # the writer waits for a notify
@@ -78,37 +84,51 @@ class BufferedHandler(logging.Handler):
         except Exception:  # logging's own rule: a line that cannot be formatted never raises
             self.handleError(record)
             return
-        self._append(line)  # `handle` holds self.lock here: the writer's bookkeeping shares it
+        self._append(line, len(line))  # `handle` holds self.lock here: the writer's bookkeeping shares it
 
     def handleError(self, record: logging.LogRecord) -> None:
         """A record that cannot be formatted (`log.warning("%d", "abc")`) becomes one line, in the
         stream's format, saying whose it was and why; `logging`'s own would print a traceback as
         plain text on stderr, between the JSON lines."""
-        error = sys.exc_info()[1]
+        line = self._failure_line(record.name, sys.exc_info()[1], record.msg, record)
+        self._append(line, len(line))
+
+    def _failure_line(
+        self, source: str, error: BaseException | None, what: object, record: logging.LogRecord | None = None
+    ) -> str:
+        """The line standing for one of `source`'s that could not be formatted (`what`: its message or arguments)."""
         report = logging.LogRecord(
             "service.logs", logging.ERROR, __file__, 0, "A log line of %s could not be formatted (%s): %.200r",
-            (record.name, f"{type(error).__name__}: {error}", record.msg), None,
+            (source, f"{type(error).__name__}: {error}", what), None,
         )  # fmt: skip
         report.request_id = getattr(record, "request_id", None)
         report.trace_id = getattr(record, "trace_id", None)
         try:
-            line = self.format(report)
+            return self.format(report) + "\n"
         except Exception:  # the report's own format failed too: its words, as text
-            line = report.getMessage()
-        self._append(line + "\n")
+            return report.getMessage() + "\n"
 
     def enqueue(self, line: str) -> None:
         """A finished line (newline included) into the buffer, as `emit` puts a formatted record."""
         with self._ready:
-            self._append(line)
+            self._append(line, len(line))
 
-    def _append(self, line: str) -> None:
-        if self._closed or self._pending_chars + len(line) > self.capacity:
+    def enqueue_deferred(self, render: Callable[..., str], args: tuple[Any, ...], size: int) -> None:
+        """A line the writer thread makes, `render(*args)` (newline included), counted as `size`
+        characters: the caller pays for a tuple, and the writer makes a batch of such lines at a
+        time, its code still warm from the line before. `render` must be safe on any thread, and
+        `args` must hold all it needs: the caller's context variables are not the writer's.
+        A line that cannot be made is replaced by one saying so."""
+        with self._ready:
+            self._append((render, args, size), size)
+
+    def _append(self, line: str | Deferred, size: int) -> None:
+        if self._closed or self._pending_chars + size > self.capacity:
             self.dropped += 1
             self._unreported += 1
             return
         self._pending.append(line)
-        self._pending_chars += len(line)
+        self._pending_chars += size
         self._appended += 1
         if self.write_through:
             self._ready.notify_all()
@@ -172,7 +192,7 @@ class BufferedHandler(logging.Handler):
             self.dropped += old.dropped  # the count is the process's, not the handler's
             self._unreported += unreported
             for line in lines:
-                self._append(line)
+                self._append(line, len(line) if isinstance(line, str) else line[2])
 
     def close(self) -> None:
         self.flush()
@@ -197,7 +217,7 @@ class BufferedHandler(logging.Handler):
                     batch.append(self._report(unreported))
                 closed = self._closed
             try:
-                lost = self._write(batch) if batch else 0
+                lost = self._write([self._made(line) for line in batch]) if batch else 0
             except Exception:  # the writer must outlive any stream: a dead one would lose every later line
                 lost = len(batch)
             with self._ready:
@@ -211,6 +231,16 @@ class BufferedHandler(logging.Handler):
                 self._ready.notify_all()
                 if closed and not self._pending:
                     return
+
+    def _made(self, line: str | Deferred) -> str:
+        """`line`, made now if it was deferred; one that cannot be made becomes a line saying why."""
+        if isinstance(line, str):
+            return line
+        render, args, _ = line
+        try:
+            return render(*args)
+        except Exception as error:  # the writer must not die of one line: every later line would be lost
+            return self._failure_line(render.__qualname__, error, args)
 
     def _report(self, count: int) -> str:
         record = logging.LogRecord(

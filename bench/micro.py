@@ -76,7 +76,7 @@ def direct_lines(handler: logging.Handler, count: int) -> tuple[float, float]:
     try:
         wall, cpu = time.perf_counter(), time.thread_time()
         for _ in range(count):
-            write_access_line("GET", "/no-such-route", 404, 0.31, "127.0.0.1:50412", REQUEST_ID)
+            write_access_line("GET", "/no-such-route", 404, 0.00031, ("127.0.0.1", 50412), REQUEST_ID)
         cpu = time.thread_time() - cpu
         assert isinstance(handler, BufferedHandler)
         handler.drain(60)

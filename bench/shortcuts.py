@@ -89,8 +89,8 @@ SHORTCUTS: dict[str, tuple[Callable[[], Any], list[str]]] = {
     "certain 404s from one pattern (routing.HotPaths)": (without_certain_404, ["/no-such-route"]),
     "CORS only for requests with an Origin (middleware.RequestContext)": (without_origin_dispatch,
                                                                           ["/health", "/no-such-route"]),
-    "access line encoded straight into the buffer (access.write_access_line)": (without_direct_access_line,
-                                                                              ["/no-such-route"]),
+    "access line as fields, made by the log writer (access.write_access_line)": (without_direct_access_line,
+                                                                               ["/no-such-route"]),
     "one clock cache (responses.utc_second)": (without_clock_cache, ["/health", "/no-such-route"]),
 }  # fmt: skip
 

@@ -500,3 +500,54 @@ def test_a_forked_child_writes_its_lines_without_being_flushed(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "written"
+
+
+def test_deferred_lines_are_made_by_the_writer_in_order_and_one_that_fails_is_reported(tmp_path: Path) -> None:
+    """`enqueue_deferred`: the writer thread makes the line, in its place among the others; a line
+    that cannot be made becomes a line saying so, and the writer goes on with the rest."""
+    made_on: list[str] = []
+
+    def render(text: str) -> str:
+        made_on.append(threading.current_thread().name)
+        return text + "\n"
+
+    def broken(text: str) -> str:
+        raise ValueError(f"cannot make {text}")
+
+    with (tmp_path / "log").open("w") as stream:
+        handler = BufferedHandler(stream)
+        handler.enqueue_deferred(render, ("first",), 6)
+        handler.enqueue("second\n")
+        handler.enqueue_deferred(broken, ("third",), 6)
+        handler.enqueue_deferred(render, ("fourth",), 7)
+        assert handler.drain(5)
+        handler.close()
+    first, second, failed, fourth = (tmp_path / "log").read_text().splitlines()
+    assert (first, second, fourth) == ("first", "second", "fourth")
+    assert "could not be formatted (ValueError: cannot make third)" in failed
+    assert made_on == ["log-writer", "log-writer"]
+    assert handler.dropped == 0
+
+
+def test_deferred_lines_count_against_the_buffer_as_their_caller_said() -> None:
+    """A stuck stream: deferred lines fill the buffer by the size given, then are dropped and counted."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # a pipe nobody reads, already full
+            os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    stream = os.fdopen(write_end, "w")
+    handler = BufferedHandler(stream, capacity=1000)
+    try:
+        handler.enqueue("blocked\n")  # the writer takes it, and blocks in its write
+        deadline = time.monotonic() + 5
+        while handler._pending and time.monotonic() < deadline:  # the writer took it
+            time.sleep(0.01)
+        for _ in range(12):
+            handler.enqueue_deferred(str, ("y" * 10 + "\n",), 100)
+        assert handler.dropped == 2  # ten of 100 fill 1000 characters
+    finally:
+        os.close(read_end)  # the writer's write fails: what it held is lost, and counted
+        handler.close()
+        stream.close()

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from service import ROOT, make_settings, serve
 
+import access
 from access import client_text, write_access_line
 from api import Endpoints
 from app import create_app
-from logs import access_logger, configure_logging
+from logs import REQUEST, access_logger, configure_logging
 from logstream import BufferedHandler
 
 pytestmark = pytest.mark.anyio
@@ -281,6 +285,40 @@ async def test_secrets_are_redacted_from_every_field_of_a_json_access_line(capsy
     assert (access["path"], access["message"].split()[1]) == ("/***", "/***")
 
 
+def test_a_json_access_line_is_made_by_the_log_writer_with_the_request_s_time_and_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's thread hands the fields over; the line is made later, on the writer thread,
+    with what the request knew: its time, and the trace ID of its context (not the writer's)."""
+    made_on = []
+    make = access.access_line
+
+    def recorded(*args: Any) -> str:
+        made_on.append(threading.current_thread().name)
+        return make(*args)
+
+    configure_logging(make_settings(LOG_JSON="true"))
+    [ours] = [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]
+    with (tmp_path / "log").open("w") as stream:
+        handler = BufferedHandler(stream)
+        handler.setFormatter(ours.formatter)
+        monkeypatch.setattr(logging.getLogger(), "handlers", [handler])  # as in production: nothing else listens
+        monkeypatch.setattr(access, "access_line", recorded)
+        token = REQUEST.set(("req-1", TRACE))
+        before = time.time()
+        write_access_line("GET", "/a path", 404, 0.00031, ("127.0.0.1", 5), "req-1")
+        after = time.time()
+        REQUEST.reset(token)
+        assert handler.drain(5)
+        handler.close()
+    [line] = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert made_on == ["log-writer"]
+    assert (line["path"], line["status"], line["request_id"], line["trace_id"]) == ("/a%20path", 404, "req-1", TRACE)
+    assert (line["client"], line["duration_ms"]) == ("127.0.0.1:5", 0.31)
+    stamped = datetime.datetime.fromisoformat(line["timestamp"]).timestamp()
+    assert before - 0.001 <= stamped <= after
+
+
 async def test_a_secret_sent_as_the_request_or_trace_id_is_masked_in_json_lines(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -491,7 +529,7 @@ def test_write_access_line_writes_what_logging_would(tmp_path: Path, monkeypatch
         monkeypatch.setattr(logging.getLogger(), "handlers", [handler])  # as in production: nothing else listens
         with monkeypatch.context() as direct_only:  # the direct path makes no record at all
             direct_only.setattr(access_logger, "makeRecord", None)
-            write_access_line("GET", f"/direct/{SECRET}", 404, 0.31, "127.0.0.1:5", "req-1")
+            write_access_line("GET", f"/direct/{SECRET}", 404, 0.00031, ("127.0.0.1", 5), "req-1")
         fields = {"method": "GET", "path": f"/direct/{SECRET}", "status": 404, "duration_ms": 0.31,
                   "client": "127.0.0.1:5", "request_id": "req-1"}  # fmt: skip
         args = ("GET", f"/direct/{SECRET}", 404, 0.31, "127.0.0.1:5")
@@ -513,7 +551,7 @@ def test_write_access_line_goes_through_logging_when_something_else_listens(
     """With another handler (here pytest's capture) the record is made, so that handler sees it too."""
     configure_logging(make_settings(LOG_JSON="true"))
     with caplog.at_level(logging.INFO, logger="service.access"):
-        write_access_line("POST", "/x", 201, 1.5, "127.0.0.1:5", "req-2")
+        write_access_line("POST", "/x", 201, 0.0015, ("127.0.0.1", 5), "req-2")
     [record] = [r for r in caplog.records if r.name == "service.access"]
     assert record.getMessage() == "POST /x 201 1.50ms client=127.0.0.1:5"
     assert (record.__dict__["status"], record.__dict__["request_id"]) == (201, "req-2")
