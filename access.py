@@ -55,9 +55,15 @@ def write_access_line(
         and handler.level <= logging.INFO
         and not (access_logger.handlers or access_logger.filters or _service_logger.handlers)
     ):
+        # A long path or client address is cut now, as the line will cut it (cutting again changes
+        # nothing), so that a line waiting in the buffer holds no more of either than it writes.
+        if len(path) > PATH_BYTES:
+            path = loggable_path(path)
+        if client is not None and len(client[0]) > CLIENT_BYTES:
+            client = (_cut(printable(client[0]), CLIENT_BYTES), client[1])
         # What the line needs from this moment and this thread: the time, and the request's trace ID.
         now = (formatter, time.time(), method, path, status, seconds, client, request_id, REQUEST.get()[1])
-        handler.enqueue_deferred(access_line, now, _LINE_CHARS + 2 * min(len(path), PATH_BYTES))
+        handler.enqueue_deferred(access_line, now, _LINE_CHARS + 2 * len(path))
         return
     path, client_address, duration_ms = loggable_path(path), client_text(client), round(seconds * 1000, 2)
     fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, "client": client_address}

@@ -319,6 +319,43 @@ def test_a_json_access_line_is_made_by_the_log_writer_with_the_request_s_time_an
     assert before - 0.001 <= stamped <= after
 
 
+def test_a_waiting_access_line_holds_no_more_of_a_long_path_or_client_than_it_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line waits in the buffer (a stuck stream: for seconds) as its fields: a 100 KB path or client
+    address is cut before it waits, to what the line writes, and the line is the one `logging` writes."""
+    configure_logging(make_settings(LOG_JSON="true"))
+    [ours] = [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]
+    path, host = "/" + "é\x1b " * 30_000, "6.6.6.6 " * 12_000
+    with (tmp_path / "log").open("w") as stream:
+        handler = BufferedHandler(stream)
+        handler.setFormatter(ours.formatter)
+        monkeypatch.setattr(logging.getLogger(), "handlers", [handler])  # as in production: nothing else listens
+        waiting: list[tuple[Any, ...]] = []
+        enqueue = handler.enqueue_deferred
+
+        def watched(*line: Any) -> None:
+            waiting.append(line)
+            enqueue(*line)
+
+        monkeypatch.setattr(handler, "enqueue_deferred", watched)
+        write_access_line("GET", path, 404, 0.00031, (host, 5), "req-1")
+        [(_, fields, size)] = waiting
+        assert len(fields[3]) <= access.PATH_BYTES + 1
+        assert len(fields[6][0]) <= access.CLIENT_BYTES + 1
+        assert size < 2_000
+        with monkeypatch.context() as through_logging:  # the record's line, for comparison
+            through_logging.setattr(access_logger, "filters", [lambda record: True])
+            write_access_line("GET", path, 404, 0.00031, (host, 5), "req-1")
+        assert handler.drain(5)
+        handler.close()
+    direct, logged = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert direct.pop("timestamp")[:19] == logged.pop("timestamp")[:19]
+    assert direct == logged
+    assert direct["path"].endswith(access.CUT)
+    assert direct["client"].endswith(access.CUT + ":5")
+
+
 async def test_a_secret_sent_as_the_request_or_trace_id_is_masked_in_json_lines(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
